@@ -1,0 +1,475 @@
+"""Run configuration: nested dataclasses mirrored 1:1 by the YAML recipes in `recipes/`.
+
+One `RunConfig` holds everything a `pretrain` / `finetune` / `eval` run needs. It is built from (in order)
+the dataclass defaults, a YAML recipe (`--config`), dedicated CLI flags, and generic `--set key.path=value`
+overrides; the resolved config is what runs and is saved as `config.yaml` in every run directory.
+
+Loading is strict (the torchtune flaw of silently adding mistyped keys is avoided): an unknown key is an
+error with a did-you-mean suggestion, types and ranges are checked, and every problem is reported at once
+in one `ConfigError` (litgpt's `validate_args` habit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from muonft_cli.errors import ConfigError, UserInputError
+
+OPTIMIZERS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+SCALINGS = ("match_rms_adamw", "original", "none")
+LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
+DTYPES = ("fp32", "bf16")
+PRESETS = ("tiny", "small")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from (finetune/eval) or build (pretrain)."""
+
+    name_or_path: str | None = field(default=None, metadata={"help": "local HF dir, .gguf file, or hub id"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer path/id (default: the model's)"})
+    preset: str | None = field(default=None, metadata={"help": "pretrain: tiny | small Llama config"})
+    model_config: str | None = field(default=None, metadata={"help": "pretrain: path to a config.json"})
+    vocab_size: int = field(default=4096, metadata={"help": "pretrain: BPE vocabulary size when training one"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on GPU)"})
+    trust_remote_code: bool = False
+    offline: bool = field(default=False, metadata={"help": "never contact the hub (sets HF_HUB_OFFLINE=1)"})
+
+
+@dataclass
+class DataConfig:
+    """Training/validation text."""
+
+    path: str | None = field(default=None, metadata={"help": "builtin:NAME, local file/folder, or hub dataset"})
+    seq_len: int = 256
+    val_fraction: float = field(default=0.05, metadata={"help": "hold-out fraction of documents"})
+    text_field: str | None = field(default=None, metadata={"help": "column holding plain text (auto if None)"})
+    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft. `rank: null` means full fine-tuning."""
+
+    rank: int | None = None
+    alpha: float | None = field(default=None, metadata={"help": "default 2 x rank"})
+    dropout: float = 0.0
+    targets: list[str] | None = field(default=None, metadata={"help": "default: all linear but emb/head"})
+    variant: str = "lora"
+    merge: bool = field(default=False, metadata={"help": "also write the merged model"})
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer settings, consumed by `muonft_cli.optim.build_optimizer`."""
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.95
+    nesterov: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scaling: str = "match_rms_adamw"
+    ns_steps: int = 5
+    ns_dtype: str = "auto"
+    adamw_lr: float | None = field(default=None, metadata={"help": "Muon's auxiliary AdamW group lr"})
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lora_a: str = field(default="muon", metadata={"help": "muon | adamw: where LoRA A matrices go"})
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup then cosine decay to `min_lr_ratio` x lr."""
+
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (or use epochs)"})
+    epochs: float | None = None
+    batch_size: int = field(default=8, metadata={"help": "global batch, in sequences"})
+    micro_batch_size: int = 8
+    seed: int = 0
+    clip: float | None = field(default=1.0, metadata={"help": "grad-norm clip on raw grads; null = off"})
+    eval_every: int = 50
+    save_every: int = 0
+    keep_last: int = 2
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings."""
+
+    batch_size: int = 8
+    max_batches: int | None = None
+    reference_data: str | None = field(default=None, metadata={"help": "forgetting: reference dataset"})
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; mirrored 1:1 by the YAML recipes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against annotation `tp`, converting where loss-free (int -> float, str numbers)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in inner:
+            out = _coerce(value, a, where, sub)
+            if not sub:
+                return out
+        problems.append(sub[0] if sub else f"{where}: invalid value {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+            return value
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply_mapping(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
+    """Set fields of dataclass `obj` from `data`, recursing into nested dataclasses; collect problems."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        return
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"unknown key '{where}'{_did_you_mean(str(key), names)}")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply_mapping(current, value, f"{where}.", problems)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where, problems))
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    p: list[str] = []
+
+    def choice(where: str, value: Any, options: tuple) -> None:
+        if value is not None and value not in options:
+            p.append(f"{where}: {value!r} is not one of {', '.join(options)}{_did_you_mean(str(value), options)}")
+
+    def positive(where: str, value: Any, allow_zero: bool = False) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < 0 or (value == 0 and not allow_zero):
+                p.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    choice("optimizer.scaling", cfg.optimizer.scaling, SCALINGS)
+    choice("optimizer.ns_dtype", cfg.optimizer.ns_dtype, ("auto", "bf16", "fp32"))
+    choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
+    choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
+    choice("model.dtype", cfg.model.dtype, DTYPES)
+    choice("model.preset", cfg.model.preset, PRESETS)
+    positive("optimizer.lr", cfg.optimizer.lr)
+    if cfg.optimizer.adamw_lr is not None:
+        positive("optimizer.adamw_lr", cfg.optimizer.adamw_lr)
+    positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
+    positive("optimizer.eps", cfg.optimizer.eps)
+    positive("optimizer.ns_steps", cfg.optimizer.ns_steps)
+    if isinstance(cfg.optimizer.momentum, float) and not 0 <= cfg.optimizer.momentum < 1:
+        p.append(f"optimizer.momentum: must be in [0, 1), got {cfg.optimizer.momentum}")
+    for name in ("betas", "adamw_betas"):
+        betas = getattr(cfg.optimizer, name)
+        if isinstance(betas, list) and (
+            len(betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1 for b in betas)
+        ):
+            p.append(f"optimizer.{name}: expected two numbers in [0, 1), got {betas}")
+    if cfg.lora.rank is not None:
+        if isinstance(cfg.lora.rank, int) and cfg.lora.rank < 1:
+            p.append(f"lora.rank: must be >= 1 (or null for full fine-tuning), got {cfg.lora.rank}")
+    if cfg.lora.alpha is not None:
+        positive("lora.alpha", cfg.lora.alpha)
+    if isinstance(cfg.lora.dropout, float) and not 0 <= cfg.lora.dropout < 1:
+        p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    for where, value in (("schedule.warmup_ratio", cfg.schedule.warmup_ratio),
+                         ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio),
+                         ("data.val_fraction", cfg.data.val_fraction)):
+        if isinstance(value, float) and not 0 <= value <= 1:
+            p.append(f"{where}: must be in [0, 1], got {value}")
+    if isinstance(cfg.data.val_fraction, float) and cfg.data.val_fraction >= 1:
+        pass  # already reported above when > 1; == 1 leaves no training data
+    positive("data.seq_len", cfg.data.seq_len)
+    positive("model.vocab_size", cfg.model.vocab_size)
+    if cfg.data.max_documents is not None:
+        positive("data.max_documents", cfg.data.max_documents)
+    if cfg.train.steps is not None:
+        positive("train.steps", cfg.train.steps)
+    if cfg.train.epochs is not None:
+        positive("train.epochs", cfg.train.epochs)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.micro_batch_size", cfg.train.micro_batch_size)
+    positive("train.seed", cfg.train.seed, allow_zero=True)
+    if cfg.train.clip is not None:
+        positive("train.clip", cfg.train.clip)
+    positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
+    positive("train.save_every", cfg.train.save_every, allow_zero=True)
+    positive("train.keep_last", cfg.train.keep_last)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    if cfg.eval.max_batches is not None:
+        positive("eval.max_batches", cfg.eval.max_batches)
+    bs, mbs = cfg.train.batch_size, cfg.train.micro_batch_size
+    if isinstance(bs, int) and isinstance(mbs, int) and bs > 0 and mbs > 0 and mbs > bs:
+        p.append(f"train.micro_batch_size ({mbs}) must not exceed train.batch_size ({bs})")
+    if cfg.optimizer.scaling == "original" and cfg.optimizer.name in ("muon", "muon-pe", "normuon") \
+            and cfg.optimizer.adamw_lr is None:
+        p.append("optimizer.adamw_lr: required with optimizer.scaling=original (Muon lrs of ~0.02-0.9 "
+                 "would wreck embeddings); set e.g. --set optimizer.adamw_lr=3e-4")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check ranges and choices; raise one `ConfigError` listing every problem."""
+    problems = _range_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def from_dict(data: dict | None, base: RunConfig | None = None) -> RunConfig:
+    """Build a validated `RunConfig` from a nested mapping (unknown keys are errors)."""
+    cfg = base if base is not None else RunConfig()
+    problems: list[str] = []
+    _apply_mapping(cfg, data or {}, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts/lists (what `config.yaml` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with one-line errors for missing/unparsable files."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserInputError(f"config file '{path}' does not exist: pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserInputError(f"config file '{path}' is not valid YAML ({first}): fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"config file '{path}' must hold a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `key.path=value` override; the value is read as YAML (numbers, lists, null, true)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key.path=value, e.g. --set optimizer.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{item}': the key is empty; expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 3e-4 as a string (no dot); accept it as the float it means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def nest(path: list[str], value: Any) -> dict:
+    """`["a", "b"], v` -> `{"a": {"b": v}}`."""
+    out: dict = {}
+    cur = out
+    for part in path[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[path[-1]] = value
+    return out
+
+
+def merge_dicts(a: dict, b: dict) -> dict:
+    """Deep-merge `b` into a copy of `a`."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve(
+    recipe: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> RunConfig:
+    """Build the config that runs: defaults <- `base` <- recipe <- flags <- `--set` overrides.
+
+    Args:
+        recipe: path of a YAML recipe, or None.
+        flags: dedicated CLI flags as `{"optimizer.lr": 3e-4, ...}`; entries whose value is None are ignored.
+        overrides: `--set key.path=value` strings, applied last.
+        base: command-specific defaults applied before the recipe (e.g. pretrain's larger lr).
+
+    Returns:
+        The validated `RunConfig`. Raises `ConfigError` listing every problem at once.
+    """
+    data: dict = dict(base or {})
+    if recipe is not None:
+        data = merge_dicts(data, read_yaml(recipe))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            data = merge_dicts(data, nest(key.split("."), value))
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            path, value = parse_override(item)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        data = merge_dicts(data, nest(path, value))
+    cfg = RunConfig()
+    _apply_mapping(cfg, data, "", problems)
+    problems.extend(_range_problems(cfg) if not problems else [])
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file + rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(p)
+
+
+def load_saved(path: str | Path) -> RunConfig:
+    """Load a `config.yaml` written by `save_yaml` back into a `RunConfig`."""
+    return from_dict(read_yaml(path))
+
+
+def diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose values differ between two configs, as `key: a -> b` lines (for resume checks)."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+            return
+        key = prefix[:-1]
+        if key not in ignore and x != y:
+            out.append(f"{key}: {x!r} -> {y!r}")
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
