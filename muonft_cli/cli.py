@@ -59,5 +59,258 @@ def _err(msg: str, code: int = 2) -> None:
 # Commands are registered below by the modules' owners (pretrain / finetune / eval / diagnose / sweep).
 
 
+# ------------------------------------------------------------------ pretrain / finetune (engine: train.py)
+
+_PRETRAIN_BASE = {"optimizer": {"lr": 1e-3}}
+
+
+def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], overrides: Optional[list[str]],
+               resume: bool, as_json: bool, quiet: bool) -> None:
+    """Shared body of `pretrain` / `finetune`: flags -> config -> train.run -> print."""
+    import json
+    import os
+    from pathlib import Path
+
+    from muonft_cli import config as cfgmod
+
+    base = _PRETRAIN_BASE if mode == "pretrain" else None
+    out = flags.get("output.dir")
+    if resume and out and (Path(out).expanduser() / "config.yaml").is_file():
+        base = _run(cfgmod.to_dict, _run(cfgmod.load_saved, Path(out).expanduser() / "config.yaml"))
+    if flags.get("train.clip") == 0:
+        flags["train.clip"] = None
+        overrides = list(overrides or []) + ["train.clip=null"]
+    cfg = _run(cfgmod.resolve, config, flags, overrides, base)
+
+    from muonft_cli import train
+    from muonft_cli.train_sink import NullSink, RichSink
+
+    sink = NullSink() if quiet else RichSink()
+    summary = _run(train.run, cfg, mode, sink=sink, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        typer.echo(json.dumps(summary))
+    elif not quiet:
+        val = f"  val loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}" \
+            if summary.get("val_loss") is not None else ""
+        typer.echo(f"{mode} done: {summary['steps']} steps, {summary['tokens']:,} tokens, train loss "
+                   f"{summary['train_loss']:.4f}{val}\nfinal model: {summary['final']}")
+
+
+def _split_targets(value: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+_O = typer.Option
+
+
+def _common_flags(**kw: Any) -> dict[str, Any]:
+    return {
+        "model.name_or_path": kw.get("model"), "data.path": kw["data"], "output.dir": kw["out"],
+        "optimizer.name": kw["optim"], "optimizer.lr": kw["lr"], "train.steps": kw["steps"],
+        "train.epochs": kw["epochs"], "train.batch_size": kw["batch_size"],
+        "train.micro_batch_size": kw["micro_batch_size"], "data.seq_len": kw["seq_len"],
+        "data.val_fraction": kw["val_fraction"], "train.seed": kw["seed"],
+        "schedule.warmup_ratio": kw["warmup_ratio"], "schedule.min_lr_ratio": kw["min_lr_ratio"],
+        "optimizer.weight_decay": kw["weight_decay"], "train.clip": kw["clip"],
+        "train.eval_every": kw["eval_every"], "train.save_every": kw["save_every"],
+        "train.keep_last": kw["keep_last"], "output.overwrite": kw["overwrite"] or None,
+        "model.tokenizer": kw["tokenizer"], "model.dtype": kw["dtype"], "model.offline": kw["offline"] or None,
+        "model.trust_remote_code": kw["trust_remote_code"] or None,
+        "train.gradient_checkpointing": kw["gradient_checkpointing"] or None,
+    }
+
+
+@app.command()
+def pretrain(
+    preset: Optional[str] = _O(None, "--preset", help="Model shape: tiny | small (Llama family, CPU-sized)."),
+    model_config: Optional[str] = _O(None, "--model-config", help="A transformers config.json to build."),
+    vocab_size: Optional[int] = _O(None, "--vocab-size", help="BPE vocabulary when training a tokenizer."),
+    tokenizer: Optional[str] = _O(None, "--tokenizer", help="Use this tokenizer instead of training a BPE."),
+    data: Optional[str] = _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset."),
+    out: Optional[str] = _O(None, "--out", help="Run directory."),
+    optim: Optional[str] = _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon."),
+    lr: Optional[float] = _O(None, "--lr", help="Peak learning rate (default 1e-3 for pretrain)."),
+    steps: Optional[int] = _O(None, "--steps", help="Optimizer steps."),
+    epochs: Optional[float] = _O(None, "--epochs", help="Epochs (instead of --steps; default 1)."),
+    batch_size: Optional[int] = _O(None, "--batch-size", help="Global batch, in sequences."),
+    micro_batch_size: Optional[int] = _O(None, "--micro-batch-size", help="Sequences per forward pass."),
+    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per sequence."),
+    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Held-out fraction of documents."),
+    seed: Optional[int] = _O(None, "--seed"),
+    warmup_ratio: Optional[float] = _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03)."),
+    min_lr_ratio: Optional[float] = _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
+    weight_decay: Optional[float] = _O(None, "--weight-decay"),
+    clip: Optional[float] = _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off."),
+    eval_every: Optional[int] = _O(None, "--eval-every", help="Validate every N steps (0 = only at the end)."),
+    save_every: Optional[int] = _O(None, "--save-every", help="Checkpoint every N steps (0 = off)."),
+    keep_last: Optional[int] = _O(None, "--keep-last", help="Checkpoints to keep."),
+    dtype: Optional[str] = _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU)."),
+    offline: bool = _O(False, "--offline", help="Never contact the hub."),
+    trust_remote_code: bool = _O(False, "--trust-remote-code"),
+    gradient_checkpointing: bool = _O(False, "--gradient-checkpointing"),
+    resume: bool = _O(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = _O(False, "--overwrite", help="Replace a run already in --out."),
+    config: Optional[str] = _O(None, "--config", help="YAML recipe."),
+    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
+    as_json: bool = _O(False, "--json", help="Print one JSON summary line on stdout."),
+    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Pretrain a small model from scratch (tokenizer trained on the data unless --tokenizer)."""
+    flags = _common_flags(**locals())
+    flags.update({"model.preset": preset, "model.model_config": model_config, "model.vocab_size": vocab_size})
+    _train_cmd("pretrain", flags, config, set_, resume, as_json, quiet)
+
+
+@app.command()
+def finetune(
+    model: Optional[str] = _O(None, "--model", help="Local HF dir, .gguf file, run's final/ dir, or hub id."),
+    data: Optional[str] = _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset."),
+    out: Optional[str] = _O(None, "--out", help="Run directory."),
+    optim: Optional[str] = _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon."),
+    lr: Optional[float] = _O(None, "--lr", help="Peak learning rate."),
+    steps: Optional[int] = _O(None, "--steps", help="Optimizer steps."),
+    epochs: Optional[float] = _O(None, "--epochs", help="Epochs (instead of --steps; default 1)."),
+    batch_size: Optional[int] = _O(None, "--batch-size", help="Global batch, in sequences."),
+    micro_batch_size: Optional[int] = _O(None, "--micro-batch-size", help="Sequences per forward pass."),
+    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per sequence."),
+    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Held-out fraction of documents."),
+    seed: Optional[int] = _O(None, "--seed"),
+    warmup_ratio: Optional[float] = _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03)."),
+    min_lr_ratio: Optional[float] = _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
+    weight_decay: Optional[float] = _O(None, "--weight-decay"),
+    clip: Optional[float] = _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off."),
+    eval_every: Optional[int] = _O(None, "--eval-every", help="Validate every N steps (0 = only at the end)."),
+    save_every: Optional[int] = _O(None, "--save-every", help="Checkpoint every N steps (0 = off)."),
+    keep_last: Optional[int] = _O(None, "--keep-last", help="Checkpoints to keep."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (absent = full fine-tuning)."),
+    lora_alpha: Optional[float] = _O(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout"),
+    lora_targets: Optional[str] = _O(None, "--lora-targets", help="Comma-separated module names."),
+    lora_variant: Optional[str] = _O(None, "--lora-variant", help="lora | rslora | dora | pissa | olora."),
+    merge: bool = _O(False, "--merge", help="Also write the merged model."),
+    tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
+    dtype: Optional[str] = _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU)."),
+    offline: bool = _O(False, "--offline", help="Never contact the hub."),
+    trust_remote_code: bool = _O(False, "--trust-remote-code"),
+    gradient_checkpointing: bool = _O(False, "--gradient-checkpointing"),
+    resume: bool = _O(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = _O(False, "--overwrite", help="Replace a run already in --out."),
+    config: Optional[str] = _O(None, "--config", help="YAML recipe."),
+    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
+    as_json: bool = _O(False, "--json", help="Print one JSON summary line on stdout."),
+    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fine-tune a model (full, or LoRA with --lora-rank) with Adam or Muon."""
+    flags = _common_flags(**locals())
+    flags.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
+                  "lora.targets": _split_targets(lora_targets), "lora.variant": lora_variant,
+                  "lora.merge": merge or None})
+    _train_cmd("finetune", flags, config, set_, resume, as_json, quiet)
+
+
+# ------------------------------------------------------------------ sweep (sweep.py, sweep_report.py)
+
+
+@app.command()
+def sweep(
+    recipe: Optional[str] = typer.Argument(None, help="Sweep recipe: a run recipe plus a sweep: section."),
+    out: Optional[str] = _O(None, "--out", help="Sweep directory (run the same command again to resume)."),
+    workers: int = _O(1, "--workers", help="Cells run in parallel (CPU threads divided; one GPU each)."),
+    threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
+    dry_run: bool = _O(False, "--dry-run", help="Print the cells and exit."),
+    keep_weights: bool = _O(False, "--keep-weights", help="Keep checkpoints and non-best full-model weights."),
+    retry_failed: bool = _O(False, "--retry-failed", help="Run failed cells again."),
+    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value (run keys or sweep.*), repeatable."),
+    report: Optional[str] = _O(None, "--report", help="Only re-aggregate and re-plot this sweep directory."),
+    as_json: bool = _O(False, "--json", help="Print the summary as one JSON line on stdout."),
+) -> None:
+    """Run a resumable LR x method x optimizer x rank x seed grid; write the paper's tables and figures."""
+    import json
+
+    from rich.console import Console
+
+    from muonft_cli import sweep as sw
+    from muonft_cli import sweep_report as rep
+
+    if report is None and recipe is None:
+        _err("give a sweep recipe (e.g. recipes/mismatch-small.yaml) or --report DIR")
+    if report is None and not dry_run and out is None:
+        _err("--out is required: the sweep directory (run the same command again to resume)")
+    plan = _run(sw.load_saved_plan, report) if report is not None else _run(sw.load_plan, recipe, set_ or [])
+    if dry_run:
+        rows = sw.describe_cells(plan)
+        for r in rows:
+            typer.echo(json.dumps(r) if as_json else f"{r['id']}  {r['hash']}")
+        if not as_json:
+            typer.echo(f"{len(rows)} cells, {len(plan.bases)} base model(s)", err=True)
+        return
+    if report is None:
+        counts = _run(sw.run_sweep, plan, out, workers=workers, keep_weights=keep_weights,
+                      retry_failed=retry_failed, threads=threads,
+                      on_event=lambda rec: (line := sw.format_event(rec)) and typer.echo(line, err=True))
+        typer.echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already "
+                   f"finished before this run (of {counts['total']} cells)", err=True)
+    summary = _run(rep.write_report, report or out, plan)
+    if as_json:
+        typer.echo(json.dumps({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")},
+                              default=str))
+    else:
+        Console().print(rep.rich_table(summary))
+        typer.echo(f"summary: {report or out}/summary.md (.csv, .json); plots: "
+                   f"{', '.join(summary['plots'].values()) or 'none yet'}")
+
+
+
+# ------------------------------------------------------------------------------------ eval (evaluate.py)
+
+
+@app.command("eval")
+def eval_(
+    model: str = _O(..., "--model", help="Model folder, adapter folder, .gguf file or hub id to evaluate."),
+    data: Optional[str] = _O(None, "--data", help="Perplexity on this dataset's validation split."),
+    base: Optional[str] = _O(None, "--base", help="Base model: comparisons, weight distance (and an adapter's base)."),
+    reference_data: Optional[str] = _O(None, "--reference-data", help="Forgetting: ppl of model and base here."),
+    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per packed sequence."),
+    batch_size: Optional[int] = _O(None, "--batch-size", help="Sequences per forward pass."),
+    max_batches: Optional[int] = _O(None, "--max-batches", help="Evaluate only this many batches per set."),
+    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Hold-out fraction (as in training)."),
+    seed: Optional[int] = _O(None, "--seed", help="Hold-out seed (as in training)."),
+    split: str = _O("val", "--split", help="val | train"),
+    tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
+    device: Optional[str] = _O(None, "--device", help="auto | cpu | cuda[:N]"),
+    offline: bool = _O(False, "--offline", help="Never contact the hub (sets HF_HUB_OFFLINE=1)."),
+    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow model code from the checkpoint."),
+    config: Optional[str] = _O(None, "--config", help="YAML recipe."),
+    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
+    as_json: bool = _O(False, "--json", help="Print the report as one JSON document on stdout."),
+) -> None:
+    """Perplexity, forgetting, weight distance from the base and LoRA spectra of a model or adapter."""
+    import json
+
+    from muonft_cli import config as cfgmod
+
+    flags = {"model.name_or_path": model, "data.path": data, "eval.reference_data": reference_data,
+             "data.seq_len": seq_len, "eval.batch_size": batch_size, "eval.max_batches": max_batches,
+             "data.val_fraction": val_fraction, "train.seed": seed, "model.tokenizer": tokenizer,
+             "train.device": device, "model.offline": offline or None,
+             "model.trust_remote_code": trust_remote_code or None}
+    cfg = _run(cfgmod.resolve, config, flags, set_ or [])
+
+    from transformers.utils import logging as hf_logging
+
+    from muonft_cli import evaluate
+
+    hf_logging.disable_progress_bar()
+    report = _run(evaluate.run_eval, cfg, base=base, split=split)
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(evaluate.report_tables(report))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app(sys.argv[1:])

@@ -1,0 +1,437 @@
+"""Streaming checkpoint readers for `muonft diagnose`: one tensor at a time, by header offsets.
+
+Owns finding the 2-D weight matrices of a checkpoint and reading each one alone, so peak memory stays near
+the largest matrix (plus its work buffers) however big the model is:
+
+- safetensors (single file, HF dir, sharded HF dir via ``model.safetensors.index.json``): the 8-byte header
+  length and JSON header are parsed here and each tensor is read with ``os.pread`` into its own buffer. No
+  mmap — looping inside one ``safe_open`` handle keeps the mapped pages of every tensor resident (3.5 GB RSS on
+  a 3 GB file), whereas ``pread`` pages only live in the kernel's page cache, not in our RSS.
+- GGUF: the header and tensor table come from the `gguf` package's ``GGUFReader`` (it memory-maps the file but
+  only the header pages are touched); each tensor's bytes are ``pread`` and dequantised with
+  ``gguf.quants.dequantize``.
+- peft adapter dirs: ``lora_A``/``lora_B`` pairs become three matrices each (A, B, and the delta
+  ``scale·B·A``), and with a base checkpoint the merged weight ``W₀ + scale·B·A`` as well.
+
+Every problem with the input is raised as `UserInputError` before any matrix is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from muonft_cli.errors import UserInputError
+from muonft_cli.spectral import fused_qkv_split, layer_type, lora_part
+
+__all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "read_count", "reset_read_count"]
+
+_ST_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+    "I64": (None, 8), "I32": (None, 4), "I16": (None, 2), "I8": (None, 1), "U8": (None, 1), "BOOL": (None, 1),
+}
+
+# Instrumentation (tests and the benchmark read it): tensors read, the largest read (bytes), and how many loaded
+# matrices were alive at once (tracked with weakref finalizers on what `MatrixSpec.load` returns).
+read_count = {"tensors": 0, "max_bytes": 0, "live": 0, "max_live": 0}
+
+
+def _track(t: torch.Tensor) -> torch.Tensor:
+    """Count ``t`` as a live loaded matrix until it is garbage-collected."""
+    read_count["live"] += 1
+    read_count["max_live"] = max(read_count["max_live"], read_count["live"])
+
+    def _dead() -> None:
+        read_count["live"] -= 1
+
+    weakref.finalize(t, _dead)
+    return t
+
+
+def reset_read_count() -> None:
+    """Zero the instrumentation counters."""
+    read_count.update(tensors=0, max_bytes=0, live=0, max_live=0)
+
+
+@dataclass
+class MatrixSpec:
+    """One 2-D matrix to analyse: its name, layer type, shape, and how to read it (fp32, shape (m, n))."""
+
+    name: str
+    layer_type: str
+    shape: tuple[int, int]
+    load: Callable[[], torch.Tensor]
+    nbytes: int = 0
+    role: str = "weight"  # weight | lora_A | lora_B | lora_delta | merged
+
+    def read(self) -> torch.Tensor:
+        """The matrix as fp32, shape ``self.shape`` (counted as live until garbage-collected)."""
+        return _track(self.load())
+
+
+@dataclass
+class Checkpoint:
+    """What `open_checkpoint` found: the kind, the matrices (not yet read), provenance files, skipped tensors."""
+
+    path: str
+    kind: str  # hf | safetensors | gguf | adapter
+    matrices: list[MatrixSpec]
+    provenance: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    base: "Checkpoint | None" = None
+    adapter_config: dict | None = None
+
+
+def _bad(msg: str) -> UserInputError:
+    return UserInputError(msg)
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+
+
+@dataclass
+class _StEntry:
+    path: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_st_header(path: Path) -> list[_StEntry]:
+    """Parse a safetensors header and check every tensor lies inside the file (truncation, corruption)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(f"{path}: not a safetensors file (shorter than its 8-byte header); re-download or re-save it")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 1 or 8 + n > size or n > 100 * 2**20:
+                raise _bad(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes); "
+                           "re-download or re-save the checkpoint")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad(f"{path}: corrupt safetensors header (not JSON); re-download or re-save the checkpoint") from None
+    if not isinstance(header, dict):
+        raise _bad(f"{path}: corrupt safetensors header; re-download or re-save the checkpoint")
+    start = 8 + n
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _bad(f"{path}: corrupt safetensors entry {name!r}; re-download or re-save the checkpoint") from None
+        if dt not in _ST_DTYPES:
+            raise _bad(f"{path}: tensor {name!r} has unknown dtype {dt!r}; re-save it with a current safetensors")
+        width = _ST_DTYPES[dt][1]
+        if e - b != math.prod(shape) * width or b < 0:
+            raise _bad(f"{path}: corrupt safetensors entry {name!r} (size does not match its shape); re-save it")
+        if start + e > size:
+            raise _bad(f"{path}: truncated file — tensor {name!r} ends at byte {start + e} but the file has {size}; "
+                       "re-download or re-save the checkpoint")
+        out.append(_StEntry(str(path), name, dt, shape, start + b, e - b))
+    return out
+
+
+def _pread(path: str, offset: int, nbytes: int) -> bytearray:
+    buf = bytearray(nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            k = os.preadv(fd, [view[done:]], offset + done)
+            if k <= 0:
+                raise UserInputError(f"{path}: truncated while reading; re-download or re-save the checkpoint")
+            done += k
+        if hasattr(os, "posix_fadvise"):  # we read each byte once: let the kernel drop it from the page cache
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    read_count["tensors"] += 1
+    read_count["max_bytes"] = max(read_count["max_bytes"], nbytes)
+    return buf
+
+
+def _load_st(entry: _StEntry) -> torch.Tensor:
+    """Read one safetensors tensor by its offsets and return it as fp32, 2-D. Shape: entry.shape."""
+    tdtype = _ST_DTYPES[entry.dtype][0]
+    buf = _pread(entry.path, entry.offset, entry.nbytes)
+    t = torch.frombuffer(buf, dtype=tdtype).reshape(entry.shape)
+    out = t.to(torch.float32)
+    if out.data_ptr() == t.data_ptr():
+        out = out.clone()  # fp32 on disk: own the memory so the bytearray can go
+    return out
+
+
+def _st_entries(path: Path) -> tuple[list[_StEntry], list[str]]:
+    """All safetensors entries of a file or HF dir (single or sharded)."""
+    if path.is_file():
+        return _read_st_header(path), [str(path)]
+    index = path / "model.safetensors.index.json"
+    files: list[Path]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise _bad(f"{index}: corrupt index (no weight_map); re-download or re-save the checkpoint") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise _bad(f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing; "
+                       "download every shard")
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    entries = []
+    for f in files:
+        entries.extend(_read_st_header(f))
+    return entries, [str(f) for f in files]
+
+
+def _float_matrix(dt: str) -> bool:
+    return _ST_DTYPES[dt][0] is not None and _ST_DTYPES[dt][0].is_floating_point
+
+
+def _specs_from_entries(entries: list[_StEntry]) -> tuple[list[MatrixSpec], list[str]]:
+    specs, skipped = [], []
+    for e in entries:
+        if len(e.shape) != 2 or not _float_matrix(e.dtype) or min(e.shape) < 2:
+            if len(e.shape) > 2:
+                skipped.append(f"{e.name} {list(e.shape)} {e.dtype}")
+            continue
+        split = fused_qkv_split(e.name, e.shape)
+        if split:
+            for bname, btype, dim, sl in split:
+                shape = (e.shape[0], sl.stop - sl.start) if dim == 1 else (sl.stop - sl.start, e.shape[1])
+                specs.append(MatrixSpec(bname, btype, shape, _slice_loader(e, dim, sl), e.nbytes // 3))
+            continue
+        specs.append(MatrixSpec(e.name, layer_type(e.name), (e.shape[0], e.shape[1]), _st_loader(e), e.nbytes))
+    return specs, skipped
+
+
+def _st_loader(e: _StEntry) -> Callable[[], torch.Tensor]:
+    return lambda: _load_st(e)
+
+
+def _slice_loader(e: _StEntry, dim: int, sl: slice) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        W = _load_st(e)  # (d, 3d) or (3d, d)
+        return (W[:, sl] if dim == 1 else W[sl, :]).contiguous()
+    return load
+
+
+# ------------------------------------------------------------------------------------------------ gguf
+
+
+def _gguf_field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None or not f.data:
+        return None
+    v = f.parts[f.data[0]]
+    try:
+        return bytes(v).decode("utf-8") if v.dtype.kind == "u" and v.dtype.itemsize == 1 else v.tolist()[0]
+    except Exception:  # noqa: BLE001 - metadata is informative only
+        return None
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    import numpy as np
+    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error on bad files
+        raise _bad(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]}); "
+                   "re-download or re-convert it") from None
+    size = path.stat().st_size
+    specs, skipped = [], []
+    for t in reader.tensors:
+        ne = [int(x) for x in t.shape]  # GGUF order: ne0 (columns) first
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise _bad(f"{path}: truncated file — tensor {t.name!r} runs past the end; re-download it")
+        if len(ne) != 2 or min(ne) < 2:
+            if len(ne) > 2:
+                skipped.append(f"{t.name} {ne[::-1]}")
+            continue
+        rows, cols = ne[1], ne[0]
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+
+        def load(t=t, rows=rows, cols=cols, qtype=qtype) -> torch.Tensor:
+            buf = _pread(str(path), int(t.data_offset), int(t.n_bytes))
+            raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)  # (rows, bytes per row)
+            W = dequantize(raw, qtype)  # (rows, cols) float32
+            return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
+
+        specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes)))
+    prov = {"gguf": {k: _gguf_field(reader, k) for k in
+                     ("general.architecture", "general.name", "general.basename", "general.organization",
+                      "general.finetune", "general.size_label")}}
+    prov["gguf"] = {k: v for k, v in prov["gguf"].items() if v is not None}
+    quant = sorted({GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors})
+    prov["gguf"]["tensor_types"] = quant
+    del reader
+    return Checkpoint(str(path), "gguf", specs, prov, skipped, size)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def _lora_scale(cfg: dict, module: str) -> float:
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", r)
+    for pat, v in (cfg.get("rank_pattern") or {}).items():
+        if module.endswith(pat):
+            r = v
+    for pat, v in (cfg.get("alpha_pattern") or {}).items():
+        if module.endswith(pat):
+            alpha = v
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _base_key(module: str) -> str:
+    """peft module path → base checkpoint parameter name: strip ``base_model.model.`` and add ``.weight``."""
+    m = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+    return m + ".weight"
+
+
+def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except json.JSONDecodeError:
+        raise _bad(f"{path}/adapter_config.json is not valid JSON; re-save the adapter") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise _bad(f"{path}: peft adapter type {cfg.get('peft_type')!r} is not LoRA; diagnose reads LoRA adapters")
+    st = path / "adapter_model.safetensors"
+    if not st.is_file():
+        raise _bad(f"{path}: no adapter_model.safetensors (a .bin adapter is not read, to avoid unpickling); "
+                   "re-save it with safe_serialization=True")
+    entries = {e.name: e for e in _read_st_header(st)}
+    pairs: dict[str, dict[str, _StEntry]] = {}
+    for name, e in entries.items():
+        part = lora_part(name)
+        if part in ("A", "B") and len(e.shape) == 2:
+            module = name.split(".lora_")[0]
+            pairs.setdefault(module, {})[part] = e
+    base_map: dict[str, MatrixSpec] = {}
+    if base is not None:
+        base_map = {s.name: s for s in base.matrices}
+    specs: list[MatrixSpec] = []
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            continue
+        A, B = ab["A"], ab["B"]  # A: (r, in), B: (out, r)
+        lt = layer_type(module + ".weight")
+        scale = _lora_scale(cfg, module)
+        specs.append(MatrixSpec(A.name, lt, A.shape, _st_loader(A), A.nbytes, role="lora_A"))
+        specs.append(MatrixSpec(B.name, lt, B.shape, _st_loader(B), B.nbytes, role="lora_B"))
+        shape = (B.shape[0], A.shape[1])
+
+        def delta(A=A, B=B, scale=scale) -> torch.Tensor:
+            return scale * (_load_st(B) @ _load_st(A))  # (out, r) @ (r, in) → (out, in)
+
+        specs.append(MatrixSpec(module + ".lora_delta", lt, shape, delta, 4 * shape[0] * shape[1], role="lora_delta"))
+        if base is not None:
+            bspec = base_map.get(_base_key(module))
+            if bspec is None or tuple(bspec.shape) != shape:
+                raise _bad(f"--base {base.path}: it has no matrix {_base_key(module)} of shape {list(shape)} "
+                           f"for adapter module {module}; pass the model the adapter was trained on")
+
+            def merged(bspec=bspec, delta=delta) -> torch.Tensor:
+                return bspec.load() + delta()
+
+            specs.append(MatrixSpec(module + ".merged", lt, shape, merged, bspec.nbytes, role="merged"))
+    if not specs:
+        raise _bad(f"{path}: adapter has no lora_A/lora_B matrix pairs; pass a LoRA adapter dir or a model")
+    prov = _dir_provenance(path)
+    ck = Checkpoint(str(path), "adapter", specs, prov, [], st.stat().st_size, base, cfg)
+    return ck
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _dir_provenance(path: Path) -> dict:
+    """muonft.json, trainer_state.json / training_args, config.json basics, if present (informative only)."""
+    prov: dict = {}
+    for name in ("muonft.json", "trainer_state.json", "config.json", "adapter_config.json"):
+        for cand in (path / name, path.parent / name):
+            if cand.is_file():
+                try:
+                    prov[name] = json.loads(cand.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    prov[name] = {"error": "not valid JSON"}
+                break
+    if "config.json" in prov and isinstance(prov["config.json"], dict):
+        c = prov["config.json"]
+        prov["config.json"] = {k: c.get(k) for k in ("model_type", "architectures", "_name_or_path",
+                                                      "hidden_size", "num_hidden_layers") if k in c}
+    if "trainer_state.json" in prov and isinstance(prov["trainer_state.json"], dict):
+        ts = prov["trainer_state.json"]
+        prov["trainer_state.json"] = {k: ts.get(k) for k in ("global_step", "max_steps", "num_train_epochs")}
+    ta = path / "training_args.json"
+    if ta.is_file():
+        try:
+            a = json.loads(ta.read_text())
+            prov["training_args"] = {k: a.get(k) for k in ("optim", "learning_rate", "weight_decay") if k in a}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return prov
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Checkpoint:
+    """Find the matrices of a checkpoint without reading them.
+
+    Args:
+        path: an HF model dir (single or sharded safetensors), a ``.safetensors`` file, a peft adapter dir
+            (``adapter_config.json``), or a ``.gguf`` file.
+        base: for an adapter, the base model (any of the above) to also analyse merged weights ``W₀ + s·B·A``.
+
+    Raises:
+        UserInputError: missing path, not a checkpoint, corrupt or truncated file, no 2-D matrices.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise _bad(f"{p}: no such file or directory; pass a model dir, .safetensors, .gguf, or adapter dir")
+    base_ck = open_checkpoint(base) if base is not None else None
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return _open_adapter(p, base_ck)
+    if base_ck is not None:
+        raise _bad(f"--base is only for LoRA adapter dirs, and {p} is not one (no adapter_config.json); drop --base")
+    if p.is_file() and p.suffix == ".gguf":
+        ck = _open_gguf(p)
+    elif p.is_file() and p.suffix == ".safetensors":
+        entries, files = _st_entries(p)
+        specs, skipped = _specs_from_entries(entries)
+        ck = Checkpoint(str(p), "safetensors", specs, _dir_provenance(p.parent), skipped,
+                        sum(Path(f).stat().st_size for f in files))
+    elif p.is_dir():
+        entries, files = _st_entries(p)
+        if not files:
+            hint = " (it holds pytorch_model.bin: re-save with safe_serialization=True)" \
+                if any(p.glob("*.bin")) else ""
+            raise _bad(f"{p}: not a checkpoint — no *.safetensors, adapter_config.json or .gguf inside{hint}; "
+                       "pass a model dir, a .safetensors/.gguf file or an adapter dir")
+        specs, skipped = _specs_from_entries(entries)
+        ck = Checkpoint(str(p), "hf", specs, _dir_provenance(p), skipped, sum(Path(f).stat().st_size for f in files))
+    else:
+        raise _bad(f"{p}: not a checkpoint (expected a model dir, .safetensors, .gguf, or adapter dir)")
+    if not ck.matrices:
+        raise _bad(f"{p}: no 2-D weight matrices found; pass a model checkpoint, not a tokenizer or config")
+    return ck

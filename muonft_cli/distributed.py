@@ -1,0 +1,163 @@
+"""Process-group plumbing for data-parallel training under `torchrun` (torch.distributed).
+
+Owns: reading the torchrun environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), choosing the device and the
+backend (NCCL on GPU, gloo on CPU), deterministic sharding of each global batch across ranks (the
+`DistributedSampler` idea, applied per optimizer step so that the data position is one integer), and small
+collectives the training loop needs (sum of a scalar, gathering picklable objects, a barrier).
+
+Only rank 0 writes files; the others compute. The Muon work split (each rank orthogonalises its
+round-robin share of the matrices and the results are all-gathered — the plain-DDP arrangement the paper's
+§4.7 used for full fine-tuning) lives in `muonft_cli.optim`; `train.py` switches it on through the
+optimizer's distributed hook.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from muonft_cli.errors import UserInputError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank (0 when not distributed).
+        world_size: number of processes (1 when not distributed).
+        local_rank: rank on this node (selects the GPU).
+        device: the torch device this process trains on.
+        backend: "nccl", "gloo" or None (single process).
+        owns_group: True when `init_from_env` created the process group (and `cleanup` should destroy it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    """Resolve the `train.device` setting: "auto" = CUDA when present, else CPU.
+
+    Args:
+        pref: "auto", "cpu", "cuda" or "cuda:N".
+        local_rank: this process's node-local rank (selects the GPU under torchrun).
+
+    Returns:
+        The device. Raises `UserInputError` when CUDA is asked for but absent.
+    """
+    pref = (pref or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu "
+                                 "(or auto)")
+        return torch.device(pref) if ":" in pref else torch.device("cuda", local_rank)
+    if pref == "cpu":
+        return torch.device("cpu")
+    raise UserInputError(f"train.device '{pref}' is not one of auto, cpu, cuda: fix --set train.device")
+
+
+def init_from_env(device_pref: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment, or run single-process.
+
+    With `WORLD_SIZE` > 1 this calls `dist.init_process_group` (NCCL when training on CUDA, gloo otherwise)
+    unless a group already exists (then it is reused and left alone by `cleanup`).
+
+    Args:
+        device_pref: the `train.device` setting.
+
+    Returns:
+        A `DistInfo`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world <= 1:
+        return DistInfo(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+        owns = True
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    device=device, backend=dist.get_backend(), owns_group=owns)
+
+
+def cleanup(info: DistInfo) -> None:
+    """Destroy the process group if `init_from_env` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(batch: Sequence[int], info: DistInfo) -> list[int]:
+    """This rank's contiguous share of one global batch of sample indices.
+
+    Every rank sees the same global order (one seeded permutation per epoch), and rank r takes the r-th of
+    `world_size` equal slices, so the union over ranks is exactly the single-process batch.
+
+    Args:
+        batch: the global batch's sample indices (length divisible by the world size).
+        info: this process's place in the job.
+
+    Returns:
+        The indices this rank trains on.
+    """
+    n = len(batch)
+    if n % info.world_size:
+        raise ValueError(f"a global batch of {n} does not split evenly over {info.world_size} ranks")
+    per = n // info.world_size
+    return list(batch[info.rank * per:(info.rank + 1) * per])
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (in place; returned for chaining). No-op single-process."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj`, in rank order (`[obj]` single-process)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op single-process)."""
+    if info.distributed:
+        dist.barrier()

@@ -1,0 +1,376 @@
+"""Evaluation: token-weighted loss / perplexity, and the `muonft eval` report.
+
+Owns
+- `evaluate_loss`: mean next-token negative log-likelihood over every target token (labels != -100, after the
+  causal shift), summed over tokens and divided by their count, so the number does not depend on the batch size
+  or on how many tokens each sequence masks. Perplexity = exp(loss). The training loop uses it for validation.
+- `run_eval`: what `muonft eval` reports — perplexity of a model (or base + adapter) on a dataset, forgetting
+  on a reference dataset (model vs `--base`), weight distance from the base (paper Table 17: L2 ‖W − W₀‖ and
+  cosine distance 1 − cos(W, W₀) per matrix and in total; on merged weights for an adapter), and LoRA spectra
+  (paper App. F.2: stable rank and SVD entropy of each A, B and B·A, averaged per layer type; the metrics come
+  from `muonft_cli.spectral`, the one implementation of REFERENCE.md's definitions).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    dataset: Any,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean next-token NLL of `model` on `dataset`.
+
+    The loss is Σ_tokens −log p(label_t | x_<t) / N over every target token (label != -100 after shifting
+    labels one position left, as HF causal LMs do internally), so it is identical for any `batch_size`.
+    Runs under `torch.no_grad()` in eval mode; the model's previous train/eval mode is restored.
+
+    Args:
+        model: a causal LM returning `.logits` of shape [B, T, V] (HF / peft model).
+        dataset: map-style dataset of dicts with `input_ids` and `labels` LongTensor[T] (and optionally
+            `attention_mask`), e.g. `data.build_splits(...).val`.
+        batch_size: sequences per forward pass (>= 1).
+        device: where to run; default the model's device.
+        max_batches: evaluate only the first `max_batches` batches (None = all).
+        autocast_dtype: e.g. `torch.bfloat16` to run the forward pass under autocast (GPU bf16 runs).
+
+    Returns:
+        `{"loss": float, "ppl": float, "tokens": int}`; loss/ppl are NaN when there are no target tokens.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    n = len(dataset)
+    try:
+        for b, start in enumerate(range(0, n, batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            input_ids = torch.stack([it["input_ids"] for it in items]).to(device)  # [B, T]
+            labels = torch.stack([it["labels"] for it in items]).to(device)  # [B, T]
+            kwargs = {}
+            if "attention_mask" in items[0]:
+                kwargs["attention_mask"] = torch.stack([it["attention_mask"] for it in items]).to(device)
+            if autocast_dtype is not None and device.type != "cpu":
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    logits = model(input_ids=input_ids, **kwargs).logits  # [B, T, V]
+            else:
+                logits = model(input_ids=input_ids, **kwargs).logits  # [B, T, V]
+            shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+            shift_labels = labels[:, 1:]  # [B, T-1]
+            nll = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_nll += nll.double()
+            total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
+    loss = float(total_nll) / total_tokens
+    return {"loss": loss, "ppl": _safe_exp(loss), "tokens": total_tokens}
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+# --------------------------------------------------------------------------------------------- muonft eval
+
+
+def _strip_peft(name: str) -> str:
+    """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight` (names of the plain model)."""
+    name = name.replace(".base_layer.", ".")
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def _matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every 2-D parameter (deduplicated, so tied embeddings count once), by plain-model name, on CPU fp32.
+
+    LoRA-wrapped base weights (`.base_layer.`) are copied, since merging the adapter rewrites them in place;
+    the others are views (no copy on CPU).
+    """
+    return {_strip_peft(n): p.detach().to("cpu", torch.float32, copy=".base_layer." in n)
+            for n, p in model.named_parameters() if p.ndim == 2 and "lora_" not in n}
+
+
+def _aggregate(rows: list[dict]) -> dict[str, float]:
+    """Total L2 = sqrt(Σ‖W−W₀‖²_F); total cosine distance = 1 − Σ⟨W,W₀⟩ / (sqrt(Σ‖W‖²) · sqrt(Σ‖W₀‖²))."""
+    d2 = sum(r["_d2"] for r in rows)
+    dot = sum(r["_dot"] for r in rows)
+    n1 = sum(r["_n1"] for r in rows)
+    n0 = sum(r["_n0"] for r in rows)
+    cos = dot / math.sqrt(n1 * n0) if n1 > 0 and n0 > 0 else 1.0
+    return {"l2": math.sqrt(d2), "cosine": 1.0 - cos, "rel_l2": math.sqrt(d2 / n0) if n0 > 0 else float("nan"),
+            "matrices": len(rows)}
+
+
+def weight_distance(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Distance of fine-tuned weights from the base (paper Table 17), per matrix and in total.
+
+    Per matrix W (base W₀): L2 ‖W − W₀‖_F, cosine distance 1 − ⟨W, W₀⟩/(‖W‖‖W₀‖), and relative L2 ‖W − W₀‖/‖W₀‖.
+    Totals treat all matrices as one long vector. "hidden" restricts to the transformer-block matrices
+    (`spectral.HIDDEN_TYPES`), "by_type" groups by `spectral.layer_type`. Matrices whose name or shape differ
+    between the two are skipped and counted.
+
+    Args:
+        weights: name → matrix of the fine-tuned (for an adapter: merged) model.
+        base: name → matrix of the base model.
+    """
+    from muonft_cli.spectral import HIDDEN_TYPES, layer_type
+
+    rows, skipped = [], 0
+    for name, w0 in base.items():
+        w = weights.get(name)
+        if w is None or w.shape != w0.shape:
+            skipped += 1
+            continue
+        w64, b64 = w.double(), w0.double()  # [m, n]
+        d2 = float((w64 - b64).pow(2).sum())
+        n1, n0, dot = float(w64.pow(2).sum()), float(b64.pow(2).sum()), float((w64 * b64).sum())
+        cos = dot / math.sqrt(n1 * n0) if n1 > 0 and n0 > 0 else 1.0
+        rows.append({"name": name, "type": layer_type(name), "shape": list(w0.shape), "l2": math.sqrt(d2),
+                     "cosine": 1.0 - cos, "rel_l2": math.sqrt(d2 / n0) if n0 > 0 else float("nan"),
+                     "_d2": d2, "_dot": dot, "_n1": n1, "_n0": n0})
+    by_type: dict[str, dict] = {}
+    for t in sorted({r["type"] for r in rows}):
+        by_type[t] = _aggregate([r for r in rows if r["type"] == t])
+    hidden = [r for r in rows if r["type"] in HIDDEN_TYPES]
+    out = {
+        "total": _aggregate(rows),
+        "hidden": _aggregate(hidden) if hidden else None,
+        "by_type": by_type,
+        "skipped": skipped,
+        "matrices": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+    }
+    return out
+
+
+def _ba_singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """σ(B·A) from the r×r core: B = Q_B R_B, Aᵀ = Q_A R_A ⇒ σ(BA) = σ(R_B R_Aᵀ) (never forms the m×n product)."""
+    rb = torch.linalg.qr(B.double(), mode="r").R  # [r, r]  (B: [m, r])
+    ra = torch.linalg.qr(A.double().T, mode="r").R  # [r, r]  (A: [r, n])
+    return torch.linalg.svdvals(rb @ ra.T)  # [r]
+
+
+def lora_spectra(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, Any] | None:
+    """Stable rank and SVD entropy of every LoRA A, B and B·A, averaged per layer type (paper App. F.2).
+
+    Uses `spectral.stable_rank` / `spectral.svd_entropy` (REFERENCE.md definitions). B·A has rank ≤ r, so its
+    entropy is normalised by log r (the rank it can reach), A's and B's by log min(shape) = log r as well.
+    Returns None for a model without LoRA layers.
+    """
+    from muonft_cli.spectral import layer_type, stable_rank, svd_entropy
+
+    rows = []
+    for name, module in model.named_modules():
+        la, lb = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(la, torch.nn.ModuleDict) or adapter_name not in la:
+            continue
+        A = la[adapter_name].weight.detach().float().cpu()  # [r, n]
+        B = lb[adapter_name].weight.detach().float().cpu()  # [m, r]
+        r = A.shape[0]
+        sv_ba = _ba_singular_values(B, A)
+        plain = _strip_peft(name + ".x")[:-2]
+        rows.append({
+            "name": plain, "type": layer_type(plain), "rank": r,
+            "A": {"stable_rank": stable_rank(A), "svd_entropy": svd_entropy(A)},
+            "B": {"stable_rank": stable_rank(B), "svd_entropy": svd_entropy(B)},
+            "BA": {"stable_rank": stable_rank(sv_ba), "svd_entropy": svd_entropy(sv_ba, rank=r)},
+        })
+    if not rows:
+        return None
+
+    def mean(rs: list[dict]) -> dict:
+        return {part: {m: sum(x[part][m] for x in rs) / len(rs) for m in ("stable_rank", "svd_entropy")}
+                for part in ("A", "B", "BA")} | {"n": len(rs)}
+
+    return {
+        "rank": rows[0]["rank"],
+        "all": mean(rows),
+        "by_type": {t: mean([x for x in rows if x["type"] == t]) for t in sorted({x["type"] for x in rows})},
+        "matrices": rows,
+    }
+
+
+def _compare(model_res: dict, base_res: dict | None) -> dict:
+    out: dict[str, Any] = {"model": model_res, "base": base_res}
+    if base_res is not None:
+        out["loss_change"] = model_res["loss"] - base_res["loss"]
+        out["ppl_change"] = model_res["ppl"] - base_res["ppl"]
+        out["ppl_ratio"] = model_res["ppl"] / base_res["ppl"] if base_res["ppl"] else float("nan")
+    return out
+
+
+def _eval_dataset(data_cfg: Any, tokenizer: Any, seed: int, split: str):
+    from muonft_cli import data
+
+    splits = data.build_splits(data_cfg, tokenizer, seed)
+    if split == "train":
+        return splits.train, splits.info, "train"
+    if splits.val is None:
+        return splits.train, splits.info, "all"
+    return splits.val, splits.info, "val"
+
+
+def run_eval(cfg: Any, base: str | None = None, split: str = "val") -> dict[str, Any]:
+    """Everything `muonft eval` reports, as one JSON-ready dict.
+
+    - `data`: perplexity of the model (and of the base, with the change) on `cfg.data.path`, packed into
+      `cfg.data.seq_len` sequences, token-weighted (`evaluate_loss`), on the validation split that training used
+      (same `--seed` / `--val-fraction` ⇒ the same held-out documents).
+    - `forgetting`: the same on `cfg.eval.reference_data` for the model and the base, and the change.
+    - `distance`: `weight_distance` of the (merged, for an adapter) weights from the base.
+    - `lora_spectra`: `lora_spectra` of an adapter.
+
+    The base is `base` (`--base`), or, for an adapter, the base it records (loaded anyway); comparisons are
+    skipped without one. For an adapter the base is evaluated by disabling the adapter (no second copy).
+
+    Args:
+        cfg: `RunConfig` (model, data, eval sections; train.seed / train.device).
+        base: `--base` (model folder, .gguf or hub id).
+        split: "val" (default) or "train".
+    """
+    from muonft_cli import models
+    from muonft_cli.config import ModelConfig
+    from muonft_cli.errors import UserInputError
+
+    if split not in ("val", "train"):
+        raise UserInputError(f"--split {split!r}: use val or train")
+    ref_path = cfg.eval.reference_data
+    if not cfg.data.path and not ref_path and not base:
+        raise UserInputError("nothing to evaluate: pass --data (perplexity), --reference-data (forgetting) "
+                             "and/or --base (weight distance)")
+    device = models.pick_device(cfg.train.device)
+    src = models.resolve_model(cfg.model.name_or_path, cfg.model.offline)
+    is_adapter = src.kind == "adapter"
+    if ref_path and not base and not is_adapter:
+        raise UserInputError("--reference-data measures forgetting against the base model: pass --base PATH")
+    base_src = models.resolve_model(base, cfg.model.offline) if base else None
+    if base_src is not None and base_src.kind == "adapter":
+        raise UserInputError(f"--base '{base}' is an adapter: pass the full base model")
+    model, tokenizer = models.load_model(cfg.model, device, base=base if is_adapter else None)
+    base_model = None
+    if base_src is not None and not is_adapter:
+        bcfg = ModelConfig(name_or_path=base, tokenizer=cfg.model.tokenizer, offline=cfg.model.offline,
+                           trust_remote_code=cfg.model.trust_remote_code)
+        base_model, base_tok = models.load_model(bcfg, device)
+        if base_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserInputError(f"--base '{base}' uses a different tokenizer than --model: compare models that "
+                                 "share a vocabulary (or pass --tokenizer for both)")
+    has_base = is_adapter or base_model is not None
+    ac = models.autocast_dtype(cfg.model, device)
+    bs, mb = cfg.eval.batch_size, cfg.eval.max_batches
+
+    def both(ds) -> dict:
+        res = evaluate_loss(model, ds, bs, device, mb, autocast_dtype=ac)
+        bres = None
+        if is_adapter:
+            with model.disable_adapter():
+                bres = evaluate_loss(model, ds, bs, device, mb, autocast_dtype=ac)
+        elif base_model is not None:
+            bres = evaluate_loss(base_model, ds, bs, device, mb, autocast_dtype=ac)
+        return _compare(res, bres)
+
+    report: dict[str, Any] = {
+        "model": src.path, "model_kind": src.kind,
+        "base": (base_src.path if base_src else (models.resolve_model(src.base, cfg.model.offline).path
+                                                   if is_adapter and src.base and not base else None)),
+        "device": str(device), "seq_len": cfg.data.seq_len, "batch_size": bs, "max_batches": mb,
+        "seed": cfg.train.seed, "data": None, "forgetting": None, "distance": None, "lora_spectra": None,
+    }
+    if cfg.data.path:
+        ds, info, used = _eval_dataset(cfg.data, tokenizer, cfg.train.seed, split)
+        report["data"] = {"source": info.get("source", cfg.data.path), "split": used, "sequences": len(ds),
+                          **both(ds)}
+    if ref_path:
+        rcfg = copy.deepcopy(cfg.data)
+        rcfg.path = ref_path
+        ds, info, used = _eval_dataset(rcfg, tokenizer, cfg.train.seed, split)
+        report["forgetting"] = {"source": info.get("source", ref_path), "split": used, "sequences": len(ds),
+                                **both(ds)}
+    if is_adapter:
+        report["lora_spectra"] = lora_spectra(model)
+    if has_base:
+        if is_adapter:
+            w0 = _matrices(model.get_base_model())  # base_layer weights = W₀ (adapter not merged yet)
+            merged = model.merge_and_unload()  # in place; the adapter is not needed any more
+            report["distance"] = weight_distance(_matrices(merged), w0)
+        else:
+            report["distance"] = weight_distance(_matrices(model), _matrices(base_model))
+    return report
+
+
+def report_tables(report: dict[str, Any]):
+    """The `muonft eval` report as rich renderables (a Group of tables) for the terminal."""
+    from rich.console import Group
+    from rich.table import Table
+
+    parts: list = []
+    ppl = Table(title=f"Perplexity of {report['model']}", show_lines=False)
+    for col in ("set", "split", "tokens", "model loss", "model ppl", "base ppl", "Δ ppl", "ratio"):
+        ppl.add_column(col, justify="left" if col in ("set", "split") else "right")
+    for key, label in (("data", "data"), ("forgetting", "reference")):
+        r = report.get(key)
+        if not r:
+            continue
+        b = r.get("base")
+        ppl.caption = ((ppl.caption + "\n") if ppl.caption else "") + f"{label}: {r['source']}"
+        ppl.add_row(label, r["split"], f"{r['model']['tokens']:,}", f"{r['model']['loss']:.4f}",
+                    f"{r['model']['ppl']:.3f}", f"{b['ppl']:.3f}" if b else "-",
+                    f"{r['ppl_change']:+.3f}" if b else "-", f"{r['ppl_ratio']:.4f}" if b else "-")
+    if ppl.row_count:
+        parts.append(ppl)
+    dist = report.get("distance")
+    if dist:
+        t = Table(title=f"Weight distance from base ({report['base']}) — paper Table 17")
+        for col in ("layer type", "matrices", "L2 ‖W−W₀‖", "rel L2", "cosine dist 1−cos"):
+            t.add_column(col, justify="left" if col == "layer type" else "right")
+        for name, agg in [*dist["by_type"].items(), ("hidden (all block matrices)", dist["hidden"]),
+                          ("total", dist["total"])]:
+            if agg:
+                t.add_row(name, str(agg["matrices"]), f"{agg['l2']:.4g}", f"{agg['rel_l2']:.4g}",
+                          f"{agg['cosine']:.4g}")
+        parts.append(t)
+    spec = report.get("lora_spectra")
+    if spec:
+        t = Table(title=f"LoRA spectra (rank {spec['rank']}) — paper App. F.2")
+        t.add_column("layer type")
+        t.add_column("n", justify="right")
+        for part in ("A", "B", "BA"):
+            t.add_column(f"{part} srank", justify="right")
+            t.add_column(f"{part} entropy", justify="right")
+        for name, agg in [*spec["by_type"].items(), ("all", spec["all"])]:
+            t.add_row(name, str(agg["n"]), *[f"{agg[p][m]:.3f}" for p in ("A", "B", "BA")
+                                              for m in ("stable_rank", "svd_entropy")])
+        parts.append(t)
+    return Group(*parts)

@@ -1,0 +1,40 @@
+"""muonft's optimizer library: pure torch, no I/O, no imports of other muonft modules.
+
+* :func:`orthogonalize`, :func:`polar_express_coefficients` — NS5 / Polar Express (direct and
+  Gram-space), :mod:`.orthogonalize`.
+* :class:`Muon`, :class:`AdaMuon`, :class:`NorMuon` — one optimizer object with ``kind="muon"`` and
+  ``kind="adamw"`` groups, batched and optionally distributed NS, :mod:`.muon`.
+* :func:`split_params` — route every trainable parameter once, with reasons, :mod:`.routing`.
+* :func:`build_optimizer`, :func:`optimizer_state_bytes` — from an optimizer config, :mod:`.factory`.
+"""
+
+from .factory import OPTIMIZER_NAMES, build_optimizer, optimizer_state_bytes
+from .muon import SCALINGS, AdaMuon, Muon, MuonFamily, NorMuon, update_scale
+from .orthogonalize import (
+    JORDAN_COEFFICIENTS,
+    default_ns_dtype,
+    ns_coefficients,
+    orthogonalize,
+    polar_express_coefficients,
+)
+from .routing import ParamSplit, Route, split_params
+
+__all__ = [
+    "AdaMuon",
+    "JORDAN_COEFFICIENTS",
+    "Muon",
+    "MuonFamily",
+    "NorMuon",
+    "OPTIMIZER_NAMES",
+    "ParamSplit",
+    "Route",
+    "SCALINGS",
+    "build_optimizer",
+    "default_ns_dtype",
+    "ns_coefficients",
+    "optimizer_state_bytes",
+    "orthogonalize",
+    "polar_express_coefficients",
+    "split_params",
+    "update_scale",
+]

@@ -1,0 +1,132 @@
+"""``build_optimizer``: one ``torch.optim.Optimizer`` for a whole model, from an optimizer config.
+
+Routes parameters with :func:`~.routing.split_params` and returns a single optimizer whose param groups
+carry ``kind="muon"|"adamw"`` (so LR schedulers, checkpoints and HF ``Trainer(optimizers=(opt, sched))``
+see one object).  Hyper-parameters follow the paper (REFERENCE.md): plain ``adamw`` uses betas
+(0.9, 0.999); Muon's auxiliary AdamW group uses (0.9, 0.95) and its own lr — equal to Muon's lr under
+``match_rms_adamw`` scaling (Moonlight: the RMS match makes AdamW's lr transfer), required explicitly
+otherwise.  Weight decay applies to ≥2-D tensors only (never to norms, biases or DoRA magnitudes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .muon import AdaMuon, Muon, NorMuon
+from .routing import ParamSplit, split_params
+
+__all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_state_bytes"]
+
+OPTIMIZER_NAMES = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+
+
+def _opt(cfg: Any, name: str, default: Any) -> Any:
+    value = getattr(cfg, name, default)
+    return default if value is None and default is not None else value
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``cfg.name`` over all trainable parameters of ``model``.
+
+    Args:
+        model: the (possibly peft-wrapped) model.
+        cfg: any object with attributes ``name`` ("adamw" | "muon" | "muon-pe" | "adamuon" |
+            "normuon"), ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``betas`` (plain AdamW),
+            ``eps``, ``scaling`` ("match_rms_adamw" | "original" | "none"), ``ns_steps``, ``ns_dtype``
+            ("auto" | "bf16" | "fp32"), ``adamw_lr`` (None = lr under match_rms_adamw), ``adamw_betas``
+            (Muon's auxiliary group) and ``lora_a`` ("muon" | "adamw").  ``muon-pe`` is Muon with Polar
+            Express coefficients; ``adamuon`` follows seed 003 Algorithm 1 (no Nesterov, so
+            ``nesterov`` is not used by it).
+
+    Returns:
+        ``torch.optim.AdamW`` (for "adamw") or a :class:`~.muon.Muon`/:class:`~.muon.AdaMuon`/
+        :class:`~.muon.NorMuon`; every param group has ``kind``; ``opt.param_split`` keeps the routing.
+
+    Raises:
+        ValueError: unknown name, or ``optimizer.adamw_lr`` missing where it is required.
+    """
+    name = str(getattr(cfg, "name", "")).lower()
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer.name {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    lr = float(cfg.lr)
+    weight_decay = float(_opt(cfg, "weight_decay", 0.0))
+    eps = float(_opt(cfg, "eps", 1e-8))
+    split = split_params(model, lora_a=_opt(cfg, "lora_a", "muon") if name != "adamw" else "muon")
+    fused = _all_cuda(split)
+
+    if name == "adamw":
+        betas = tuple(_opt(cfg, "betas", (0.9, 0.999)))
+        params = [r.param for r in split]
+        groups = _adamw_groups(params, weight_decay, lr)
+        opt = torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            foreach=None if fused else True, fused=True if fused else None,
+        )
+        opt.param_split = split  # type: ignore[attr-defined]
+        return opt
+
+    scaling = _opt(cfg, "scaling", "match_rms_adamw")
+    adamw_lr = getattr(cfg, "adamw_lr", None)
+    if adamw_lr is None:
+        if scaling != "match_rms_adamw":
+            raise ValueError(
+                f"optimizer.adamw_lr is required with optimizer.scaling={scaling!r}: Muon learning "
+                "rates for that scaling (~0.02-0.9) would wreck embeddings and heads; set e.g. "
+                "optimizer.adamw_lr=3e-4, or use scaling=match_rms_adamw (then adamw_lr defaults to lr)"
+            )
+        adamw_lr = lr
+    groups: list[dict[str, Any]] = []
+    plain = [r.param for r in split.muon if not r.transposed]
+    conv1d = [r.param for r in split.muon if r.transposed]
+    if plain:
+        groups.append({"params": plain, "kind": "muon"})
+    if conv1d:
+        groups.append({"params": conv1d, "kind": "muon", "transposed": True})
+    groups += _adamw_groups([r.param for r in split.adamw], weight_decay, float(adamw_lr))
+    common = dict(
+        lr=lr,
+        momentum=float(_opt(cfg, "momentum", 0.95)),
+        weight_decay=weight_decay,
+        ns_steps=int(_opt(cfg, "ns_steps", 5)),
+        ns_dtype=_opt(cfg, "ns_dtype", "auto"),
+        adamw_betas=tuple(_opt(cfg, "adamw_betas", (0.9, 0.95))),
+        adamw_eps=eps,
+    )
+    nesterov = bool(_opt(cfg, "nesterov", True))
+    if name in ("muon", "muon-pe"):
+        method = "polar_express" if name == "muon-pe" else "jordan"
+        opt = Muon(groups, nesterov=nesterov, scaling=scaling, ns_method=method, **common)
+    elif name == "adamuon":
+        opt = AdaMuon(groups, nesterov=False, eps=eps, scaling=scaling, **common)
+    else:
+        opt = NorMuon(groups, nesterov=nesterov, scaling=scaling, **common)
+    opt.param_split = split  # type: ignore[attr-defined]
+    return opt
+
+
+def _adamw_groups(params: list[torch.Tensor], weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "kind": "adamw", "lr": lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "kind": "adamw", "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def _all_cuda(split: ParamSplit) -> bool:
+    return all(r.param.device.type == "cuda" for r in split)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (momenta, second moments, step counters)."""
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total

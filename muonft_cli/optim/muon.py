@@ -1,0 +1,639 @@
+"""Muon-family optimizers (Muon, AdaMuon, NorMuon) with a built-in auxiliary AdamW group.
+
+Three layers, as in KellerJordan/Muon: the pure orthogonalisation (:mod:`.orthogonalize`), the pure
+per-chunk updates (``_muon_update`` / ``_adamuon_update`` / ``_normuon_update`` below), and thin
+``torch.optim.Optimizer`` classes that own the state.
+
+One optimizer object holds every trainable parameter: param groups carry ``kind="muon"`` (hidden
+matrices, LoRA A/B) or ``kind="adamw"`` (embeddings, heads, 1-D tensors; AdamW of Loshchilov & Hutter,
+REFERENCE.md Eq. 3–5, run by torch's own functional ``adam(..., decoupled_weight_decay=True)``), so LR
+schedulers, checkpoints and HF ``Trainer(optimizers=(opt, sched))`` see one thing.
+
+Muon (paper §2.1, App. B; REFERENCE.md "Muon"), per matrix W (logical shape m×n = out×in):
+
+    M ← β·M + G                       (classic momentum, the paper's / Moonlight's)
+    U = G + β·M  (Nesterov)  or  M
+    O = NS(U)                          (orthogonalize: NS5 or Polar Express, batched per shape)
+    W ← W − η·λ·W − η·s·O              s = 0.2·√max(m, n)  ("match_rms_adamw", Moonlight, default)
+                                       s = √max(1, m/n)     ("original", Keller Jordan)
+                                       s = 1                ("none")
+
+Keller Jordan's / torch.optim.Muon's EMA momentum ``B ← βB + (1−β)G`` equals ``(1−β)·M``, so it gives
+the same orthogonalised direction; no option is needed.  Weights with more than two dims are
+flattened to (out, −1).
+
+Performance: same-shape matrices (after transposing tall ones) are stacked and orthogonalised in one
+batched call, in chunks of at most ``ns_chunk_bytes`` of stacked input; momentum and the weight
+update use ``torch._foreach_*`` ops; thin matrices (min dim ≤ 64, LoRA) use the Gram-space path.
+
+Distributed NS (used by the engine under torchrun, with DDP-synchronised gradients): after
+``opt.set_distributed()`` the i-th matrix of each same-shape bucket (in a fixed order that every rank
+derives identically) is orthogonalised only by rank ``i mod world_size``; the results are exchanged
+with ``torch.distributed.all_gather`` (one collective per chunk) so every rank applies the full,
+identical update.  ``opt.ns_matrices_done`` counts the matrices this rank orthogonalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam as _adam
+
+from .orthogonalize import (
+    GRAM_MAX_DIM,
+    _direct,
+    _gram,
+    _svd_polar,
+    _METHODS,
+    _PE_NORM_SCALE,
+    ns_coefficients,
+    resolve_ns_dtype,
+)
+
+__all__ = ["MuonFamily", "Muon", "AdaMuon", "NorMuon", "SCALINGS", "update_scale"]
+
+SCALINGS = ("match_rms_adamw", "original", "none")
+_KINDS = ("muon", "adamw")
+_DEFAULT_CHUNK_BYTES = 512 * 2**20
+
+
+def update_scale(scaling: str, out_features: int, in_features: int) -> float:
+    """Muon's update multiplier ``s`` for a logical ``out×in`` matrix (see module docstring)."""
+    if scaling == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(out_features, in_features))
+    if scaling == "original":
+        return math.sqrt(max(1.0, out_features / in_features))
+    if scaling == "none":
+        return 1.0
+    raise ValueError(f"unknown Muon scaling {scaling!r}; expected one of {SCALINGS}")
+
+
+def _logical_shape(p: Tensor, transposed: bool) -> tuple[int, int]:
+    """(out, in) of the matrix a parameter represents; ``transposed`` = stored as (in, out) (GPT-2 Conv1D)."""
+    rows, cols = p.shape[0], p[0].numel()
+    return (cols, rows) if transposed else (rows, cols)
+
+
+@dataclass
+class _Item:
+    """One Muon matrix in this step: its parameter, group and NS input (param-shaped)."""
+
+    param: Tensor
+    group: dict[str, Any]
+    ns_input: Tensor
+
+    def wide(self) -> Tensor:
+        """The NS input as a 2-D (r, c) view with r <= c."""
+        mat = self.ns_input.reshape(self.ns_input.shape[0], -1)
+        return mat.mT if mat.shape[0] > mat.shape[1] else mat
+
+    def unwide(self, O: Tensor) -> Tensor:
+        """Inverse of :meth:`wide` for an (r, c) result: back to the parameter's shape."""
+        rows = self.param.shape[0]
+        cols = self.param[0].numel()
+        mat = O.mT if rows > cols else O
+        return mat.reshape(self.param.shape)
+
+
+class MuonFamily(torch.optim.Optimizer):
+    """Shared machinery of :class:`Muon`, :class:`AdaMuon` and :class:`NorMuon`.
+
+    Param groups may set ``kind`` to ``"muon"`` (default) or ``"adamw"``; AdamW groups use ``betas``
+    and ``eps`` (defaults ``adamw_betas``/``adamw_eps``) and their own ``lr``/``weight_decay``.  A Muon
+    group may set ``transposed=True`` when its weights are stored (in, out) (GPT-2 ``Conv1D``), so
+    shape-dependent scalings use the true out×in orientation.
+    """
+
+    _state_keys: tuple[str, ...] = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        scaling: str = "match_rms_adamw",
+        ns_steps: int = 5,
+        ns_method: str = "jordan",
+        ns_dtype: torch.dtype | str | None = "auto",
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        ns_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        **extra_defaults: Any,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown Muon scaling {scaling!r}; expected one of {SCALINGS}")
+        if ns_method not in _METHODS:
+            raise ValueError(f"unknown ns_method {ns_method!r}; expected one of {_METHODS}")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
+        if ns_chunk_bytes < 1:
+            raise ValueError(f"ns_chunk_bytes must be >= 1, got {ns_chunk_bytes}")
+        resolve_ns_dtype(ns_dtype, "cpu")  # validates the name
+        if isinstance(ns_dtype, torch.dtype):
+            ns_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}.get(
+                ns_dtype, ns_dtype
+            )
+        defaults = dict(
+            kind="muon",
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            scaling=scaling,
+            ns_steps=ns_steps,
+            ns_method=ns_method,
+            ns_dtype=ns_dtype if ns_dtype is not None else "auto",
+            transposed=False,
+            betas=tuple(adamw_betas),
+            eps=adamw_eps,
+            **extra_defaults,
+        )
+        super().__init__(params, defaults)
+        self.ns_chunk_bytes = int(ns_chunk_bytes)
+        self.ns_matrices_done = 0
+        self.ns_matrices_last_step = 0
+        self._dist_group: Any = None
+        self._dist_enabled = False
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        kind = group["kind"]
+        if kind not in _KINDS:
+            raise ValueError(f"param group kind must be one of {_KINDS}, got {kind!r}")
+        if kind == "muon":
+            if group["scaling"] not in SCALINGS:
+                raise ValueError(f"unknown Muon scaling {group['scaling']!r}; expected one of {SCALINGS}")
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"Muon got a {p.ndim}-D parameter of shape {tuple(p.shape)}; Muon only "
+                        "updates matrices — put 1-D parameters (norms, biases, DoRA magnitudes) in a "
+                        "group with kind='adamw' (split_params/build_optimizer do this)"
+                    )
+                if group["transposed"] and p.ndim != 2:
+                    raise ValueError("transposed=True is only meaningful for 2-D (Conv1D) weights")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        super().add_param_group(param_group)
+        if hasattr(self, "ns_matrices_done"):  # after __init__
+            self._check_group(self.param_groups[-1])
+
+    def set_distributed(self, group: Any = None, *, enabled: bool = True) -> None:
+        """Split the orthogonalisation work over the ranks of a ``torch.distributed`` process group.
+
+        Every rank must hold identical gradients (e.g. DDP-synchronised) and the same parameters with
+        gradients.  Rank ``k`` orthogonalises the matrices at positions ``i ≡ k (mod world_size)`` of
+        each same-shape bucket; results are exchanged with ``all_gather`` so all ranks apply the same
+        update and keep identical optimizer state.  Works with gloo (CPU) and NCCL (GPU).
+
+        Args:
+            group: process group (``None`` = the default group).
+            enabled: ``False`` turns sharding off again.
+
+        Raises:
+            RuntimeError: ``torch.distributed`` is not initialised.
+        """
+        if not enabled:
+            self._dist_enabled, self._dist_group = False, None
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "set_distributed() needs an initialised torch.distributed process group "
+                "(call torch.distributed.init_process_group first, e.g. under torchrun)"
+            )
+        self._dist_enabled, self._dist_group = True, group
+
+    def _world(self) -> tuple[int, int]:
+        if not self._dist_enabled:
+            return 0, 1
+        import torch.distributed as dist
+
+        return dist.get_rank(self._dist_group), dist.get_world_size(self._dist_group)
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimisation step over all groups (Muon groups batched together)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items: list[_Item] = []
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._adamw_group_step(group)
+            else:
+                items.extend(self._prepare_group(group))
+        self.ns_matrices_last_step = 0
+        self._orthogonalize_and_apply(items)
+        self.ns_matrices_done += self.ns_matrices_last_step
+        return loss
+
+    def _adamw_group_step(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW group does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        fused = all(p.device.type == "cuda" for p in params) and all(
+            p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+        )
+        if fused:  # fused kernel wants its step counters on the device
+            for i, s in enumerate(steps):
+                if s.device != params[i].device:
+                    s = s.to(params[i].device)
+                    self.state[params[i]]["step"] = s
+                    steps[i] = s
+        _adam(  # torch's own AdamW math (torch.optim.AdamW = Adam with decoupled decay)
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None if fused else True,
+            fused=True if fused else None,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _prepare_group(self, group: dict[str, Any]) -> list[_Item]:
+        """Momentum update (foreach) and the NS inputs of one Muon group."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return []
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group, state)
+            bufs.append(state["momentum_buffer"])
+        beta = group["momentum"]
+        torch._foreach_mul_(bufs, beta)
+        torch._foreach_add_(bufs, grads)  # M ← βM + G
+        if group["nesterov"] and beta > 0.0:
+            inputs = torch._foreach_add(grads, bufs, alpha=beta)  # G + βM
+        else:
+            inputs = list(bufs)
+        inputs = self._ns_input(inputs, group)
+        return [_Item(p, group, u) for p, u in zip(params, inputs)]
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _ns_input(self, inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        return inputs
+
+    # ------------------------------------------------------------------ batched NS
+
+    def _orthogonalize_and_apply(self, items: list[_Item]) -> None:
+        buckets: dict[tuple, list[_Item]] = defaultdict(list)
+        for it in items:
+            w = it.wide()
+            g = it.group
+            method = g["ns_method"]
+            thin = w.shape[0] <= GRAM_MAX_DIM
+            cdtype = resolve_ns_dtype(g["ns_dtype"], w.device)
+            key = (tuple(w.shape), method, g["ns_steps"], thin, cdtype, w.device, w.dtype)
+            buckets[key].append(it)
+        rank, world = self._world()
+        offset = 0  # global position, so round-robin continues across buckets
+        for key, bucket in buckets.items():
+            (r, c), method, steps, thin, cdtype, device, in_dtype = key
+            elem = 8 if thin else torch.finfo(cdtype).bits // 8
+            per_chunk = max(1, self.ns_chunk_bytes // max(1, r * c * elem))
+            if world > 1:
+                per_chunk = max(world, per_chunk - per_chunk % world)
+            for start in range(0, len(bucket), per_chunk):
+                chunk = bucket[start : start + per_chunk]
+                if world == 1:
+                    O = self._ns_chunk(chunk, method, steps, thin, cdtype)
+                    outs = [it.unwide(O[i]) for i, it in enumerate(chunk)]
+                    self.ns_matrices_last_step += len(chunk)
+                else:
+                    outs = self._ns_chunk_distributed(
+                        chunk, offset + start, rank, world, method, steps, thin, cdtype
+                    )
+                self._apply_updates(chunk, outs)
+            offset += len(bucket)
+
+    def _ns_chunk(
+        self, chunk: list[_Item], method: str, steps: int, thin: bool, cdtype: torch.dtype
+    ) -> Tensor:
+        """Orthogonalise the wide views of ``chunk`` in one batched call → (k, r, c)."""
+        w0 = chunk[0].wide()
+        stack_dtype = w0.dtype if thin or method == "svd" else cdtype
+        X = torch.empty((len(chunk), *w0.shape), dtype=stack_dtype, device=w0.device)  # (k, r, c)
+        torch._foreach_copy_(list(X.unbind(0)), [it.wide() for it in chunk])
+        if method == "svd":
+            return _svd_polar(X, torch.float32 if w0.dtype != torch.float64 else w0.dtype)
+        coeffs = ns_coefficients(method, steps)
+        scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
+        if thin:
+            out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
+            return _gram(X, coeffs, scale, out_dtype)
+        return _direct(X, coeffs, scale)
+
+    def _ns_chunk_distributed(
+        self,
+        chunk: list[_Item],
+        first: int,
+        rank: int,
+        world: int,
+        method: str,
+        steps: int,
+        thin: bool,
+        cdtype: torch.dtype,
+    ) -> list[Tensor]:
+        """Orthogonalise this rank's share of ``chunk`` and all_gather everyone's results."""
+        import torch.distributed as dist
+
+        owners = [(first + i) % world for i in range(len(chunk))]
+        mine = [it for it, o in zip(chunk, owners) if o == rank]
+        per_rank = max(owners.count(k) for k in range(world))
+        w0 = chunk[0].wide()
+        if mine:
+            O = self._ns_chunk(mine, method, steps, thin, cdtype)
+            self.ns_matrices_last_step += len(mine)
+        else:
+            O = None
+        comm_dtype = O.dtype if O is not None else (w0.dtype if thin else cdtype)
+        if method == "svd" or thin:
+            comm_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
+        backend = dist.get_backend(self._dist_group)
+        if backend == "gloo" and comm_dtype in (torch.bfloat16, torch.float16):
+            comm_dtype = torch.float32
+        send = torch.zeros((per_rank, *w0.shape), dtype=comm_dtype, device=w0.device)
+        if O is not None:
+            send[: O.shape[0]].copy_(O)
+        recv = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(recv, send, group=self._dist_group)
+        seen = [0] * world
+        outs = []
+        for it, o in zip(chunk, owners):
+            outs.append(it.unwide(recv[o][seen[o]]))
+            seen[o] += 1
+        return outs
+
+    # ------------------------------------------------------------------ updates
+
+    def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
+        raise NotImplementedError  # implemented by each optimizer below
+
+    @staticmethod
+    def _decay(params: list[Tensor], lr: float, weight_decay: float) -> None:
+        if weight_decay != 0.0 and lr != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # W ← W − ηλW (decoupled)
+
+    def _by_group_and_scale(
+        self, chunk: list[_Item], outs: list[Tensor]
+    ) -> dict[tuple[int, float], tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        sets: dict[tuple[int, float], tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+        for it, o in zip(chunk, outs):
+            g = it.group
+            s = update_scale(g["scaling"], *_logical_shape(it.param, g["transposed"]))
+            entry = sets.setdefault((id(g), s), (g, [], []))
+            entry[1].append(it.param)
+            entry[2].append(o)
+        return sets
+
+
+class Muon(MuonFamily):
+    """Muon for hidden matrices plus an auxiliary AdamW for ``kind="adamw"`` groups.
+
+    Update per matrix (module docstring): ``M ← βM + G``; ``O = NS(G + βM)`` (Nesterov) or ``NS(M)``;
+    ``W ← W − η·λ·W − η·s·O`` with ``s`` from ``scaling``.
+
+    Args:
+        params: parameters or param groups (groups may carry ``kind``/``transposed``/any option).
+        lr: learning rate η (Muon groups; AdamW groups default to it too unless they set ``lr``).
+        momentum: β (0.95 in the paper).
+        nesterov: orthogonalise ``G + βM`` instead of ``M``.
+        weight_decay: decoupled weight decay λ.
+        scaling: ``"match_rms_adamw"`` (0.2·√max(m, n), default), ``"original"`` (√max(1, m/n)) or
+            ``"none"``.
+        ns_steps: orthogonalisation iterations (5).
+        ns_method: ``"jordan"`` (NS5), ``"polar_express"`` (Muon-PE) or ``"svd"`` (exact; slow).
+        ns_dtype: ``"auto"`` (bf16 on CUDA / CPUs with native bf16 matmul, else fp32), ``"bf16"``,
+            ``"fp32"`` or a torch dtype; thin matrices always use the fp64 Gram-space path.
+        adamw_betas: default betas of ``kind="adamw"`` groups ((0.9, 0.95), the paper's Muon runs).
+        adamw_eps: default eps of ``kind="adamw"`` groups.
+        ns_chunk_bytes: max bytes of stacked NS input per batched call (bounds extra memory).
+    """
+
+    def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
+        for (_, s), (g, params, updates) in self._by_group_and_scale(chunk, outs).items():
+            self._decay(params, g["lr"], g["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-g["lr"] * s)
+
+
+class AdaMuon(MuonFamily):
+    """AdaMuon (Si et al., seed 003, Algorithm 1), implemented exactly as the paper's algorithm.
+
+    Per matrix W (m×n)::
+
+        M ← β·M + G
+        O = NS(sign(M))
+        V ← β·V + (1 − β)·O ⊙ O              (no bias correction)
+        Ô = O ⊘ (√V + ε)
+        γ = 0.2·√(m·n) / ‖Ô‖_F
+        W ← W − η·(γ·Ô + λ·W)
+
+    Differences from the authors' released code (which this class does NOT follow by default): the
+    code uses Nesterov momentum (``sign(G + βM)``) and a separate second-moment β₂ = 0.999 with bias
+    correction; here ``nesterov=False`` and ``V`` uses the same β with no bias correction, as in
+    Algorithm 1 (the RMS alignment γ cancels any constant bias in V).  ``nesterov=True`` and ``beta2``
+    are available as options.  The ``scaling`` option does not apply: γ is AdaMuon's own RMS alignment.
+
+    Args:
+        params: parameters or param groups (see :class:`Muon`).
+        lr: learning rate η.
+        momentum: β (first and, by default, second moment).
+        nesterov: use ``sign(G + βM)`` (authors' code) instead of ``sign(M)`` (Algorithm 1, default).
+        weight_decay: decoupled weight decay λ.
+        eps: ε in ``√V + ε``.
+        beta2: second-moment decay; ``None`` = ``momentum`` (Algorithm 1).
+        **kwargs: ``ns_steps``, ``ns_method``, ``ns_dtype``, ``adamw_betas``, ``adamw_eps``,
+            ``ns_chunk_bytes`` as for :class:`Muon`.
+    """
+
+    _state_keys = ("momentum_buffer", "second_moment")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        beta2: float | None = None,
+        scaling: str = "match_rms_adamw",
+        **kwargs: Any,
+    ) -> None:
+        if scaling != "match_rms_adamw":
+            raise ValueError(
+                "AdaMuon has its own RMS alignment (γ = 0.2·√(mn)/‖Ô‖_F); set "
+                f"optimizer.scaling=match_rms_adamw (got {scaling!r})"
+            )
+        if beta2 is not None and not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            scaling=scaling,
+            adamuon_eps=eps,
+            beta2=beta2,
+            **kwargs,
+        )
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        super()._init_state(p, group, state)
+        state["second_moment"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _ns_input(self, inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        return torch._foreach_sign(inputs)  # sign-stabilised direction
+
+    def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
+        by_group: dict[int, tuple[dict[str, Any], list[_Item], list[Tensor]]] = {}
+        for it, o in zip(chunk, outs):
+            by_group.setdefault(id(it.group), (it.group, [], []))
+            by_group[id(it.group)][1].append(it)
+            by_group[id(it.group)][2].append(o.to(it.param.dtype))
+        for g, its, O in by_group.values():
+            params = [it.param for it in its]
+            beta = g["beta2"] if g["beta2"] is not None else g["momentum"]
+            V = [self.state[p]["second_moment"] for p in params]
+            torch._foreach_mul_(V, beta)
+            torch._foreach_addcmul_(V, O, O, value=1.0 - beta)  # V ← βV + (1−β)O⊙O
+            denom = torch._foreach_sqrt(V)
+            torch._foreach_add_(denom, g["adamuon_eps"])
+            O_hat = torch._foreach_div(O, denom)  # Ô = O ⊘ (√V + ε)
+            norms = torch._foreach_norm(O_hat)
+            gammas = [
+                (0.2 * math.sqrt(p.numel()) * -g["lr"]) / n.clamp(min=1e-30) for p, n in zip(params, norms)
+            ]  # −η·γ
+            torch._foreach_mul_(O_hat, gammas)
+            self._decay(params, g["lr"], g["weight_decay"])
+            torch._foreach_add_(params, O_hat)
+
+
+class NorMuon(MuonFamily):
+    """NorMuon (Li et al. 2025): Muon with per-row second-moment normalisation after NS.
+
+    Per matrix (REFERENCE.md "NorMuon"), rows = output neurons of the logical out×in matrix::
+
+        O = NS(U)                                   (as in Muon)
+        v_i ← β₂·v_i + (1 − β₂)·mean_j O_ij²       (β₂ = 0.95)
+        Ô = O ⊘ (√v + ε)  rescaled to ‖Ô‖_F = ‖O‖_F
+        W ← W − η·λ·W − η·s·Ô                      (s from ``scaling``, as in Muon)
+
+    Args:
+        params: parameters or param groups (see :class:`Muon`).
+        lr, momentum, nesterov, weight_decay, scaling: as for :class:`Muon`.
+        beta2: per-row second-moment decay β₂.
+        eps: ε in ``√v + ε``.
+        **kwargs: ``ns_steps``, ``ns_method``, ``ns_dtype``, ``adamw_betas``, ``adamw_eps``,
+            ``ns_chunk_bytes`` as for :class:`Muon`.
+    """
+
+    _state_keys = ("momentum_buffer", "row_second_moment")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        scaling: str = "match_rms_adamw",
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            scaling=scaling,
+            beta2=beta2,
+            normuon_eps=eps,
+            **kwargs,
+        )
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        super()._init_state(p, group, state)
+        out_features, _ = _logical_shape(p, group["transposed"])
+        state["row_second_moment"] = torch.zeros(out_features, dtype=p.dtype, device=p.device)
+
+    def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
+        for (_, s), (g, params, updates) in self._by_group_and_scale(chunk, outs).items():
+            beta2, eps = g["beta2"], g["normuon_eps"]
+            normalised = []
+            for p, o in zip(params, updates):
+                o = o.to(p.dtype)
+                mat = o.reshape(p.shape[0], -1)  # (rows, cols) as stored
+                if g["transposed"]:
+                    mat = mat.mT  # logical (out, in)
+                v = self.state[p]["row_second_moment"]  # (out,)
+                v.mul_(beta2).add_(mat.square().mean(dim=1), alpha=1.0 - beta2)
+                o_hat = mat / (v.sqrt() + eps)[:, None]
+                o_hat.mul_(torch.linalg.vector_norm(mat) / torch.linalg.vector_norm(o_hat).clamp(min=1e-30))
+                if g["transposed"]:
+                    o_hat = o_hat.mT
+                normalised.append(o_hat.reshape(p.shape))
+            self._decay(params, g["lr"], g["weight_decay"])
+            torch._foreach_add_(params, normalised, alpha=-g["lr"] * s)

@@ -1,0 +1,599 @@
+"""Aggregation, tables and plots of a `muonft sweep` (what `muonft sweep --report DIR` re-runs).
+
+Owns the paper's reporting method ("Can Muon Fine-tune Adam-Pretrained Models?", Qu et al. 2026):
+- per (base model, method, optimizer[, rank, extra axes]): the best learning rate by mean validation PPL over
+  seeds, mean ± sample std (ddof=1) at that LR, and the whole PPL-vs-LR curve; an LR where any seed failed
+  (diverged) is not eligible;
+- Table 1 (§3): best PPL normalised by the base model's own PPL on the fine-tuning validation set; for each
+  base and method the mismatch gap = normalised PPL with the mismatched optimizer − with the matched one, and the
+  percentage by which LoRA shrinks that gap, 100·(gap_full − gap_lora)/gap_full (paper: 39 % / 78 %);
+- the rank study (§4.4, Tables 14–16): best LR and PPL per LoRA rank; forgetting (§4.5) as the reference-set
+  PPL at the best LR vs the base model's;
+- figures: PPL vs LR (Fig. 4: solid = matched pretraining, dashed = mismatched; dark = full, light = LoRA),
+  validation curves of the best runs (Fig. 3), best PPL vs rank (Fig. 5).
+Outputs `summary.md`, `summary.csv`, `summary.json` and PNGs in the sweep directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+from muonft_cli.sweep import INDEX, SweepIndex, SweepPlan, cell_ppl, load_saved_plan, optim_family
+
+OPTIM_NAMES = {"adamw": "Adam", "muon": "Muon", "muon-pe": "Muon-PE", "adamuon": "AdaMuon", "normuon": "NorMuon"}
+FAMILY_NAMES = {"adam": "Adam", "muon": "Muon"}
+PLOTS = {"lr": "ppl_vs_lr.png", "curves": "val_curves.png", "rank": "ppl_vs_rank.png"}
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+def _find(obj: Any, paths: Iterable[str]) -> float | None:
+    """First numeric value at one of the dotted `paths` in a nested dict."""
+    for path in paths:
+        cur = obj
+        for part in path.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        v = _num(cur)
+        if v is not None:
+            return v
+    return None
+
+
+def eval_ppls(ev: dict | None) -> tuple[float | None, float | None]:
+    """(target-data PPL, reference-data PPL) of the evaluated model in a `muonft eval --json` result."""
+    if not isinstance(ev, dict):
+        return None, None
+    ppl = _find(ev, ("ppl", "val_ppl", "data.ppl", "model.ppl", "perplexity"))
+    ref = _find(ev, ("reference_ppl", "ref_ppl", "forgetting.model_ppl", "forgetting.ppl",
+                     "forgetting.reference_ppl", "reference.ppl", "forgetting.model.ppl"))
+    return ppl, ref
+
+
+def label(method: str, optim: str, rank: int | None = None, axes: Iterable = ()) -> str:
+    """Row label in the paper's style: `Full-Muon`, `LoRA-Adam (r=8)`."""
+    s = f"{'Full' if method == 'full' else 'LoRA'}-{OPTIM_NAMES.get(optim, optim)}"
+    extra = [f"r={rank}"] if rank is not None else []
+    extra += [f"{k.split('.')[-1]}={v}" for k, v in axes]
+    return s + (f" ({', '.join(extra)})" if extra else "")
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a run's metrics.jsonl (torn lines skipped)."""
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def val_curve(path: Path) -> list[tuple[int, float]]:
+    """(step, val_ppl) points of a run's metrics.jsonl."""
+    pts = {}
+    for rec in read_metrics(path):
+        ppl = _num(rec.get("val_ppl"))
+        if ppl is None and _num(rec.get("val_loss")) is not None:
+            ppl = math.exp(min(float(rec["val_loss"]), 50.0))
+        step = rec.get("step")
+        if ppl is not None and isinstance(step, int):
+            pts[step] = ppl
+    return sorted(pts.items())
+
+
+def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dict]]:
+    """Flatten a sweep directory into cell rows and base rows for `aggregate`.
+
+    Returns:
+        (cells, bases): cells = [{id, base, method, optim, rank, axes, lr, seed, status, ppl, ref_ppl, error,
+        runtime_s, curve}], bases = {name: {label, pretrained_with, ppl, ref_ppl, ppl_source}}.
+    """
+    out = Path(out)
+    latest = SweepIndex(out / INDEX).latest()
+    cells = []
+    for c in plan.cells:
+        rec = latest.get(c.id)
+        ok = rec is not None and rec.get("hash") == c.hash
+        status = rec.get("status", "pending") if ok else "pending"
+        ppl = cell_ppl(rec, plan.metric) if ok and status == "done" else None
+        _, ref = eval_ppls(rec.get("eval")) if ok else (None, None)
+        cells.append({"id": c.id, "base": c.base, "method": c.method, "optim": c.optim, "rank": c.rank,
+                      "axes": [list(a) for a in c.axes], "lr": c.lr, "seed": c.seed, "status": status,
+                      "ppl": ppl, "ref_ppl": ref if status == "done" else None,
+                      "error": rec.get("error") if ok else None, "runtime_s": rec.get("runtime_s") if ok else None,
+                      "curve": val_curve(out / "cells" / c.id / "metrics.jsonl") if status == "done" else []})
+    bases: dict[str, dict] = {}
+    for name, b in plan.bases.items():
+        rec = latest.get(f"base_eval:{name}") or {}
+        ppl, ref = eval_ppls(rec.get("eval")) if rec.get("status") == "done" else (None, None)
+        source = "muonft eval" if ppl is not None else None
+        if ppl is None:  # the step-0 validation of this base's cells is the base model itself
+            starts = [cc["curve"][0][1] for cc in cells if cc["base"] == name and cc["curve"]
+                      and cc["curve"][0][0] == 0]
+            if starts:
+                ppl, source = statistics.fmean(starts), "step-0 validation of the cells"
+        bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with, "ppl": ppl, "ref_ppl": ref,
+                       "ppl_source": source, "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
+    return cells, bases
+
+
+# ------------------------------------------------------------------------------------------------ aggregate
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return m, s
+
+
+def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
+    """Best LR per group, Table 1 with gaps and LoRA's gap reduction, rank study and forgetting.
+
+    Args:
+        cells: rows as `collect` returns (needs base, method, optim, rank, axes, lr, seed, status, ppl;
+            ref_ppl and curve optional).
+        bases: {name: {label, pretrained_with, ppl, ref_ppl}}; ppl (the base model's own validation PPL)
+            enables normalisation, pretrained_with enables matched/mismatched.
+
+    Returns:
+        A JSON-able summary: groups, table1, gap_reduction, rank_study, forgetting, counts, warnings.
+    """
+    groups: dict[tuple, dict] = {}
+    for c in cells:
+        key = (c["base"], c["method"], c["optim"], c["rank"], tuple(tuple(a) for a in c.get("axes") or []))
+        g = groups.setdefault(key, {"cells": []})
+        g["cells"].append(c)
+    warnings: list[str] = []
+    out_groups = []
+    for key, g in groups.items():
+        base, method, optim, rank, axes = key
+        b = bases.get(base, {})
+        fam = optim_family(b["pretrained_with"]) if b.get("pretrained_with") else None
+        per_lr: dict[float, list[dict]] = {}
+        for c in g["cells"]:
+            per_lr.setdefault(float(c["lr"]), []).append(c)
+        curve = []
+        for lr in sorted(per_lr):
+            cs = per_lr[lr]
+            done = [c for c in cs if c["status"] == "done" and c.get("ppl") is not None
+                    and math.isfinite(c["ppl"])]
+            failed = [c for c in cs if c["status"] == "failed" or (c["status"] == "done" and (
+                c.get("ppl") is None or not math.isfinite(c["ppl"])))]
+            pt = {"lr": lr, "n": len(done), "n_failed": len(failed),
+                  "n_pending": len(cs) - len(done) - len(failed), "values": [c["ppl"] for c in done],
+                  "seeds": [c["seed"] for c in done], "mean": None, "std": None}
+            if done:
+                pt["mean"], pt["std"] = _mean_std([c["ppl"] for c in done])
+            refs = [c["ref_ppl"] for c in done if c.get("ref_ppl") is not None]
+            if refs:
+                pt["ref_mean"], pt["ref_std"] = _mean_std(refs)
+            curve.append(pt)
+        eligible = [p for p in curve if p["mean"] is not None and p["n_failed"] == 0]
+        row = {"base": base, "base_label": b.get("label", base), "pretrained_with": b.get("pretrained_with"),
+               "matched": (optim_family(optim) == fam) if fam else None, "method": method, "optim": optim,
+               "rank": rank, "axes": [list(a) for a in axes], "label": label(method, optim, rank, axes),
+               "curve": curve, "best_lr": None, "ppl_mean": None, "ppl_std": None, "n_seeds": 0,
+               "normalised": None, "normalised_std": None, "edge": None, "ref_ppl_mean": None,
+               "ref_ppl_std": None, "forgetting": None, "best_cells": [], "best_curve": []}
+        if eligible:
+            best = min(eligible, key=lambda p: (p["mean"], p["lr"]))
+            row.update(best_lr=best["lr"], ppl_mean=best["mean"], ppl_std=best["std"], n_seeds=best["n"],
+                       best_cells=[c["id"] for c in per_lr[best["lr"]] if c["status"] == "done"])
+            lrs = [p["lr"] for p in curve]
+            if len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
+                row["edge"] = "lowest" if best["lr"] == lrs[0] else "highest"
+                warnings.append(f"{row['base_label']} / {row['label']}: best LR {best['lr']:g} is the "
+                                f"{row['edge']} of the grid; widen the grid there")
+            if b.get("ppl"):
+                row["normalised"] = best["mean"] / b["ppl"]
+                row["normalised_std"] = best["std"] / b["ppl"]
+            if "ref_mean" in best:
+                row["ref_ppl_mean"], row["ref_ppl_std"] = best["ref_mean"], best["ref_std"]
+                if b.get("ref_ppl"):
+                    row["forgetting"] = best["ref_mean"] / b["ref_ppl"] - 1.0
+            row["best_curve"] = _mean_curve([c.get("curve") or [] for c in per_lr[best["lr"]]
+                                             if c["status"] == "done"])
+        elif any(p["n_failed"] for p in curve):
+            warnings.append(f"{row['base_label']} / {row['label']}: every LR had a failed seed")
+        out_groups.append(row)
+    out_groups.sort(key=lambda r: (list(bases).index(r["base"]) if r["base"] in bases else 99,
+                                   r["method"], r["optim"], r["rank"] or 0, str(r["axes"])))
+    table1, reduction = _table1(out_groups, bases)
+    rank_study = _rank_study(out_groups)
+    counts = {s: sum(c["status"] == s for c in cells) for s in ("done", "failed", "running", "pending")}
+    counts["total"] = len(cells)
+    if counts["done"] < counts["total"]:
+        warnings.append(f"{counts['total'] - counts['done']} of {counts['total']} cells are not done "
+                        f"({counts['failed']} failed, {counts['running'] + counts['pending']} not run yet)")
+    return {"groups": out_groups, "table1": table1, "gap_reduction": reduction, "rank_study": rank_study,
+            "bases": bases, "counts": counts, "warnings": warnings,
+            "normalised": all(b.get("ppl") for b in bases.values())}
+
+
+def _mean_curve(curves: list[list]) -> list[list[float]]:
+    """Mean val PPL per step over seeds (steps every seed logged)."""
+    curves = [dict((int(s), float(v)) for s, v in c) for c in curves if c]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [[s, statistics.fmean(c[s] for c in curves)] for s in steps]
+
+
+def _table1(groups: list[dict], bases: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """Rows = method x optimizer (x rank, axes), columns = bases; gaps vs the matched optimizer."""
+    rows: dict[tuple, dict] = {}
+    for g in groups:
+        key = (g["method"], g["optim"], g["rank"], str(g["axes"]))
+        row = rows.setdefault(key, {"label": g["label"], "method": g["method"], "optim": g["optim"],
+                                    "rank": g["rank"], "axes": g["axes"], "cols": {}})
+        value = g["normalised"] if g["normalised"] is not None else g["ppl_mean"]
+        row["cols"][g["base"]] = {"value": value, "normalised": g["normalised"], "ppl": g["ppl_mean"],
+                                  "std": g["normalised_std"] if g["normalised"] is not None else g["ppl_std"],
+                                  "best_lr": g["best_lr"], "matched": g["matched"], "gap": None}
+    # gap: mismatched value - best matched value, same base / method / rank / axes
+    for (method, optim, rank, axes), row in rows.items():
+        for base, col in row["cols"].items():
+            if col["matched"] is not False or col["value"] is None:
+                continue
+            matched = [r["cols"][base]["value"] for (m2, o2, r2, a2), r in rows.items()
+                       if (m2, r2, a2) == (method, rank, axes) and base in r["cols"]
+                       and r["cols"][base]["matched"] and r["cols"][base]["value"] is not None]
+            if matched:
+                col["gap"] = col["value"] - min(matched)
+    reduction = []
+    for (method, optim, rank, axes), row in rows.items():
+        if method != "lora":
+            continue
+        full = rows.get(("full", optim, None, axes))
+        if full is None:
+            continue
+        for base, col in row["cols"].items():
+            fcol = full["cols"].get(base)
+            if fcol is None or col["gap"] is None or fcol["gap"] is None:
+                continue
+            red = 100.0 * (fcol["gap"] - col["gap"]) / fcol["gap"] if fcol["gap"] > 0 else None
+            reduction.append({"base": base, "base_label": bases.get(base, {}).get("label", base),
+                              "mismatched_optim": optim, "rank": rank, "axes": row["axes"],
+                              "gap_full": fcol["gap"], "gap_lora": col["gap"], "reduction_pct": red})
+    order = {"full": 0, "lora": 1}
+    ordered = sorted(rows.values(), key=lambda r: (order[r["method"]], r["rank"] or 0, str(r["axes"]),
+                                                   -int(optim_family(r["optim"]) == "muon"), r["optim"]))
+    return ordered, reduction
+
+
+def _rank_study(groups: list[dict]) -> list[dict]:
+    ranks = sorted({g["rank"] for g in groups if g["rank"] is not None})
+    if len(ranks) < 2:
+        return []
+    return [{"base": g["base"], "base_label": g["base_label"], "optim": g["optim"], "rank": g["rank"],
+             "axes": g["axes"], "best_lr": g["best_lr"], "ppl_mean": g["ppl_mean"], "ppl_std": g["ppl_std"],
+             "normalised": g["normalised"], "n_seeds": g["n_seeds"]}
+            for g in sorted(groups, key=lambda g: (g["base"], g["optim"], str(g["axes"]), g["rank"] or 0))
+            if g["method"] == "lora"]
+
+
+# ------------------------------------------------------------------------------------------------ render
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _pm(m: float | None, s: float | None, fmt: str = ".3f") -> str:
+    return "—" if m is None else f"{m:{fmt}} ± {s or 0:{fmt}}"
+
+
+def _gap(g: float | None) -> str:
+    return "" if g is None else f" ({'+' if g >= 0 else '−'}{abs(g):.3f})".replace("0.", ".", 1)
+
+
+def base_header(name: str, b: dict) -> str:
+    """Column header: `adam (Adam-pretrained)`."""
+    w = b.get("pretrained_with")
+    return f"{b.get('label', name)}" + (f" ({FAMILY_NAMES[optim_family(w)]}-pretrained)" if w else "")
+
+
+def to_markdown(summary: dict, title: str = "sweep") -> str:
+    """summary.md: Table 1, gap reduction, per-group best LRs, rank study, forgetting, warnings."""
+    bases = summary["bases"]
+    norm = summary["normalised"]
+    lines = [f"# {title}", ""]
+    c = summary["counts"]
+    lines += [f"Cells: {c['done']} done, {c['failed']} failed, {c['running'] + c['pending']} not run "
+              f"(of {c['total']}).", ""]
+    names = list(bases)
+    what = "validation PPL / base model's PPL" if norm else "validation PPL"
+    lines += [f"## Table 1 — best {what} over the LR sweep, mean over seeds", "",
+              "(mismatched entries: gap to the matched optimizer in parentheses)", "",
+              "| fine-tune | " + " | ".join(base_header(n, bases[n]) for n in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for row in summary["table1"]:
+        cells = []
+        for n in names:
+            col = row["cols"].get(n)
+            cells.append("—" if col is None or col["value"] is None else
+                         f"{col['value']:.3f}{_gap(col['gap'])}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if norm:
+        lines += ["Base models' own PPL on the fine-tuning validation set: " + ", ".join(
+            f"{bases[n].get('label', n)} {bases[n]['ppl']:.2f}" for n in names) + ".", ""]
+    if summary["gap_reduction"]:
+        lines += ["## Mismatch gap reduction by LoRA", "", "| base | mismatched optimizer | gap full | gap LoRA | "
+                  "reduction |", "|---|---|---|---|---|"]
+        for r in summary["gap_reduction"]:
+            rk = f" (r={r['rank']})" if r["rank"] is not None else ""
+            lines.append(f"| {r['base_label']} | {OPTIM_NAMES.get(r['mismatched_optim'], r['mismatched_optim'])}{rk}"
+                         f" | {r['gap_full']:+.3f} | {r['gap_lora']:+.3f} | "
+                         f"{_f(r['reduction_pct'], '.0f') + ' %' if r['reduction_pct'] is not None else 'n/a (no gap in full FT)'} |")
+        lines.append("")
+    lines += ["## Best learning rate per group", "",
+              "| base | fine-tune | matched | best LR | val PPL (mean ± std) | normalised | seeds | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        m = {True: "yes", False: "no", None: "?"}[g["matched"]]
+        note = f"best LR at the {g['edge']} edge" if g["edge"] else ""
+        lines.append(f"| {g['base_label']} | {g['label']} | {m} | {_f(g['best_lr'], 'g')} | "
+                     f"{_pm(g['ppl_mean'], g['ppl_std'], '.2f')} | {_pm(g['normalised'], g['normalised_std'])} | "
+                     f"{g['n_seeds']} | {note} |")
+    lines.append("")
+    if summary["rank_study"]:
+        lines += ["## Rank study (alpha = 2r)", "", "| base | optimizer | rank | best LR | val PPL (mean ± std) |",
+                  "|---|---|---|---|---|"]
+        for r in summary["rank_study"]:
+            lines.append(f"| {r['base_label']} | {OPTIM_NAMES.get(r['optim'], r['optim'])} | {r['rank']} | "
+                         f"{_f(r['best_lr'], 'g')} | {_pm(r['ppl_mean'], r['ppl_std'], '.2f')} |")
+        lines.append("")
+    if any(g["ref_ppl_mean"] is not None for g in summary["groups"]):
+        lines += ["## Forgetting — reference-set PPL at the best LR", "",
+                  "| base | fine-tune | reference PPL (mean ± std) | base reference PPL | change |",
+                  "|---|---|---|---|---|"]
+        for g in summary["groups"]:
+            if g["ref_ppl_mean"] is None:
+                continue
+            bref = bases.get(g["base"], {}).get("ref_ppl")
+            ch = "—" if g["forgetting"] is None else f"{100 * g['forgetting']:+.1f} %"
+            lines.append(f"| {g['base_label']} | {g['label']} | {_pm(g['ref_ppl_mean'], g['ref_ppl_std'], '.2f')} | "
+                         f"{_f(bref, '.2f')} | {ch} |")
+        lines.append("")
+    if summary["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in summary["warnings"]] + [""]
+    lines += ["PPL-vs-LR curves: `ppl_vs_lr.png`; best runs' validation curves: `val_curves.png`"
+              + ("; PPL vs rank: `ppl_vs_rank.png`" if summary["rank_study"] else "") + ".", ""]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("base", "pretrained_with", "method", "optim", "rank", "axes", "matched", "best_lr", "ppl_mean",
+              "ppl_std", "n_seeds", "normalised", "normalised_std", "gap", "ref_ppl_mean", "ref_ppl_std",
+              "forgetting", "edge")
+
+
+def to_csv(summary: dict) -> str:
+    """summary.csv: one row per group (best LR, PPL mean/std, normalised, gap, forgetting)."""
+    gaps = {(r["method"], r["optim"], r["rank"], str(r["axes"]), b): col["gap"]
+            for r in summary["table1"] for b, col in r["cols"].items()}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for g in summary["groups"]:
+        row = {k: g.get(k) for k in CSV_FIELDS}
+        row["axes"] = ";".join(f"{k}={v}" for k, v in g["axes"])
+        row["gap"] = gaps.get((g["method"], g["optim"], g["rank"], str(g["axes"]), g["base"]))
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def rich_table(summary: dict):
+    """A rich Table of Table 1 (for the terminal)."""
+    from rich.table import Table
+
+    bases = summary["bases"]
+    t = Table(title="best " + ("val PPL / base PPL" if summary["normalised"] else "val PPL")
+              + " over the LR sweep (mean over seeds; gap to matched in parentheses)")
+    t.add_column("fine-tune")
+    for n in bases:
+        t.add_column(base_header(n, bases[n]), justify="right")
+    t.add_column("best LRs", justify="right")
+    for row in summary["table1"]:
+        vals = []
+        for n in bases:
+            col = row["cols"].get(n)
+            vals.append("—" if col is None or col["value"] is None else
+                        f"{col['value']:.3f} ± {col['std'] or 0:.3f}{_gap(col['gap'])}")
+        lrs = " / ".join(_f(row["cols"][n]["best_lr"], "g") if n in row["cols"] else "—" for n in bases)
+        t.add_row(row["label"], *vals, lrs)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _colours(optim: str, method: str, rank_pos: float = 0.0) -> str:
+    """Dark shade for full, light for LoRA (lighter with rank position in [0, 1]); a hue per optimizer."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["Blues" if optim_family(optim) == "adam" else "Oranges"]
+    if optim not in ("adamw", "muon"):
+        cmap = matplotlib.colormaps["Greens" if optim_family(optim) == "muon" else "Purples"]
+    return matplotlib.colors.to_hex(cmap(0.9 if method == "full" else 0.55 - 0.2 * rank_pos))
+
+
+def _style(g: dict) -> str:
+    return {True: "-", False: "--", None: ":"}[g["matched"]]
+
+
+def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
+    """Fig. 4: PPL vs LR, one panel per fine-tuning optimizer; solid matched / dashed mismatched pretraining,
+    dark full / light LoRA; shaded ± std over seeds; the best LR of each curve marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in summary["groups"] if any(p["mean"] is not None for p in g["curve"])]
+    optims = list(dict.fromkeys(g["optim"] for g in summary["groups"]))
+    ranks = sorted({g["rank"] for g in groups if g["rank"] is not None})
+    norm = summary["normalised"]
+    fig, axs = plt.subplots(1, max(1, len(optims)), figsize=(5.2 * max(1, len(optims)), 4.2), squeeze=False)
+    best_all = [g["normalised"] if norm else g["ppl_mean"] for g in groups if g["ppl_mean"] is not None]
+    for ax, optim in zip(axs[0], optims):
+        for g in [g for g in groups if g["optim"] == optim]:
+            b = summary["bases"].get(g["base"], {})
+            scale = b["ppl"] if norm else 1.0
+            pts = [p for p in g["curve"] if p["mean"] is not None]
+            xs = [p["lr"] for p in pts]
+            ys = [p["mean"] / scale for p in pts]
+            sd = [(p["std"] or 0) / scale for p in pts]
+            rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
+            col = _colours(optim, g["method"], rp)
+            rank_txt = f" r={g['rank']}" if g["rank"] is not None and len(ranks) > 1 else ""
+            name = f"{'Full' if g['method'] == 'full' else 'LoRA'}{rank_txt}, {base_header(g['base'], b)}"
+            name += "".join(f", {k.split('.')[-1]}={v}" for k, v in g["axes"])
+            ax.plot(xs, ys, _style(g), color=col, marker="o", ms=3.5, lw=2.0, label=name)
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=col,
+                            alpha=0.15, lw=0)
+            failed = [p["lr"] for p in g["curve"] if p["n_failed"]]
+            if g["best_lr"] is not None:
+                ax.plot([g["best_lr"]], [g["ppl_mean"] / scale], marker="*", ms=12, color=col, mec="black", mew=0.6)
+            if failed:
+                ax.plot(failed, [ax.get_ylim()[1]] * len(failed), "x", color=col, ms=7)
+        ax.set_xscale("log")
+        ax.set_title(f"fine-tuned with {OPTIM_NAMES.get(optim, optim)}")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("val PPL / base PPL" if norm else "validation PPL")
+        if best_all:
+            lo = min(best_all)
+            ax.set_ylim(lo - 0.05 * abs(lo), lo * 1.6 if lo > 0 else None)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, light: LoRA; "
+                 "★ best LR, × diverged", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_val_curves(summary: dict, path: Path) -> Path:
+    """Fig. 3: validation PPL vs step of each group's best-LR runs (mean over seeds), one panel per base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["bases"])
+    ranks = sorted({g["rank"] for g in summary["groups"] if g["rank"] is not None})
+    fig, axs = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.0), squeeze=False)
+    for ax, name in zip(axs[0], names):
+        b = summary["bases"][name]
+        scale = b["ppl"] if summary["normalised"] else 1.0
+        ymin, ymax = [], []
+        for g in [g for g in summary["groups"] if g["base"] == name and g["best_curve"]]:
+            rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
+            xs = [s for s, _ in g["best_curve"]]
+            ys = [v / scale for _, v in g["best_curve"]]
+            ymin.append(min(ys))
+            ymax.append(max(ys))
+            ax.plot(xs, ys, _style(g), color=_colours(g["optim"], g["method"], rp), lw=2,
+                    label=f"{g['label']} (lr {g['best_lr']:g})")
+        ax.set_title(base_header(name, b))
+        ax.set_xlabel("step")
+        ax.set_ylabel("val PPL / base PPL" if summary["normalised"] else "validation PPL")
+        if ymin:
+            lo = min(ymin)
+            ax.set_ylim(lo * 0.98, min(max(ymax), lo * 2.0))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("validation curves of the best-LR runs (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
+    """Fig. 5: best (normalised) PPL vs LoRA rank per optimizer, ± std, one panel per base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["bases"])
+    fig, axs = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.0), squeeze=False)
+    for ax, name in zip(axs[0], names):
+        b = summary["bases"][name]
+        scale = b["ppl"] if summary["normalised"] else 1.0
+        rows = [r for r in summary["rank_study"] if r["base"] == name and r["ppl_mean"] is not None]
+        for key in dict.fromkeys((r["optim"], str(r["axes"])) for r in rows):
+            rr = sorted([r for r in rows if (r["optim"], str(r["axes"])) == key], key=lambda r: r["rank"])
+            ax.errorbar([r["rank"] for r in rr], [r["ppl_mean"] / scale for r in rr],
+                        yerr=[(r["ppl_std"] or 0) / scale for r in rr], marker="o", capsize=3,
+                        color=_colours(key[0], "full"), label=f"LoRA-{OPTIM_NAMES.get(key[0], key[0])}")
+        ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in rows})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_title(base_header(name, b))
+        ax.set_xlabel("LoRA rank (alpha = 2r)")
+        ax.set_ylabel("best val PPL / base PPL" if summary["normalised"] else "best validation PPL")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def write_report(out: str | Path, plan: SweepPlan | None = None) -> dict:
+    """Aggregate a sweep directory and write summary.md/.csv/.json and the PNG plots; returns the summary.
+
+    Re-running it (`muonft sweep --report DIR`) only re-reads the index and run directories.
+    """
+    out = Path(out)
+    plan = plan or load_saved_plan(out)
+    cells, bases = collect(plan, out)
+    summary = aggregate(cells, bases)
+    summary["sweep"] = {"name": plan.name, "metric": plan.metric, "seeds": plan.seeds,
+                        "reference_data": plan.reference_data, "dir": str(out),
+                        "cell_runtime_s": sum(c["runtime_s"] or 0 for c in cells)}
+    summary["plots"] = {}
+    if any(g["ppl_mean"] is not None for g in summary["groups"]):
+        summary["plots"]["ppl_vs_lr"] = str(plot_ppl_vs_lr(summary, out / PLOTS["lr"]))
+        if any(g["best_curve"] for g in summary["groups"]):
+            summary["plots"]["val_curves"] = str(plot_val_curves(summary, out / PLOTS["curves"]))
+        if summary["rank_study"]:
+            summary["plots"]["ppl_vs_rank"] = str(plot_ppl_vs_rank(summary, out / PLOTS["rank"]))
+    _atomic_write(out / "summary.md", to_markdown(summary, title=f"muonft sweep: {plan.name}"))
+    _atomic_write(out / "summary.csv", to_csv(summary))
+    slim = {**summary, "groups": [{k: v for k, v in g.items()} for g in summary["groups"]]}
+    _atomic_write(out / "summary.json", json.dumps(slim, indent=1, default=str))
+    return summary
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

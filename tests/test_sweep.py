@@ -1,0 +1,504 @@
+"""`muonft sweep`: grid expansion, strict schema, resumption after crashes / SIGKILL, failed cells, pruning,
+aggregation on hand-made results (the paper's Table 1 numbers), report regeneration and plots, recipes.
+
+Scheduling tests use `tests/_helpers_sweep.py`, a stand-in engine with the real CLI contract (the package has
+no fake engine); the end-to-end test through the real engine is in tests/test_sweep_e2e.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from muonft_cli import sweep as S
+from muonft_cli import sweep_report as R
+from muonft_cli.cli import app
+from muonft_cli.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers_sweep import FAKE_ENGINE, fake_ppl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_RECIPES = [ROOT / "recipes" / n for n in ("mismatch-small.yaml", "llama2-7b-lora-muon.yaml",
+                                                  "llama2-7b-full.yaml", "sweep-rank-study.yaml")]
+
+
+def micro_recipe(**sweep_over) -> dict:
+    """2 pretrained bases x full/lora x adamw/muon x 3 LRs x 2 seeds = 48 cells (fake engine: fast)."""
+    sweep = {
+        "name": "micro",
+        "bases": {
+            "adam": {"pretrain": {"model": {"preset": "tiny"}, "data": {"path": "builtin:shakespeare"},
+                                  "optimizer": {"name": "adamw"}, "train": {"steps": 4}}},
+            "muon": {"pretrain": {"model": {"preset": "tiny"}, "data": {"path": "builtin:shakespeare"},
+                                  "optimizer": {"name": "muon"}, "train": {"steps": 4}}},
+        },
+        "methods": ["full", "lora"],
+        "optims": ["adamw", "muon"],
+        "lr": {"full": {"adamw": [3e-4, 1e-3, 3e-3], "muon": [1e-3, 3e-3, 1e-2]},
+               "lora": [3e-3, 1e-2, 3e-2]},
+        "lora_ranks": [8],
+        "seeds": [0, 1],
+        "reference_data": "builtin:shakespeare",
+    }
+    sweep.update(sweep_over)
+    return {"data": {"path": "builtin:kjv", "seq_len": 32}, "train": {"steps": 6, "eval_every": 3},
+            "sweep": sweep}
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def fake_log(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    log = tmp_path / "fake.log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return log
+
+
+# ------------------------------------------------------------------------------------------------ grid
+
+
+def test_grid_expansion_is_complete_deterministic_and_hashes_configs():
+    rec = micro_recipe(lora_ranks=[4, 8], axes={"schedule.warmup_ratio": [0.0, 0.1]})
+    plan = S.plan_from_dict(rec)
+    # per base: full 2 optims x 3 lr x 2 axis x 2 seeds = 24; lora 2 optims x 2 ranks x 3 lr x 2 x 2 = 48
+    assert len(plan.cells) == 2 * (24 + 48)
+    assert len({c.id for c in plan.cells}) == len(plan.cells)
+    assert len({c.hash for c in plan.cells}) == len(plan.cells)
+    again = S.plan_from_dict(copy.deepcopy(rec))
+    assert [(c.id, c.hash) for c in again.cells] == [(c.id, c.hash) for c in plan.cells]
+    c = next(c for c in plan.cells if c.method == "lora" and c.rank == 4 and c.optim == "muon")
+    assert c.config["lora"] == {"rank": 4, "alpha": 8.0}
+    assert c.config["optimizer"] == {"name": "muon", "lr": c.lr}
+    assert c.config["train"]["seed"] == c.seed and c.config["train"]["steps"] == 6
+    assert c.config["eval"]["reference_data"] == "builtin:shakespeare"
+    assert c.config["schedule"]["warmup_ratio"] in (0.0, 0.1)
+    full = next(c for c in plan.cells if c.method == "full")
+    assert full.config["lora"]["rank"] is None and full.rank is None
+    assert sorted({c.lr for c in plan.cells if c.method == "full" and c.optim == "muon"}) == [1e-3, 3e-3, 1e-2]
+    # a changed setting changes exactly the hashes it touches
+    rec2 = copy.deepcopy(rec)
+    rec2["sweep"]["bases"]["muon"]["pretrain"]["train"]["steps"] = 5
+    h1 = {c.id: c.hash for c in plan.cells}
+    changed = {c.id for c in S.plan_from_dict(rec2).cells if h1[c.id] != c.hash}
+    assert changed == {c.id for c in plan.cells if c.base == "muon"}
+    # alpha_equals_2r: false keeps the recipe's alpha
+    rec3 = micro_recipe(alpha_equals_2r=False)
+    rec3["lora"] = {"alpha": 4}
+    assert all(c.config["lora"]["alpha"] == 4 for c in S.plan_from_dict(rec3).cells if c.method == "lora")
+    assert plan.bases["muon"].pretrained_with == "muon" and plan.bases["adam"].family == "adam"
+
+
+def test_sweep_schema_reports_every_problem_at_once_with_suggestions():
+    rec = micro_recipe()
+    sw = rec["sweep"]
+    sw["seed"] = [0]
+    sw["methods"] = ["ful", "lora"]
+    sw["lr"] = {"full": {"adamw": [1e-3]}, "lora": {"adamw": [-1.0], "moun": [1e-3]}}
+    sw["bases"]["adam"]["paht"] = "x"
+    sw["axes"] = {"train.stpes": [1, 2], "optimizer.lr": [1e-3]}
+    with pytest.raises(ConfigError) as e:
+        S.plan_from_dict(rec)
+    msg = str(e.value)
+    assert "unknown key 'sweep.seed' (did you mean 'seeds'?)" in msg
+    assert "sweep.methods[0]: 'ful' is not one of full, lora (did you mean 'full'?)" in msg
+    assert "unknown key 'sweep.bases.adam.paht' (did you mean 'path'?)" in msg
+    assert "sweep.lr.lora.adamw[0]: must be > 0, got -1.0" in msg
+    assert "unknown key 'sweep.lr.lora.moun' (did you mean 'muon'?)" in msg
+    assert "sweep.lr.lora.muon: missing" in msg
+    assert "unknown key 'train.stpes' (did you mean 'steps'?)" in msg
+    assert "sweep.axes.optimizer.lr: set by the sweep itself" in msg
+    assert len(e.value.problems) >= 8
+    bad = micro_recipe()
+    bad["sweep"]["bases"]["adam"]["pretrain"]["optimizer"]["name"] = "adma"
+    bad["trian"] = {}
+    with pytest.raises(ConfigError) as e:
+        S.plan_from_dict(bad)
+    assert "sweep.bases.adam.pretrain.optimizer.name: 'adma' is not one of" in str(e.value)
+    assert "unknown key 'trian' (did you mean 'train'?)" in str(e.value)
+    with pytest.raises(ConfigError, match="needs a 'sweep:' section"):
+        S.plan_from_dict({"train": {"steps": 3}})
+
+
+def test_set_overrides_reach_sweep_and_run_keys(tmp_path):
+    p = write_recipe(tmp_path, micro_recipe())
+    plan = S.load_plan(p, ["sweep.seeds=[0]", "train.steps=9", "sweep.lr.full.adamw=[1e-4]",
+                           "sweep.bases.adam.pretrain.train.steps=2"])
+    assert plan.seeds == [0]
+    assert all(c.config["train"]["steps"] == 9 for c in plan.cells)
+    assert {c.lr for c in plan.cells if (c.method, c.optim) == ("full", "adamw")} == {1e-4}
+    assert plan.bases["adam"].pretrain["train"]["steps"] == 2
+    with pytest.raises(ConfigError, match="unknown key 'sweep.seedz'"):
+        S.load_plan(p, ["sweep.seedz=[0]"])
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def small_plan(tmp_path: Path, **over) -> S.SweepPlan:
+    rec = micro_recipe(**over)
+    rec["sweep"]["lr"] = {"full": {"adamw": [1e-3, 3e-3], "muon": [3e-3, 1e-2]}, "lora": [3e-3, 1e-2]}
+    return S.plan_from_dict(rec)
+
+
+def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path, fake_env, monkeypatch):
+    monkeypatch.setenv("FAKE_DIVERGE_LR", "0.01")  # lr 1e-2 cells "diverge to NaN" and exit 1
+    rec = micro_recipe(seeds=[0])
+    rec["sweep"]["bases"].pop("adam")
+    rec["sweep"]["lr"] = {"full": {"adamw": [1e-3, 3e-3], "muon": [3e-3, 1e-2]}, "lora": [3e-3, 1e-2]}
+    plan = S.plan_from_dict(rec)
+    out = tmp_path / "sw"
+    events = []
+    counts = S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, on_event=events.append, poll_s=0.05)
+    n_fail = sum(c.lr >= 0.01 for c in plan.cells)
+    assert n_fail == 3 and counts == {"total": 8, "skipped": 0, "done": 5, "failed": 3}
+    latest = S.SweepIndex(out / S.INDEX).latest()
+    for c in plan.cells:
+        rec = latest[c.id]
+        assert rec["status"] == ("failed" if c.lr >= 0.01 else "done"), rec
+        if rec["status"] == "failed":
+            assert "loss is NaN" in rec["error"] and rec["returncode"] == 1
+        else:
+            assert rec["summary"]["val_ppl"] == pytest.approx(fake_ppl(c.lr, c.optim, c.method, "muon", c.seed))
+            assert rec["eval"]["reference_ppl"] > 0
+    starts = [e for e in fake_log(fake_env) if e["event"] == "start"]
+    assert len(starts) == 8 + 1  # every cell once + the pretrain base
+    assert any(e["status"] == "failed" for e in events) and any(e["status"] == "done" for e in events)
+    # pruning: checkpoints gone everywhere; full-model weights only at each group's best LR
+    best = S.best_lrs(plan, latest)
+    for c in plan.cells:
+        d = out / "cells" / c.id
+        assert not (d / "checkpoints").exists()
+        if latest[c.id]["status"] != "done":
+            continue
+        if c.method == "lora":
+            assert (d / "final" / "adapter_model.safetensors").exists()
+        else:
+            assert (d / "final" / "model.safetensors").exists() == (best[c.group] == c.lr)
+            assert (d / "final" / "WEIGHTS_DELETED").exists() == (best[c.group] != c.lr)
+    assert not (out / "cells" / "muon-full-adamw-lr0.003-s0" / "final" / "model.safetensors").exists()
+    assert (out / "bases" / "muon" / "final" / "model.safetensors").exists()
+    # a second run skips everything (failed cells are kept as failed unless retry_failed)
+    counts = S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)
+    assert counts["skipped"] == 8 and len([e for e in fake_log(fake_env) if e["event"] == "start"]) == 9
+    # --keep-weights keeps every full model
+    out2 = tmp_path / "sw2"
+    monkeypatch.delenv("FAKE_DIVERGE_LR")
+    rec = micro_recipe(seeds=[0], methods=["full"], optims=["adamw"], reference_data=None,
+                       bases={"a": {"path": str(tmp_path / "nobase")}})
+    S.run_sweep(S.plan_from_dict(rec), out2, engine=FAKE_ENGINE, keep_weights=True, poll_s=0.05)
+    assert all((d / "final" / "model.safetensors").exists() and (d / "checkpoints").exists()
+               for d in (out2 / "cells").iterdir())
+
+
+def _sweep_script(tmp_path: Path, plan_path: Path, out: Path, workers: int = 2) -> list[str]:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            "from _helpers_sweep import FAKE_ENGINE; from muonft_cli import sweep as S;"
+            f"S.run_sweep(S.load_plan({str(plan_path)!r}), {str(out)!r}, workers={workers}, "
+            "engine=FAKE_ENGINE, poll_s=0.05)")
+    return [sys.executable, "-c", code]
+
+
+def _check_each_cell_done_once(plan: S.SweepPlan, out: Path, log: Path) -> None:
+    latest = S.SweepIndex(out / S.INDEX).latest()
+    assert all(latest[c.id]["status"] == "done" for c in plan.cells)
+    done = [Path(e["out"]).name for e in fake_log(log) if e["event"] == "done"]
+    cell_done = [d for d in done if d in {c.id for c in plan.cells}]
+    assert sorted(cell_done) == sorted(c.id for c in plan.cells)  # none lost, none finished twice
+    for c in plan.cells:  # every run's metrics are whole: each step exactly once, ending at the last step
+        steps = [json.loads(ln)["step"] for ln in (out / "cells" / c.id / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(0, 7)), (c.id, steps)
+
+
+def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SLEEP", "0.15")
+    plan_path = write_recipe(tmp_path, micro_recipe(seeds=[0], methods=["lora"], optims=["adamw", "muon"],
+                                                    lr={"lora": [3e-3, 1e-2]}, reference_data=None,
+                                                    bases={"adam": {"path": str(tmp_path / "nobase")}}))
+    plan = S.load_plan(plan_path)
+    out = tmp_path / "sw"
+    proc = subprocess.Popen(_sweep_script(tmp_path, plan_path, out), env=os.environ.copy())
+    index = S.SweepIndex(out / S.INDEX)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once some cells are done and others are mid-run
+        latest = index.latest()
+        st = [r["status"] for i, r in latest.items() if not i.startswith("base")]
+        if st.count("done") >= 2 and any(r["status"] == "running" and S._has_checkpoint(out / "cells" / i)
+                                         for i, r in latest.items()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = index.latest()
+    done_before = {i for i, r in latest.items() if r["status"] == "done" and not i.startswith("base")}
+    interrupted = {i for i, r in latest.items() if r["status"] == "running" and S._has_checkpoint(out / "cells" / i)}
+    assert done_before and interrupted
+    S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)  # waits for orphans to let go of cells
+    _check_each_cell_done_once(plan, out, fake_env)
+    log = fake_log(fake_env)
+    for i in done_before:  # finished cells were not started again
+        assert sum(e["event"] == "start" and Path(e["out"]).name == i for e in log) == 1
+    resumed = {Path(e["out"]).name for e in log if e["event"] == "start" and e["resume"]}
+    assert interrupted <= resumed  # interrupted runs with a checkpoint continued from it
+    terms = {Path(e["out"]).name for e in log if e["event"] == "term"}
+    assert interrupted <= terms  # orphaned cells got SIGTERM (PR_SET_PDEATHSIG), checkpointed and exited
+
+
+def test_resume_after_crash_mid_cell(tmp_path, fake_env, monkeypatch):
+    """The sweep dies in the middle of a cell (the cell itself kills it at step 4); a restart resumes that cell."""
+    target = "adam-lora-r8-muon-lr0.003-s0"
+    monkeypatch.setenv("FAKE_KILL_PARENT_AT", f"{target}:4")
+    plan_path = write_recipe(tmp_path, micro_recipe(seeds=[0], methods=["lora"], lr={"lora": [3e-3]},
+                                                    reference_data=None, bases={"adam": {
+                                                        "path": str(tmp_path / "nobase"), "pretrained_with": "adamw"}}))
+    plan = S.load_plan(plan_path)
+    out = tmp_path / "sw"
+    proc = subprocess.run(_sweep_script(tmp_path, plan_path, out, workers=1), env=os.environ.copy(), timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert S.SweepIndex(out / S.INDEX).latest()[target]["status"] == "running"
+    time.sleep(0.3)
+    counts = S.run_sweep(plan, out, workers=1, engine=FAKE_ENGINE, poll_s=0.05)
+    assert counts["done"] == len(plan.cells) == 2
+    _check_each_cell_done_once(plan, out, fake_env)
+    starts = [e for e in fake_log(fake_env) if e["event"] == "start" and Path(e["out"]).name == target]
+    assert [s["resume"] for s in starts] == [False, True] and starts[1]["start"] == 4
+
+
+def test_torn_index_line_is_ignored_and_writing_goes_on(tmp_path):
+    idx = S.SweepIndex(tmp_path / "sweep.jsonl")
+    idx.append({"id": "a", "status": "done"})
+    with open(idx.path, "a") as fh:
+        fh.write('{"id": "b", "status": "do')  # SIGKILL mid-write
+    idx.append({"id": "b", "status": "running"})
+    assert {k: v["status"] for k, v in idx.latest().items()} == {"a": "done", "b": "running"}
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def paper_cells() -> tuple[list[dict], dict]:
+    """Hand-made results whose best normalised PPLs are the paper's Table 1 (base PPL 20, 3 seeds)."""
+    table1 = {("muon", "full", "muon"): 0.716, ("muon", "full", "adamw"): 0.739,
+              ("muon", "lora", "muon"): 0.719, ("muon", "lora", "adamw"): 0.733,
+              ("adam", "full", "muon"): 0.719, ("adam", "full", "adamw"): 0.710,
+              ("adam", "lora", "muon"): 0.723, ("adam", "lora", "adamw"): 0.721}
+    cells = []
+    for (base, method, optim), best in table1.items():
+        for i, lr in enumerate([1e-4, 1e-3, 1e-2]):
+            for seed, noise in enumerate([-0.1, 0.0, 0.1]):
+                ppl = 20 * best + noise + (0 if i == 1 else 1.5)
+                cells.append({"id": f"{base}-{method}-{optim}-{lr}-{seed}", "base": base, "method": method,
+                              "optim": optim, "rank": 8 if method == "lora" else None, "axes": [], "lr": lr,
+                              "seed": seed, "status": "done", "ppl": ppl, "ref_ppl": 30.0 + seed})
+    bases = {"muon": {"label": "muon", "pretrained_with": "muon", "ppl": 20.0, "ref_ppl": 25.0},
+             "adam": {"label": "adam", "pretrained_with": "adamw", "ppl": 20.0, "ref_ppl": 25.0}}
+    return cells, bases
+
+
+def test_aggregate_reproduces_table1_gaps_and_gap_reduction():
+    cells, bases = paper_cells()
+    # one failed seed at the lowest LR of one group must make that LR ineligible, not the best
+    cells.append({**cells[0], "id": "x", "lr": 1e-5, "status": "failed", "ppl": None, "seed": 0})
+    s = R.aggregate(cells, bases)
+    g = {(r["base"], r["method"], r["optim"]): r for r in s["groups"]}
+    fm = g[("muon", "full", "muon")]
+    assert fm["best_lr"] == 1e-3 and fm["n_seeds"] == 3
+    assert fm["ppl_mean"] == pytest.approx(20 * 0.716)
+    assert fm["ppl_std"] == pytest.approx(0.1)  # sample std of (-0.1, 0, 0.1)
+    assert fm["normalised"] == pytest.approx(0.716) and fm["matched"] is True
+    assert g[("muon", "full", "adamw")]["matched"] is False
+    assert fm["ref_ppl_mean"] == pytest.approx(31.0) and fm["forgetting"] == pytest.approx(31 / 25 - 1)
+    assert fm["edge"] is None
+    row = {r["label"]: r for r in s["table1"]}
+    assert row["Full-Adam"]["cols"]["muon"]["gap"] == pytest.approx(0.023)
+    assert row["Full-Muon"]["cols"]["adam"]["gap"] == pytest.approx(0.009)
+    assert row["LoRA-Adam (r=8)"]["cols"]["muon"]["gap"] == pytest.approx(0.014)
+    assert row["LoRA-Muon (r=8)"]["cols"]["adam"]["gap"] == pytest.approx(0.002)
+    assert row["Full-Muon"]["cols"]["muon"]["gap"] is None  # matched entries have no gap
+    red = {r["base"]: r["reduction_pct"] for r in s["gap_reduction"]}
+    assert red["muon"] == pytest.approx(100 * (0.023 - 0.014) / 0.023)  # paper: 39 %
+    assert red["adam"] == pytest.approx(100 * (0.009 - 0.002) / 0.009)  # paper: 78 %
+    assert round(red["muon"]) == 39 and round(red["adam"]) == 78
+    md = R.to_markdown(s)
+    assert "| Full-Adam | 0.739 (+.023) | 0.710 |" in md
+    assert "| muon | Adam (r=8) | +0.023 | +0.014 | 39 % |" in md
+    csv_rows = R.to_csv(s).splitlines()
+    assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("base,pretrained_with,method")
+
+
+def test_aggregate_flags_edges_failures_and_rank_study():
+    cells, bases = paper_cells()
+    for c in cells:  # make the highest LR best for one group, and add a second rank
+        if (c["base"], c["method"], c["optim"]) == ("adam", "full", "adamw") and c["lr"] == 1e-2:
+            c["ppl"] -= 3
+    extra = [{**c, "id": c["id"] + "-r2", "rank": 2, "ppl": c["ppl"] + 0.5} for c in cells if c["method"] == "lora"]
+    s = R.aggregate(cells + extra, bases)
+    g = next(r for r in s["groups"] if (r["base"], r["method"], r["optim"]) == ("adam", "full", "adamw"))
+    assert g["best_lr"] == 1e-2 and g["edge"] == "highest"
+    assert any("highest of the grid" in w for w in s["warnings"])
+    ranks = {(r["base"], r["optim"], r["rank"]) for r in s["rank_study"]}
+    assert ("adam", "muon", 2) in ranks and ("adam", "muon", 8) in ranks
+    # no base PPL: no normalisation, raw PPL gaps
+    s2 = R.aggregate(cells, {k: {**v, "ppl": None} for k, v in bases.items()})
+    assert s2["normalised"] is False
+    row = {r["label"]: r for r in s2["table1"]}
+    assert row["Full-Adam"]["cols"]["muon"]["gap"] == pytest.approx(20 * 0.023)
+
+
+# ------------------------------------------------------------------------------------------------ report + CLI
+
+
+def _png_ok(path: Path, min_w: int = 400, min_h: int = 300) -> None:
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    img = mpimg.imread(path)
+    assert img.shape[0] >= min_h and img.shape[1] >= min_w
+    rgb = np.asarray(img)[..., :3]
+    assert rgb.std() > 0.05  # not blank
+    assert (rgb.reshape(-1, 3).std(axis=1) > 0.1).mean() > 0.002  # some coloured (line) pixels
+
+
+def fabricate_sweep(plan: S.SweepPlan, out: Path) -> None:
+    """A finished sweep directory written by hand: index records + metrics.jsonl from `fake_ppl`."""
+    idx = S.SweepIndex(out / S.INDEX)
+    (out / "cells").mkdir(parents=True)
+    for name, b in plan.bases.items():
+        idx.append({"id": f"base_eval:{name}", "kind": "base_eval", "hash": "x", "status": "done",
+                    "eval": {"ppl": 25.0, "reference_ppl": 40.0}})
+    for c in plan.cells:
+        ppl = fake_ppl(c.lr, c.optim, c.method, plan.bases[c.base].pretrained_with, c.seed) + 0.1 * (c.rank or 0)
+        d = out / "cells" / c.id
+        d.mkdir()
+        with open(d / "metrics.jsonl", "w") as fh:
+            for step in range(0, 7):
+                v = 28.0 + (ppl - 28.0) * step / 6
+                fh.write(json.dumps({"step": step, "loss": math.log(v), "val_ppl": v}) + "\n")
+        idx.append({"id": c.id, "kind": "cell", "hash": c.hash, "status": "done", "runtime_s": 1.0,
+                    "summary": {"val_ppl": ppl, "best_val_ppl": ppl},
+                    "eval": {"ppl": ppl, "reference_ppl": 40.0 * (1.2 if c.method == "full" else 1.05)}})
+
+
+def test_report_regeneration_and_plots_through_the_cli(tmp_path):
+    plan = small_plan(tmp_path, lora_ranks=[4, 8], seeds=[0, 1])
+    out = tmp_path / "sw"
+    fabricate_sweep(plan, out)
+    (out / S.PLAN_FILE).write_text(yaml.safe_dump(plan.recipe))
+    summary = R.write_report(out, plan)
+    first = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["done"] == len(plan.cells) == 2 * (4 + 8) * 2
+    assert summary["normalised"] and summary["bases"]["adam"]["ppl"] == pytest.approx(25.0)
+    for name in ("summary.md", "summary.csv", "summary.json", "ppl_vs_lr.png", "val_curves.png",
+                 "ppl_vs_rank.png"):
+        (out / name).unlink()
+    runner = CliRunner()
+    res = runner.invoke(app, ["sweep", "--report", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["counts"]["done"] == 48
+    again = json.loads((out / "summary.json").read_text())
+    assert again["table1"] == first["table1"] and again["groups"] == first["groups"]
+    for name in ("ppl_vs_lr.png", "val_curves.png", "ppl_vs_rank.png"):
+        _png_ok(out / name)
+    md = (out / "summary.md").read_text()
+    assert "## Table 1" in md and "## Rank study" in md and "## Forgetting" in md
+    # fake engine: the muon-pretrained base fine-tuned with adam is mismatched: a positive gap
+    row = {r["label"]: r for r in again["table1"]}
+    assert row["Full-Adam"]["cols"]["muon"]["gap"] > 0
+    table = R.rich_table(again)
+    assert [c.header for c in table.columns][:3] == ["fine-tune", "adam (Adam-pretrained)", "muon (Muon-pretrained)"]
+
+
+def test_cli_dry_run_and_bad_input(tmp_path):
+    p = write_recipe(tmp_path, micro_recipe())
+    runner = CliRunner()
+    res = runner.invoke(app, ["sweep", str(p), "--dry-run", "--set", "sweep.seeds=[0]"])
+    assert res.exit_code == 0, res.output
+    ids = [ln.split()[0] for ln in res.stdout.strip().splitlines()]
+    assert len(ids) == len(S.load_plan(p, ["sweep.seeds=[0]"]).cells) == 2 * (6 + 6)
+    assert "adam-full-adamw-lr0.0003-s0" in ids
+    assert not (tmp_path / "runs").exists()
+    res = runner.invoke(app, ["sweep", str(p), "--dry-run", "--set", "sweep.metods=[full]"])
+    assert res.exit_code == 2 and "did you mean 'methods'" in res.output
+    res = runner.invoke(app, ["sweep", str(p)])
+    assert res.exit_code == 2 and "--out is required" in res.output
+    res = runner.invoke(app, ["sweep", "--report", str(tmp_path)])
+    assert res.exit_code == 2 and "not a sweep directory" in res.output
+
+
+def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "sw"
+    (out / "locks").mkdir(parents=True)
+    fd = S._try_lock(out / "locks" / "sweep.lock")
+    try:
+        with pytest.raises(S.UserInputError, match="another `muonft sweep` is running"):
+            S.run_sweep(small_plan(tmp_path), out, engine=FAKE_ENGINE)
+    finally:
+        os.close(fd)
+
+
+def test_worker_env_divides_threads_and_assigns_gpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    env = S.worker_env(0, 2, gpus=0)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4"
+    assert S.worker_env(1, 16, gpus=0)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert [S.worker_env(i, 3, gpus=2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["2", "5", "2"]
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("path", SWEEP_RECIPES, ids=[p.name for p in SWEEP_RECIPES])
+def test_sweep_recipes_validate(path):
+    plan = S.load_plan(path)
+    assert plan.cells and len(plan.seeds) >= 3
+    for m in plan.methods:
+        for o in plan.optims:
+            assert len(plan.lrs[m][o]) >= 5  # wide enough to find an interior optimum
+
+
+def test_mismatch_small_is_the_papers_controlled_experiment():
+    plan = S.load_plan(ROOT / "recipes" / "mismatch-small.yaml")
+    assert plan.methods == ["full", "lora"] and plan.optims == ["adamw", "muon"] and plan.lora_ranks == [8]
+    assert plan.alpha_equals_2r and plan.seeds == [0, 1, 2]
+    assert {b.family for b in plan.bases.values()} == {"adam", "muon"}
+    pre_data = {b.pretrain["data"]["path"] for b in plan.bases.values()}
+    assert len(pre_data) == 1 and plan.run["data"]["path"] not in pre_data  # fine-tune on the other corpus
+    assert plan.reference_data in pre_data  # forgetting measured on the pretraining corpus
+    lora = next(c for c in plan.cells if c.method == "lora")
+    assert lora.config["lora"]["rank"] == 8 and lora.config["lora"]["alpha"] == 16
+
+
+def test_llama_recipes_use_the_papers_grid_and_settings():
+    grid = [1e-6, 5e-6, 8e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4]
+    for name, method in (("llama2-7b-lora-muon.yaml", "lora"), ("llama2-7b-full.yaml", "full")):
+        plan = S.load_plan(ROOT / "recipes" / name)
+        assert plan.methods == [method]
+        assert all(plan.lrs[method][o] == grid for o in plan.optims)
+        (b,) = plan.bases.values()
+        assert b.path == "meta-llama/Llama-2-7b-hf" and b.family == "adam"
+        c = plan.cells[0]
+        assert c.config["train"]["batch_size"] == 32 and c.config["data"]["seq_len"] == 1024
+        assert c.config["train"]["epochs"] == 1 and c.config["schedule"]["warmup_ratio"] == 0.03
+    plan = S.load_plan(ROOT / "recipes" / "sweep-rank-study.yaml")
+    assert plan.lora_ranks == [2, 4, 8, 16, 32, 64, 128, 256, 512] and plan.alpha_equals_2r

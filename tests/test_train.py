@@ -1,0 +1,226 @@
+"""Engine tests (`muonft_cli.train`): schedule, data order, gradient accumulation, exact resume, signals,
+divergence, run-directory rules and DDP — on 2-layer hidden-32 models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers_train import read_metrics, tiny_model_config, tiny_model_dir, write_corpus, write_instructions  # noqa: E402
+
+from muonft_cli import config as cfgmod  # noqa: E402
+from muonft_cli import train  # noqa: E402
+from muonft_cli.errors import TrainingDivergedError, UserInputError  # noqa: E402
+from muonft_cli.train_sink import NullSink  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    return {"corpus": write_corpus(d / "corpus"), "model": tiny_model_dir(d / "model"),
+            "instr": write_instructions(d / "instr.jsonl"), "mcfg": tiny_model_config(d / "mcfg.json")}
+
+
+def make_cfg(out: Path, data: Path, model: Path | None = None, mcfg: Path | None = None, **flags):
+    f = {"data.path": str(data), "output.dir": str(out), "data.seq_len": 16, "train.batch_size": 4,
+         "train.micro_batch_size": 2, "train.steps": 6, "train.eval_every": 3, "schedule.warmup_ratio": 0.2,
+         "optimizer.lr": 3e-3, "data.val_fraction": 0.2}
+    if model is not None:
+        f["model.name_or_path"] = str(model)
+    if mcfg is not None:
+        f["model.model_config"] = str(mcfg)
+        f["model.vocab_size"] = 300
+    f.update(flags)
+    return cfgmod.resolve(None, f)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def test_lr_lambda_warmup_then_cosine():
+    fn = train.lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert [fn(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert fn(9) == pytest.approx(1.0)
+    assert fn(10) == pytest.approx(1.0)
+    assert fn(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert fn(99) > 0.1 and fn(100) == pytest.approx(0.1)
+    assert train.lr_lambda(10, 0.0, 0.0)(0) == 1.0
+
+
+def test_global_batch_is_deterministic_and_spans_epochs():
+    b1 = train.global_batch(0, 4, 6, seed=3)
+    assert b1 == train.global_batch(0, 4, 6, seed=3)
+    two_epochs = train.global_batch(0, 12, 6, seed=3)
+    assert sorted(two_epochs[:6]) == list(range(6)) and sorted(two_epochs[6:]) == list(range(6))
+    assert two_epochs[4:8] == train.global_batch(4, 4, 6, seed=3)  # resuming mid-stream gives the same batch
+    assert train.global_batch(0, 6, 6, seed=4) != train.global_batch(0, 6, 6, seed=3)
+
+
+def test_token_nll_sum_matches_hf_mean_loss():
+    from _helpers_models import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(4, 64, (2, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(input_ids=ids, labels=labels)
+    mine = train.token_nll_sum(out.logits, labels) / train.n_targets(labels)
+    assert float(mine) == pytest.approx(float(out.loss), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
+    """1 x 8 and 4 x 2 micro-batches give the same update, with prompt masking making token counts differ."""
+    runs = {}
+    for mbs in (8, 2):
+        out = tmp_path / f"mbs{mbs}"
+        cfg = make_cfg(out, assets["instr"], model=assets["model"], **{
+            "train.batch_size": 8, "train.micro_batch_size": mbs, "train.steps": 2, "train.clip": None,
+            "optimizer.name": "adamw", "train.eval_every": 0, "data.seq_len": 32})
+        train.run(cfg, "finetune")
+        runs[mbs] = (read_metrics(out), _weights(out))
+    (m8, w8), (m2, w2) = runs[8], runs[2]
+    for a, b in zip(m8, m2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert w8.keys() == w2.keys()
+    for k in w8:
+        torch.testing.assert_close(w8[k], w2[k], rtol=1e-5, atol=1e-6)
+
+
+class _KillAt(NullSink):
+    """Sends this process SIGTERM after step `k`, like a scheduler pre-empting the job."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_step(self, record: dict) -> None:
+        if record["step"] == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("kind", ["pretrain-adamw", "lora-muon"])
+def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
+    if kind == "pretrain-adamw":
+        mode, kw = "pretrain", dict(mcfg=assets["mcfg"], **{"optimizer.name": "adamw"})
+    else:
+        mode, kw = "finetune", dict(model=assets["model"], **{"optimizer.name": "muon", "lora.rank": 4,
+                                                               "lora.dropout": 0.1})
+    flags = {"train.steps": 8, "train.save_every": 3, "train.keep_last": 2}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.run(make_cfg(full, assets["corpus"], **kw, **flags), mode)
+    with pytest.raises(train.TrainingInterrupted, match="--resume"):
+        train.run(make_cfg(cut, assets["corpus"], **kw, **flags), mode, sink=_KillAt(4))
+    ckpts = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert ckpts == ["step-000003", "step-000004"]  # save_every and the signal's own checkpoint
+    assert {p.name for p in (cut / "checkpoints" / "step-000004").iterdir()} >= {
+        "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+    assert not (cut / "final").exists()
+    summary = train.run(make_cfg(cut, assets["corpus"], **kw, **flags), mode, resume=True)
+    assert summary["steps"] == 8
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "val_ppl"):
+            assert ra[key] == rb[key], (key, ra, rb)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # keep_last
+    prov = json.loads((cut / "final" / "muonft.json").read_text())
+    assert prov["optimizer"] == kw["optimizer.name"] and prov["steps"] == 8 and prov["mode"] == mode
+
+
+def test_resume_may_extend_steps_but_not_change_config(assets, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(model=assets["model"], **{"train.steps": 2, "train.save_every": 2})
+    train.run(make_cfg(out, assets["corpus"], **kw), "finetune")
+    with pytest.raises(UserInputError, match=r"optimizer\.lr: 0\.003 -> 0\.01"):
+        train.run(make_cfg(out, assets["corpus"], **{**kw, "optimizer.lr": 0.01}), "finetune", resume=True)
+    s = train.run(make_cfg(out, assets["corpus"], **{**kw, "train.steps": 4}), "finetune", resume=True)
+    assert s["steps"] == 4 and [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_output_dir_rules(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg(out, assets["corpus"], model=assets["model"], **{"train.steps": 1})
+    with pytest.raises(UserInputError, match="not a muonft run"):
+        train.run(cfg, "finetune", resume=True)
+    assert not out.exists()  # nothing written on bad input
+    train.run(cfg, "finetune")
+    with pytest.raises(UserInputError, match="holds a muonft run.*--overwrite"):
+        train.run(cfg, "finetune")
+    (out / "final" / "stale.txt").write_text("old")
+    train.run(make_cfg(out, assets["corpus"], model=assets["model"], **{"train.steps": 1,
+                                                                          "output.overwrite": True}), "finetune")
+    assert not (out / "final" / "stale.txt").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="is not empty"):
+        train.run(make_cfg(other, assets["corpus"], model=assets["model"]), "finetune")
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = train.token_nll_sum
+
+    def poisoned(logits, labels):  # micro-batches 1..4 are steps 1-2; step 3's first micro-batch is NaN
+        calls["n"] += 1
+        v = real(logits, labels)
+        return v * float("nan") if calls["n"] == 5 else v
+
+    monkeypatch.setattr(train, "token_nll_sum", poisoned)
+    cfg = make_cfg(out, assets["corpus"], model=assets["model"], **{"train.save_every": 2})
+    with pytest.raises(TrainingDivergedError, match="step 3.*step-000002"):
+        train.run(cfg, "finetune")
+    assert (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    assert not (out / "final").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_ddp_two_processes_match_one(assets, tmp_path):
+    """torchrun with 2 CPU processes: same loss curve as 1 process at the same global batch, and each rank
+    orthogonalised about half of the Muon matrices."""
+    common = ["-m", "muonft_cli", "finetune", "--model", str(assets["model"]), "--data", str(assets["corpus"]),
+              "--optim", "muon", "--steps", "3", "--batch-size", "4", "--micro-batch-size", "1",
+              "--seq-len", "16", "--eval-every", "3", "--val-fraction", "0.2", "--lr", "0.01", "--json",
+              "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "0", *common, "--out", str(tmp_path / "two")], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1 = json.loads(one.stdout.strip())
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # only rank 0 prints
+    s2 = json.loads(lines[0])
+    assert s2["world_size"] == 2
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], rel=1e-4)
+    assert m1[-1]["val_loss"] == pytest.approx(m2[-1]["val_loss"], rel=1e-4)
+    total = s1["ortho_per_rank"][0]
+    assert total > 0 and sum(s2["ortho_per_rank"]) == total
+    assert all(abs(c - total / 2) <= total * 0.1 for c in s2["ortho_per_rank"])
+    env_json = json.loads((tmp_path / "two" / "env.json").read_text())
+    assert env_json["world_size"] == 2 and env_json["backend"] == "gloo"
