@@ -66,6 +66,8 @@ def fast_spectrum(
     *,
     block: int = 32,
     krylov_iters: int = 3,
+    max_krylov_iters: int = 12,
+    sr_tol: float = 0.003,
     lanczos_steps: int = 20,
     probes: int = 8,
     max_probes: int = 32,
@@ -81,7 +83,9 @@ def fast_spectrum(
     Args:
         W: (m, n) matrix (any float dtype; computed in fp32, sums in fp64).
         block: block size of the Krylov basis (the number of top pairs that can be deflated).
-        krylov_iters: Krylov depth q (basis size block·(q+1)).
+        krylov_iters: minimum Krylov depth q (basis size block·(q+1)).
+        max_krylov_iters: maximum depth; the basis deepens until the stable rank's bound is ≤ ``sr_tol``.
+        sr_tol: target relative error bound for σ₁² (hence the stable rank).
         lanczos_steps: Lanczos steps per probe.
         probes: initial number of Hutchinson probes; more are added (up to ``max_probes``) until the
             entropy's error bound is ≤ ``entropy_tol``.
@@ -116,29 +120,34 @@ def fast_spectrum(
         Y = V.T @ X  # (b, n) = (XᵀV)ᵀ
         return (X @ Y.T) * c  # (m, b)
 
-    # 1) randomized block Krylov + Rayleigh–Ritz, keeping A·Q of every block (one extra block product only)
+    # 1) randomized block Krylov + Rayleigh–Ritz, keeping A·Q of every block (one block product per depth);
+    #    deepen until σ₁'s bound is within ``sr_tol`` (flat-topped spectra converge slowly) or ``max_krylov_iters``.
     Q, _ = torch.linalg.qr(torch.randn(r, block, generator=gen))  # (r, b)
-    Qs, AQs = [Q], []
-    for _ in range(krylov_iters):
-        Y = A(Qs[-1])  # (r, b)
-        AQs.append(Y)
+    Qs, AQs = [Q], [A(Q)]
+    depth = 0
+    while True:
+        depth += 1
+        if depth >= krylov_iters:
+            Qb, AQb = torch.cat(Qs, 1).double(), torch.cat(AQs, 1).double()  # (r, k)
+            T = Qb.T @ AQb  # (k, k)
+            theta, V = torch.linalg.eigh((T + T.T) / 2)  # ascending
+            theta, V = theta.flip(0), V.flip(1)
+            U = Qb @ V  # (r, k) Ritz vectors
+            res = torch.linalg.vector_norm(AQb @ V - U * theta, dim=0)  # (k,) residual norms
+            x1, r1 = float(theta[0]), float(res[0])
+            if theta.numel() > 1:  # Kato–Temple-style gap bound: λ₁ − θ₁ ≤ ‖r₁‖²/δ, δ = θ₁ − (θ₂ + ‖r₂‖)
+                gap = x1 - float(theta[1]) - float(res[1])
+                if gap > 0:
+                    r1 = min(r1, r1 * r1 / gap)
+            if r1 / x1 <= sr_tol or depth >= max_krylov_iters or (depth + 2) * block >= r // 2:
+                break
+        Y = AQs[-1]  # (r, b)
         Qall = torch.cat(Qs, 1)
         for _ in range(2):  # block Gram–Schmidt, twice for stability
             Y = Y - Qall @ (Qall.T @ Y)
         Q, _ = torch.linalg.qr(Y)
         Qs.append(Q)
-    AQs.append(A(Qs[-1]))
-    Qb, AQb = torch.cat(Qs, 1).double(), torch.cat(AQs, 1).double()  # (r, k)
-    T = Qb.T @ AQb  # (k, k)
-    theta, V = torch.linalg.eigh((T + T.T) / 2)  # ascending
-    theta, V = theta.flip(0), V.flip(1)
-    U = Qb @ V  # (r, k) Ritz vectors
-    res = torch.linalg.vector_norm(AQb @ V - U * theta, dim=0)  # (k,) residual norms
-    x1, r1 = float(theta[0]), float(res[0])
-    if theta.numel() > 1:  # Kato–Temple-style gap bound: λ₁ − θ₁ ≤ ‖r₁‖²/δ, δ = θ₁ − (θ₂ + ‖r₂‖)
-        gap = x1 - float(theta[1]) - float(res[1])
-        if gap > 0:
-            r1 = min(r1, r1 * r1 / gap)
+        AQs.append(A(Q))
     # deflate the leading run of converged pairs (residual ≤ 1 % of the value, values above the bulk's mean)
     ok = (res <= 1e-2 * theta.clamp_min(1.0)) & (theta > 1.0)
     K = int(torch.cumprod(ok.int(), 0).sum())

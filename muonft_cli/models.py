@@ -349,7 +349,13 @@ def _load_weights(src: ModelSource, trust_remote_code: bool) -> torch.nn.Module:
     try:
         if src.kind == "gguf":
             p = Path(src.path)
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kw)
+            from transformers import GgufConfig
+
+            # dequantize=True: a plain dense fp32 model (no packed GGUF layers, no quantizer flags), trainable
+            # and serialisable like any other
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p.parent), gguf_file=p.name, quantization_config=GgufConfig(gguf_file=p.name, dequantize=True),
+                **kw)
         elif src.kind == "safetensors":
             from safetensors.torch import load_file
 
@@ -378,9 +384,17 @@ def _load_weights(src: ModelSource, trust_remote_code: bool) -> torch.nn.Module:
                                  "it") from None
         raise UserInputError(f"could not load model '{src.name}' ({msg}): pass a complete causal-LM "
                              "checkpoint") from None
-    model.float()
+    _to_fp32(model)
     model._muonft_source = src
     return model
+
+
+def _to_fp32(model: torch.nn.Module) -> None:
+    """Make every floating parameter/buffer fp32 in place (`model.float()` is refused for GGUF-loaded models,
+    which transformers flags as quantized even though their weights are already dequantised)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
 
 
 def _tokenizer_location(src: ModelSource) -> tuple[str, dict[str, Any]] | None:
@@ -683,9 +697,6 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any):
         use_rslora=variant == "rslora", use_dora=variant == "dora",
         init_lora_weights=variant if variant in ("pissa", "olora") else True,
     )
-    src = getattr(model, "_muonft_source", None)
-    if src is not None:
-        config.base_model_name_or_path = src.describe()
     with warnings.catch_warnings():  # "PiSSA/OLoRA changes the base weights": save_model converts them
         warnings.filterwarnings("ignore", message=r".*changes the base weights of the model.*")
         peft_model = get_peft_model(model, config)
@@ -778,7 +789,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
         tokenizer: saved beside it (None to skip).
         out_dir: destination directory.
         provenance: what the engine records (optimizer and settings, lr, steps, tokens, seed, ...).
-        lora_cfg: `config.LoraConfig` of the run (for the variant; default from `apply_lora`'s record).
+        lora_cfg: `config.LoraConfig` of the run; its variant is used only when the model carries no record from
+            `apply_lora` but has a restored PiSSA/OLoRA snapshot.
         merge: also write the merged full model (adapters only).
 
     Returns:
@@ -800,7 +812,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
     try:
         if isinstance(model, PeftModel):
             lora = dict(getattr(model, "_muonft_lora", {}) or {})
-            variant = getattr(lora_cfg, "variant", None) or lora.get("variant", "lora")
+            # the variant apply_lora recorded; an adapter loaded from disk (continued training) saves as is,
+            # unless a PiSSA/OLoRA snapshot was restored with set_initial_adapter_state
+            variant = lora.get("variant") or (getattr(lora_cfg, "variant", None)
+                                              if initial_adapter_state(model) is not None else None) or "lora"
             converted = _save_adapter(model, tmp, variant)
             cfg_path = tmp / "adapter_config.json"
             acfg = json.loads(cfg_path.read_text(encoding="utf-8"))

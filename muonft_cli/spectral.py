@@ -145,10 +145,11 @@ def _mp_entropy_and_moments(y: float) -> float:
 
 
 @lru_cache(maxsize=256)
-def _random_baseline_cached(r: int, R: int) -> tuple[float, float, float, float]:
+def _random_baseline_cached(r: int, R: int) -> tuple[float, float, float, float, float]:
+    """(stable rank, entropy, σ₁, std of stable rank, std of entropy) of an r×R unit-RMS Gaussian, r ≤ R."""
     if r <= 512:
-        # Finite-size effects matter for small matrices: average a few seeded Gaussian draws, exactly.
-        draws = max(1, min(16, 8192 // r))
+        # Finite-size effects matter for small matrices: mean and spread of seeded Gaussian draws, exactly.
+        draws = max(2, min(16, 8192 // r))
         gen = torch.Generator().manual_seed(1_000_003 * r + R)
         srs, ents, s1s = [], [], []
         for _ in range(draws):
@@ -157,16 +158,21 @@ def _random_baseline_cached(r: int, R: int) -> tuple[float, float, float, float]
             srs.append(stable_rank(sv))
             ents.append(svd_entropy(sv))
             s1s.append(float(sv[0]))
-        return sum(srs) / draws, sum(ents) / draws, sum(s1s) / draws, float(draws)
+        t_sr, t_ent = torch.tensor(srs, dtype=torch.float64), torch.tensor(ents, dtype=torch.float64)
+        return (float(t_sr.mean()), float(t_ent.mean()), sum(s1s) / draws, float(t_sr.std()), float(t_ent.std()))
     # Large matrices: the Marchenko–Pastur limit for the entropy (finite-size error O(1/r)); σ₁² from Johnstone's
-    # Tracy–Widom centring and scaling, μ + σ·E[TW₁] with E[TW₁] = −1.2065 (exact to O(r^-2/3) relative).
+    # Tracy–Widom centring and scaling, μ + σ·E[TW₁] with E[TW₁] = −1.2065, std(TW₁) = 1.2680.
     y = r / R
     a, b = math.sqrt(r - 1), math.sqrt(R)
     mu, sd = (a + b) ** 2, (a + b) * (1 / a + 1 / b) ** (1 / 3)
     s1 = math.sqrt(mu - 1.2065 * sd)
     sr = r * R / s1**2
+    sr_std = sr * 1.2680 * sd / s1**2
     ent = 1.0 - _mp_entropy_and_moments(y) / math.log(r)
-    return sr, ent, s1, 0.0
+    # entropy spread: measured on 128 × 128/y draws, scaled by the 1/(r log r) of a linear spectral statistic
+    ref = _random_baseline_cached(128, max(128, round(128 / y)))
+    ent_std = ref[4] * (128 * math.log(128)) / (r * math.log(r))
+    return sr, ent, s1, sr_std, ent_std
 
 
 def random_baseline(m: int, n: int) -> dict[str, float]:
@@ -176,16 +182,17 @@ def random_baseline(m: int, n: int) -> dict[str, float]:
     larger ones the Marchenko–Pastur limit with the Tracy–Widom mean for σ₁ (within ~0.2 % of the draws at 512).
 
     Returns:
-        ``stable_rank``, ``stable_rank_ratio`` (÷ min(m, n)), ``svd_entropy``, ``spectral_norm_per_rms``
-        (σ₁ / entry RMS), ``max_norm_per_rms`` (expected max |entry| / RMS, extreme-value approximation).
+        ``stable_rank``, ``stable_rank_ratio`` (÷ min(m, n)), ``svd_entropy``, their spread over random draws
+        ``stable_rank_std`` and ``svd_entropy_std``, ``spectral_norm_per_rms`` (σ₁ / entry RMS) and
+        ``max_norm_per_rms`` (expected max |entry| / RMS, extreme-value approximation).
     """
     if m < 1 or n < 1:
         raise ValueError(f"shape must be positive, got ({m}, {n})")
     r, R = min(m, n), max(m, n)
     if r == 1:
-        sr, ent, s1 = 1.0, 0.0, math.sqrt(R)
+        sr, ent, s1, sr_std, ent_std = 1.0, 0.0, math.sqrt(R), 0.0, 0.0
     else:
-        sr, ent, s1, _ = _random_baseline_cached(r, R)
+        sr, ent, s1, sr_std, ent_std = _random_baseline_cached(r, R)
     N = 2.0 * m * n  # max |g| over N entries ≈ max of 2N one-sided Gaussians (Gumbel location + mean shift)
     if N > 2:
         L = math.sqrt(2 * math.log(N))
@@ -196,6 +203,8 @@ def random_baseline(m: int, n: int) -> dict[str, float]:
         "stable_rank": sr,
         "stable_rank_ratio": sr / r,
         "svd_entropy": ent,
+        "stable_rank_std": sr_std,
+        "svd_entropy_std": ent_std,
         "spectral_norm_per_rms": s1,
         "max_norm_per_rms": max_norm,
     }
@@ -233,6 +242,8 @@ def metrics_from_singular_values(
         "random_stable_rank": base["stable_rank"],
         "random_stable_rank_ratio": base["stable_rank_ratio"],
         "random_svd_entropy": base["svd_entropy"],
+        "random_stable_rank_std": base["stable_rank_std"],
+        "random_svd_entropy_std": base["svd_entropy_std"],
         "random_max_norm": base["max_norm_per_rms"] * rms,
     }
 

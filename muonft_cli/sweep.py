@@ -488,22 +488,27 @@ class SweepIndex:
 
 @dataclass
 class Job:
-    """One subprocess step of the sweep: a base's pretrain, a base's evaluation, or a cell."""
+    """One subprocess of the sweep.
+
+    kind: `base` (pretrain a base), `base_eval` (a base's PPL on the fine-tuning validation split of one seed,
+    for normalisation), `cell` (one fine-tuning run), `cell_eval` (forgetting: reference-set PPL of a cell at its
+    group's best LR, and of its base, via `muonft eval --base`).
+    """
 
     id: str
-    kind: str  # "base" | "base_eval" | "cell"
+    kind: str
     hash: str
     out: Path
     config: dict
     deps: list[str]
     cell: Cell | None = None
     base: BaseSpec | None = None
+    seed: int | None = None
 
 
 @dataclass
 class _Running:
     job: Job
-    phase: str  # "train" | "eval"
     proc: subprocess.Popen
     started: float
     attempt: int
@@ -511,7 +516,6 @@ class _Running:
     stdout: Path
     stderr: Path
     resumed: bool
-    summary: dict | None = None
 
 
 def default_engine() -> list[str]:
@@ -523,51 +527,73 @@ def _base_model_path(out: Path, b: BaseSpec) -> str:
     return b.path if b.path is not None else str(out / "bases" / b.name / "final")
 
 
+def _base_deps(b: BaseSpec) -> list[str]:
+    return [f"base:{b.name}"] if b.pretrain is not None else []
+
+
 def _jobs(plan: SweepPlan, out: Path) -> list[Job]:
+    """The static jobs: pretrain bases, evaluate bases (one per seed: the engine's held-out split follows the
+    seed), and every cell. Forgetting evaluations are added while the sweep runs (`_eval_jobs`)."""
     jobs: list[Job] = []
     for b in plan.bases.values():
-        deps: list[str] = []
         if b.pretrain is not None:
             pre = copy.deepcopy(b.pretrain)
             pre.pop("output", None)
             jobs.append(Job(id=f"base:{b.name}", kind="base", hash=b.hash, out=out / "bases" / b.name,
                             config=pre, deps=[], base=b))
-            deps = [f"base:{b.name}"]
-        ev = _base_eval_config(plan, b, out)
-        jobs.append(Job(id=f"base_eval:{b.name}", kind="base_eval", hash=config_hash([b.hash, ev]),
-                        out=out / "bases" / f"{b.name}-eval", config=ev, deps=deps, base=b))
+        for seed in plan.seeds:
+            cfg = copy.deepcopy(plan.run)
+            cfg.pop("output", None)
+            cfg = C.merge_dicts(cfg, {"model": {"name_or_path": _base_model_path(out, b)}, "train": {"seed": seed},
+                                      "eval": {"reference_data": None}, "lora": {"rank": None}})
+            jobs.append(Job(id=f"base_eval:{b.name}:s{seed}", kind="base_eval",
+                            hash=config_hash([b.hash, {k: v for k, v in cfg.items() if k != "model"}]),
+                            out=out / "bases" / f"{b.name}-eval-s{seed}", config=cfg, deps=_base_deps(b), base=b,
+                            seed=seed))
     for c in plan.cells:
         b = plan.bases[c.base]
         cfg = copy.deepcopy(c.config)
         cfg["model"]["name_or_path"] = _base_model_path(out, b)
         jobs.append(Job(id=c.id, kind="cell", hash=c.hash, out=out / "cells" / c.id, config=cfg,
-                        deps=[f"base:{b.name}"] if b.pretrain is not None else [], cell=c, base=b))
+                        deps=_base_deps(b), cell=c, base=b, seed=c.seed))
     return jobs
 
 
-def _base_eval_config(plan: SweepPlan, b: BaseSpec, out: Path) -> dict:
-    cfg = copy.deepcopy(plan.run)
-    cfg.pop("output", None)
-    cfg.setdefault("model", {})["name_or_path"] = _base_model_path(out, b)
-    if plan.reference_data:
-        cfg.setdefault("eval", {})["reference_data"] = plan.reference_data
-    return cfg
+def _eval_jobs(plan: SweepPlan, out: Path, latest: dict[str, dict]) -> list[Job]:
+    """Forgetting evaluations for the cells at the best LR of every finished group (needs reference data)."""
+    if not plan.reference_data:
+        return []
+    finished = {}
+    for c in plan.cells:
+        rec = latest.get(c.id)
+        ok = rec is not None and rec.get("hash") == c.hash and rec.get("status") in ("done", "failed")
+        finished[c.group] = finished.get(c.group, True) and ok
+    best = best_lrs(plan, latest)
+    jobs = []
+    for c in plan.cells:
+        if not finished.get(c.group) or best.get(c.group) != c.lr or latest[c.id].get("status") != "done":
+            continue
+        b = plan.bases[c.base]
+        cfg = copy.deepcopy(c.config)
+        cfg["model"]["name_or_path"] = str(out / "cells" / c.id / "final")
+        jobs.append(Job(id=f"eval:{c.id}", kind="cell_eval", hash=c.hash, out=out / "cells" / c.id, config=cfg,
+                        deps=[c.id], cell=c, base=b, seed=c.seed))
+    return jobs
 
 
-def _eval_args(cfg: dict, model: str, base: str | None, data_only: bool = False) -> list[str]:
-    """`muonft eval` arguments for a model on the sweep's target data (+ reference data)."""
-    args = ["eval", "--model", model, "--data", str(cfg["data"]["path"])]
-    d, e = cfg.get("data", {}), cfg.get("eval", {})
-    for flag, val in (("--seq-len", d.get("seq_len")), ("--val-fraction", d.get("val_fraction")),
-                      ("--batch-size", e.get("batch_size")), ("--max-batches", e.get("max_batches"))):
-        if val is not None:
-            args += [flag, str(val)]
-    if base is not None:
-        args += ["--base", base]
-    ref = e.get("reference_data")
-    if ref and not data_only:
-        args += ["--reference-data", str(ref)]
-    return args + ["--json"]
+def _command(j: Job, cfg_path: Path, out: Path, force_overwrite: bool) -> tuple[list[str], bool]:
+    """The `muonft` arguments of a job, and whether it resumes a checkpoint."""
+    if j.kind == "base_eval":
+        return ["eval", "--config", str(cfg_path), "--json"], False
+    if j.kind == "cell_eval":
+        return ["eval", "--config", str(cfg_path), "--base", _base_model_path(out, j.base), "--json"], False
+    args = ["pretrain" if j.kind == "base" else "finetune", "--config", str(cfg_path), "--out", str(j.out),
+            "--json", "--quiet"]
+    if j.out.exists() and any(j.out.iterdir()):
+        if _has_checkpoint(j.out) and not force_overwrite:
+            return args + ["--resume"], True
+        return args + ["--overwrite"], False
+    return args, False
 
 
 def _last_json(path: Path) -> dict | None:
@@ -764,20 +790,22 @@ def run_sweep(
     threads: int | None = None,
     poll_s: float = 0.2,
 ) -> dict:
-    """Run (or resume) every job of the plan; returns counts `{"done", "failed", "skipped", "total"}`.
+    """Run (or resume) every job of the plan; returns counts `{"total", "skipped", "done", "failed"}` of cells.
 
     Args:
         plan: from `load_plan`.
         out: the sweep directory (created; holds sweep.yaml, sweep.jsonl, bases/, cells/, configs/, logs/).
-        workers: parallel cell processes (CPU threads divided between them; on GPUs one device each).
+        workers: parallel processes (CPU threads divided between them; on GPUs one device each, round-robin).
         keep_weights: keep every cell's checkpoints and full-model weights.
-        retry_failed: run failed cells again (default: keep their recorded failure).
-        engine: the command prefix that runs a cell (default `python -m muonft_cli`).
+        retry_failed: run failed jobs again (default: keep their recorded failure).
+        engine: the command prefix that runs a job (default `python -m muonft_cli`).
         on_event: called with each index record as it is written (display).
         threads: CPU threads per worker (default: available cores // workers).
+        poll_s: how often running processes are polled.
 
     Raises:
-        UserInputError: another sweep process holds this directory.
+        UserInputError: bad `workers`, or another sweep process holds this directory.
+        KeyboardInterrupt: on SIGINT/SIGTERM, after the running cells checkpointed and stopped.
     """
     out = Path(out)
     if workers < 1:
@@ -789,7 +817,8 @@ def run_sweep(
     if sweep_lock is None:
         raise UserInputError(f"another `muonft sweep` is running in '{out}': wait for it or stop it first")
     try:
-        return _run_locked(plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s)
+        _save_plan(plan, out)
+        return _Scheduler(plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s).run()
     finally:
         os.close(sweep_lock)
 
@@ -801,224 +830,189 @@ def _save_plan(plan: SweepPlan, out: Path) -> None:
     tmp.replace(p)
 
 
-def _run_locked(plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s) -> dict:
-    _save_plan(plan, out)
-    index = SweepIndex(out / INDEX)
-    emit = on_event or (lambda rec: None)
-    jobs = _jobs(plan, out)
-    by_id = {j.id: j for j in jobs}
-    latest = index.latest()
-    state = {j.id: _status_of(latest.get(j.id), j) for j in jobs}
-    attempts = {j.id: int((latest.get(j.id) or {}).get("attempt", 0)) if state[j.id] != "pending" else 0
-                for j in jobs}
-    counts = {"total": sum(j.kind == "cell" for j in jobs), "skipped": 0, "done": 0, "failed": 0}
-    queue: list[str] = []
-    eval_pending: dict[str, dict] = {}
-    for j in jobs:
-        st = state[j.id]
-        if st == "done" or (st == "failed" and not retry_failed):
-            if j.kind == "cell":
-                counts["skipped"] += 1
-            continue
-        if latest.get(j.id) is None or latest[j.id].get("hash") != j.hash:
-            rec = index.append({"id": j.id, "kind": j.kind, "hash": j.hash, "status": "pending", "attempt": 0,
-                                **_describe(j)})
-            emit(rec)
-        state[j.id] = "pending"
-        queue.append(j.id)
-        prev = latest.get(j.id) or {}
-        if j.kind == "cell" and prev.get("hash") == j.hash and prev.get("phase") == "eval" and prev.get("summary"):
-            eval_pending[j.id] = prev["summary"]  # killed while evaluating: training is done, evaluate again
-
-    gpus = _count_gpus()
-    running: dict[int, _Running] = {}  # worker slot -> running
-    stopping = {"flag": False}
-
-    def _stop(signum, frame):  # SIGTERM/SIGINT: let cells checkpoint, keep them "running" for the next resume
-        stopping["flag"] = True
-        for r in running.values():
-            try:
-                r.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while (queue or running) and not stopping["flag"]:
-            # finish the processes that ended
-            for slot, r in list(running.items()):
-                code = r.proc.poll()
-                if code is None:
-                    continue
-                del running[slot]
-                next_r = _finish(r, code, index, emit, state, counts, by_id, plan, out, engine, keep_weights,
-                                 gpus, workers, slot, threads)
-                if next_r is not None:
-                    running[slot] = next_r
-            # jobs whose base failed fail too
-            for jid in list(queue):
-                j = by_id[jid]
-                bad = [d for d in j.deps if state.get(d) == "failed"]
-                if bad:
-                    queue.remove(jid)
-                    state[jid] = "failed"
-                    if j.kind == "cell":
-                        counts["failed"] += 1
-                    emit(index.append({"id": jid, "kind": j.kind, "hash": j.hash, "status": "failed",
-                                       "attempt": attempts[jid], "error": f"{bad[0]} failed", **_describe(j)}))
-            # start ready jobs on free slots
-            free = [s for s in range(workers) if s not in running]
-            for slot in free:
-                ready = next((jid for jid in queue if all(state.get(d) == "done" for d in by_id[jid].deps)), None)
-                if ready is None:
-                    break
-                j = by_id[ready]
-                phase = "eval" if ready in eval_pending else "train"
-                r = _start(j, phase, index, emit, engine, out, gpus, workers, slot, threads,
-                           attempts[ready] + 1, summary=eval_pending.get(ready))
-                eval_pending.pop(ready, None) if r is not None else None
-                if r is None:  # an orphaned process of a killed sweep still holds it: try later
-                    queue.remove(ready)
-                    queue.append(ready)
-                    break
-                queue.remove(ready)
-                attempts[ready] += 1
-                state[ready] = "running"
-                running[slot] = r
-            if running or queue:
-                time.sleep(poll_s)
-        if stopping["flag"]:
-            for r in running.values():
-                try:
-                    r.proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    r.proc.kill()
-                    r.proc.wait()
-                os.close(r.lock_fd)
-            raise KeyboardInterrupt
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if not keep_weights:
-        prune_weights(plan, out, index)
-    latest = index.latest()
-    counts["done"] = sum(1 for c in plan.cells if _status_of(latest.get(c.id), by_id[c.id]) == "done")
-    counts["failed"] = sum(1 for c in plan.cells if _status_of(latest.get(c.id), by_id[c.id]) == "failed")
-    return counts
-
-
 def _describe(j: Job) -> dict:
     if j.cell is None:
-        return {"base": j.base.name if j.base else None}
+        return {"base": j.base.name if j.base else None, "seed": j.seed}
     c = j.cell
     return {"base": c.base, "method": c.method, "optim": c.optim, "lr": c.lr, "rank": c.rank, "seed": c.seed,
             "axes": [[k, v] for k, v in c.axes]}
 
 
-def _start(j: Job, phase: str, index: SweepIndex, emit, engine: list[str], out: Path, gpus: int, workers: int,
-           slot: int, threads: int | None, attempt: int, force_overwrite: bool = False,
-           summary: dict | None = None) -> _Running | None:
-    lock_fd = _try_lock(out / "locks" / f"{_safe(j.id)}.lock")
-    if lock_fd is None:
-        return None
-    name = _safe(j.id)
-    cfg_path = out / "configs" / f"{name}.yaml"
-    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(j.config, sort_keys=False), encoding="utf-8")
-    tmp.replace(cfg_path)
-    resumed = False
-    if phase == "eval":
-        cell_cfg = j.config
-        args = _eval_args(cell_cfg, str(j.out / "final"), cell_cfg["model"]["name_or_path"])
-    elif j.kind == "base_eval":
-        args = _eval_args(j.config, j.config["model"]["name_or_path"], None)
-    else:
-        mode = "pretrain" if j.kind == "base" else "finetune"
-        args = [mode, "--config", str(cfg_path), "--out", str(j.out), "--json", "--quiet"]
-        if j.out.exists() and any(j.out.iterdir()):
-            if _has_checkpoint(j.out) and not force_overwrite:
-                args.append("--resume")
-                resumed = True
-            else:
-                args.append("--overwrite")
-    stdout = out / "logs" / f"{name}.{phase}.out"
-    stderr = out / "logs" / f"{name}.{phase}.err"
-    with open(stdout, "wb") as fo, open(stderr, "ab") as fe:
-        fe.write(f"\n=== attempt {attempt} {phase}: {' '.join(args)}\n".encode())
-        fe.flush()
-        proc = subprocess.Popen(engine + args, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                env=worker_env(slot, workers, gpus, threads), pass_fds=(lock_fd,),
-                                preexec_fn=_set_pdeathsig, cwd=os.getcwd())
-    rec = index.append({"id": j.id, "kind": j.kind, "hash": j.hash, "status": "running", "phase": phase,
-                        "attempt": attempt, "resumed": resumed, "pid": proc.pid, **_describe(j),
-                        **({"summary": summary} if summary is not None else {})})
-    emit(rec)
-    return _Running(job=j, phase=phase, proc=proc, started=time.time(), attempt=attempt, lock_fd=lock_fd,
-                    stdout=stdout, stderr=stderr, resumed=resumed, summary=summary)
+class _Scheduler:
+    """The main-thread loop: start ready jobs on free worker slots, record how each process ended."""
 
+    def __init__(self, plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s):
+        self.plan, self.out, self.workers, self.keep_weights = plan, out, workers, keep_weights
+        self.retry_failed, self.engine, self.threads, self.poll_s = retry_failed, engine, threads, poll_s
+        self.emit = on_event or (lambda rec: None)
+        self.index = SweepIndex(out / INDEX)
+        self.gpus = _count_gpus()
+        self.jobs: dict[str, Job] = {}
+        self.state: dict[str, str] = {}
+        self.attempts: dict[str, int] = {}
+        self.queue: list[str] = []
+        self.running: dict[int, _Running] = {}
+        self.stopping = False
+        self.skipped = 0
 
-def _finish(r: _Running, code: int, index: SweepIndex, emit, state: dict, counts: dict, by_id: dict,
-            plan: SweepPlan, out: Path, engine: list[str], keep_weights: bool, gpus: int, workers: int, slot: int,
-            threads: int | None) -> _Running | None:
-    """Record a finished process; start the next phase of the same job when there is one."""
-    j = r.job
-    os.close(r.lock_fd)
-    runtime = round(time.time() - r.started, 2)
-    base_rec = {"id": j.id, "kind": j.kind, "hash": j.hash, "attempt": r.attempt, **_describe(j)}
-    if code == 2 and r.resumed and r.phase == "train":
-        # the engine refused to resume (e.g. a checkpoint from a different config): start that cell afresh
-        emit(index.append({**base_rec, "status": "running", "note": "resume refused, restarting: "
-                           + _error_line(r.stderr, code)}))
-        return _start(j, "train", index, emit, engine, out, gpus, workers, slot, threads, r.attempt + 1,
-                      force_overwrite=True)
-    if code != 0 and j.kind == "cell" and r.phase == "eval":
-        # training succeeded; only the forgetting evaluation failed: the cell is done, without forgetting numbers
-        code_msg = _error_line(r.stderr, code)
-        state[j.id] = "done"
-        counts["done"] += 1
-        emit(index.append({**base_rec, "status": "done", "summary": r.summary, "eval_error": code_msg,
-                           "runtime_s": runtime}))
-        if not keep_weights:
-            prune_weights(plan, out, index)
-        return None
-    if code != 0:
-        if j.kind == "base_eval":  # the base's PPL is a nicety for normalisation; never blocks the cells
-            state[j.id] = "failed"
-            emit(index.append({**base_rec, "status": "failed", "error": _error_line(r.stderr, code)}))
+    # -- bookkeeping
+    def _record(self, j: Job, status: str, **extra) -> dict:
+        rec = self.index.append({"id": j.id, "kind": j.kind, "hash": j.hash, "status": status,
+                                 "attempt": self.attempts.get(j.id, 0), **_describe(j), **extra})
+        self.emit(rec)
+        return rec
+
+    def _add(self, j: Job, latest: dict[str, dict]) -> None:
+        if j.id in self.jobs:
+            return
+        self.jobs[j.id] = j
+        rec = latest.get(j.id)
+        st = _status_of(rec, j)
+        self.attempts[j.id] = int(rec.get("attempt", 0)) if st != "pending" and rec else 0
+        if st == "done" or (st == "failed" and not self.retry_failed):
+            self.state[j.id] = st
+            self.skipped += j.kind == "cell"
+            return
+        self.state[j.id] = "pending"
+        if rec is None or rec.get("hash") != j.hash:
+            self._record(j, "pending")
+        self.queue.append(j.id)
+
+    def run(self) -> dict:
+        latest = self.index.latest()
+        for j in _jobs(self.plan, self.out):
+            self._add(j, latest)
+        for j in _eval_jobs(self.plan, self.out, latest):
+            self._add(j, latest)
+
+        def _stop(signum, frame):  # SIGTERM/SIGINT: cells checkpoint and stop; they stay "running" for a resume
+            self.stopping = True
+            for r in self.running.values():
+                try:
+                    r.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+        old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while (self.queue or self.running) and not self.stopping:
+                self._reap()
+                self._fail_orphans()
+                self._fill()
+                if self.running or self.queue:
+                    time.sleep(self.poll_s)
+            if self.stopping:
+                for r in self.running.values():
+                    try:
+                        r.proc.wait(timeout=300)
+                    except subprocess.TimeoutExpired:
+                        r.proc.kill()
+                        r.proc.wait()
+                    os.close(r.lock_fd)
+                raise KeyboardInterrupt
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        if not self.keep_weights:
+            prune_weights(self.plan, self.out, self.index)
+        latest = self.index.latest()
+        cells = [self.jobs[c.id] for c in self.plan.cells]
+        return {"total": len(cells), "skipped": self.skipped,
+                "done": sum(_status_of(latest.get(j.id), j) == "done" for j in cells),
+                "failed": sum(_status_of(latest.get(j.id), j) == "failed" for j in cells)}
+
+    def _fail_orphans(self) -> None:
+        """Jobs whose dependency failed fail too (a base that could not be pretrained)."""
+        for jid in list(self.queue):
+            j = self.jobs[jid]
+            bad = [d for d in j.deps if self.state.get(d) == "failed"]
+            if bad:
+                self.queue.remove(jid)
+                self.state[jid] = "failed"
+                self._record(j, "failed", error=f"{bad[0]} failed")
+
+    def _fill(self) -> None:
+        for slot in range(self.workers):
+            if slot in self.running:
+                continue
+            ready = [jid for jid in self.queue if all(self.state.get(d) == "done" for d in self.jobs[jid].deps)]
+            started = False
+            for jid in ready:
+                r = self._start(self.jobs[jid], slot)
+                if r is not None:  # None: an orphaned process of a killed sweep still holds it; try later
+                    self.queue.remove(jid)
+                    self.running[slot] = r
+                    started = True
+                    break
+            if not started:
+                return
+
+    def _start(self, j: Job, slot: int, force_overwrite: bool = False) -> _Running | None:
+        lock_fd = _try_lock(self.out / "locks" / f"{_safe(j.id)}.lock")
+        if lock_fd is None:
             return None
-        state[j.id] = "failed"
-        if j.kind == "cell":
-            counts["failed"] += 1
-        emit(index.append({**base_rec, "status": "failed", "phase": r.phase, "error": _error_line(r.stderr, code),
-                           "returncode": code, "runtime_s": runtime}))
-        return None
-    result = _last_json(r.stdout)
-    if j.kind == "cell" and r.phase == "train":
-        if result is None:
-            state[j.id] = "failed"
-            counts["failed"] += 1
-            emit(index.append({**base_rec, "status": "failed", "error": "no JSON summary on stdout",
-                               "runtime_s": runtime}))
-            return None
-        if plan.reference_data:
-            nxt = _start(j, "eval", index, emit, engine, out, gpus, workers, slot, threads, r.attempt,
-                         summary=result)
+        name = _safe(j.id)
+        cfg_path = self.out / "configs" / f"{name}.yaml"
+        tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(j.config, sort_keys=False), encoding="utf-8")
+        tmp.replace(cfg_path)
+        args, resumed = _command(j, cfg_path, self.out, force_overwrite)
+        self.attempts[j.id] = self.attempts.get(j.id, 0) + 1
+        stdout, stderr = self.out / "logs" / f"{name}.out", self.out / "logs" / f"{name}.err"
+        with open(stdout, "wb") as fo, open(stderr, "ab") as fe:
+            fe.write(f"\n=== attempt {self.attempts[j.id]}: {' '.join(args)}\n".encode())
+            fe.flush()
+            proc = subprocess.Popen(self.engine + args, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
+                                    env=worker_env(slot, self.workers, self.gpus, self.threads), pass_fds=(lock_fd,),
+                                    preexec_fn=_set_pdeathsig)
+        self.state[j.id] = "running"
+        self._record(j, "running", resumed=resumed, pid=proc.pid)
+        return _Running(job=j, proc=proc, started=time.time(), attempt=self.attempts[j.id], lock_fd=lock_fd,
+                        stdout=stdout, stderr=stderr, resumed=resumed)
+
+    def _reap(self) -> None:
+        for slot, r in list(self.running.items()):
+            code = r.proc.poll()
+            if code is None:
+                continue
+            del self.running[slot]
+            os.close(r.lock_fd)
+            nxt = self._finish(r, code, slot)
             if nxt is not None:
-                return nxt
-        rec = {**base_rec, "status": "done", "summary": result, "runtime_s": runtime}
-    elif j.kind == "cell":  # eval phase done
-        rec = {**base_rec, "status": "done", "summary": r.summary or (index.latest().get(j.id) or {}).get("summary"),
-               "eval": result, "runtime_s": runtime}
-    else:
-        rec = {**base_rec, "status": "done", "summary" if j.kind == "base" else "eval": result,
-               "runtime_s": runtime}
-    state[j.id] = "done"
-    if j.kind == "cell":
-        counts["done"] += 1
-    emit(index.append(rec))
-    if j.kind == "cell" and not keep_weights:
-        prune_weights(plan, out, index)
-    return None
+                self.running[slot] = nxt
+
+    def _finish(self, r: _Running, code: int, slot: int) -> _Running | None:
+        j = r.job
+        runtime = round(time.time() - r.started, 2)
+        if code == 2 and r.resumed:
+            # the engine refused to resume (e.g. a checkpoint of a different config): start the run afresh
+            self._record(j, "running", note="resume refused, restarting: " + _error_line(r.stderr, code))
+            return self._start(j, slot, force_overwrite=True)
+        if code != 0:
+            self.state[j.id] = "failed"
+            self._record(j, "failed", error=_error_line(r.stderr, code), returncode=code, runtime_s=runtime)
+            if j.kind == "cell":
+                self._after_cell()
+            return None
+        result = _last_json(r.stdout)
+        if result is None:
+            self.state[j.id] = "failed"
+            self._record(j, "failed", error="no JSON result on stdout", returncode=0, runtime_s=runtime)
+            return None
+        self.state[j.id] = "done"
+        key = {"cell": "summary", "base": "summary"}.get(j.kind, "eval")
+        self._record(j, "done", runtime_s=runtime, **{key: result})
+        if j.kind == "cell":
+            self._after_cell()
+        return None
+
+    def _after_cell(self) -> None:
+        """Prune weights that are no longer needed; queue forgetting evals of groups that just finished."""
+        if not self.keep_weights:
+            prune_weights(self.plan, self.out, self.index)
+        latest = self.index.latest()
+        for j in _eval_jobs(self.plan, self.out, latest):
+            self._add(j, latest)
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -1042,8 +1036,6 @@ def load_saved_plan(out: str | Path) -> SweepPlan:
 def format_event(rec: dict) -> str | None:
     """One progress line for an index record (the CLI prints these on stderr)."""
     st, jid = rec.get("status"), rec.get("id")
-    if st == "running" and rec.get("phase") == "eval":
-        return f"  eval     {jid}"
     if st == "running":
         return f"  start    {jid}" + (" (resuming)" if rec.get("resumed") else "") + \
             (f"  [{rec['note']}]" if rec.get("note") else "")
@@ -1051,7 +1043,7 @@ def format_event(rec: dict) -> str | None:
         s = rec.get("summary") or {}
         ppl = s.get("val_ppl")
         ppl_txt = f"  val ppl {ppl:.3f}" if isinstance(ppl, (int, float)) else ""
-        return f"  done     {jid}{ppl_txt}  ({rec.get('runtime_s', 0):.0f} s)"
+        return f"  done     {jid}{ppl_txt}  ({rec.get('runtime_s') or 0:.0f} s)"
     if st == "failed":
         return f"  FAILED   {jid}: {rec.get('error')}"
     return None

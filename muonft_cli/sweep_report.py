@@ -51,14 +51,11 @@ def _find(obj: Any, paths: Iterable[str]) -> float | None:
     return None
 
 
-def eval_ppls(ev: dict | None) -> tuple[float | None, float | None]:
-    """(target-data PPL, reference-data PPL) of the evaluated model in a `muonft eval --json` result."""
-    if not isinstance(ev, dict):
-        return None, None
-    ppl = _find(ev, ("ppl", "val_ppl", "data.ppl", "model.ppl", "perplexity"))
-    ref = _find(ev, ("reference_ppl", "ref_ppl", "forgetting.model_ppl", "forgetting.ppl",
-                     "forgetting.reference_ppl", "reference.ppl", "forgetting.model.ppl"))
-    return ppl, ref
+def eval_numbers(ev: dict | None) -> dict[str, float | None]:
+    """PPLs in a `muonft eval --json` report: model and base on the data and on the reference set."""
+    ev = ev if isinstance(ev, dict) else {}
+    return {"ppl": _find(ev, ("data.model.ppl",)), "base_ppl": _find(ev, ("data.base.ppl",)),
+            "ref_ppl": _find(ev, ("forgetting.model.ppl",)), "base_ref_ppl": _find(ev, ("forgetting.base.ppl",))}
 
 
 def label(method: str, optim: str, rank: int | None = None, axes: Iterable = ()) -> str:
@@ -105,36 +102,48 @@ def val_curve(path: Path) -> list[tuple[int, float]]:
 def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dict]]:
     """Flatten a sweep directory into cell rows and base rows for `aggregate`.
 
+    The engine holds out validation documents by `train.seed`, so each base model is evaluated once per seed
+    and every cell is normalised by its own seed's base PPL.
+
     Returns:
-        (cells, bases): cells = [{id, base, method, optim, rank, axes, lr, seed, status, ppl, ref_ppl, error,
-        runtime_s, curve}], bases = {name: {label, pretrained_with, ppl, ref_ppl, ppl_source}}.
+        (cells, bases): cells = [{id, base, method, optim, rank, axes, lr, seed, status, ppl, norm, ref_ppl,
+        base_ref_ppl, error, runtime_s, curve}], bases = {name: {label, pretrained_with, ppl, ppl_by_seed,
+        ref_ppl}}.
     """
     out = Path(out)
     latest = SweepIndex(out / INDEX).latest()
+    bases: dict[str, dict] = {}
+    for name, b in plan.bases.items():
+        by_seed = {}
+        for seed in plan.seeds:
+            rec = latest.get(f"base_eval:{name}:s{seed}") or {}
+            v = eval_numbers(rec.get("eval"))["ppl"] if rec.get("status") == "done" else None
+            if v is not None:
+                by_seed[seed] = v
+        bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with,
+                       "ppl": statistics.fmean(by_seed.values()) if by_seed else None, "ppl_by_seed": by_seed,
+                       "ref_ppl": None, "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
     cells = []
+    base_refs: dict[str, list[float]] = {}
     for c in plan.cells:
         rec = latest.get(c.id)
         ok = rec is not None and rec.get("hash") == c.hash
         status = rec.get("status", "pending") if ok else "pending"
         ppl = cell_ppl(rec, plan.metric) if ok and status == "done" else None
-        _, ref = eval_ppls(rec.get("eval")) if ok else (None, None)
+        erec = latest.get(f"eval:{c.id}") or {}
+        ev = eval_numbers(erec.get("eval")) if erec.get("hash") == c.hash and erec.get("status") == "done" \
+            else eval_numbers(None)
+        bppl = bases[c.base]["ppl_by_seed"].get(c.seed)
+        if ev["base_ref_ppl"] is not None:
+            base_refs.setdefault(c.base, []).append(ev["base_ref_ppl"])
         cells.append({"id": c.id, "base": c.base, "method": c.method, "optim": c.optim, "rank": c.rank,
                       "axes": [list(a) for a in c.axes], "lr": c.lr, "seed": c.seed, "status": status,
-                      "ppl": ppl, "ref_ppl": ref if status == "done" else None,
+                      "ppl": ppl, "norm": ppl / bppl if ppl is not None and bppl else None,
+                      "ref_ppl": ev["ref_ppl"], "base_ref_ppl": ev["base_ref_ppl"],
                       "error": rec.get("error") if ok else None, "runtime_s": rec.get("runtime_s") if ok else None,
                       "curve": val_curve(out / "cells" / c.id / "metrics.jsonl") if status == "done" else []})
-    bases: dict[str, dict] = {}
-    for name, b in plan.bases.items():
-        rec = latest.get(f"base_eval:{name}") or {}
-        ppl, ref = eval_ppls(rec.get("eval")) if rec.get("status") == "done" else (None, None)
-        source = "muonft eval" if ppl is not None else None
-        if ppl is None:  # the step-0 validation of this base's cells is the base model itself
-            starts = [cc["curve"][0][1] for cc in cells if cc["base"] == name and cc["curve"]
-                      and cc["curve"][0][0] == 0]
-            if starts:
-                ppl, source = statistics.fmean(starts), "step-0 validation of the cells"
-        bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with, "ppl": ppl, "ref_ppl": ref,
-                       "ppl_source": source, "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
+    for name, refs in base_refs.items():
+        bases[name]["ref_ppl"] = statistics.fmean(refs)
     return cells, bases
 
 
@@ -182,12 +191,21 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                 c.get("ppl") is None or not math.isfinite(c["ppl"])))]
             pt = {"lr": lr, "n": len(done), "n_failed": len(failed),
                   "n_pending": len(cs) - len(done) - len(failed), "values": [c["ppl"] for c in done],
-                  "seeds": [c["seed"] for c in done], "mean": None, "std": None}
+                  "seeds": [c["seed"] for c in done], "mean": None, "std": None, "norm_mean": None,
+                  "norm_std": None}
             if done:
                 pt["mean"], pt["std"] = _mean_std([c["ppl"] for c in done])
+                norms = [c["norm"] if c.get("norm") is not None else
+                         (c["ppl"] / b["ppl"] if b.get("ppl") else None) for c in done]
+                if all(v is not None for v in norms):
+                    pt["norm_mean"], pt["norm_std"] = _mean_std(norms)
             refs = [c["ref_ppl"] for c in done if c.get("ref_ppl") is not None]
             if refs:
                 pt["ref_mean"], pt["ref_std"] = _mean_std(refs)
+                brefs = [c.get("base_ref_ppl") or b.get("ref_ppl") for c in done if c.get("ref_ppl") is not None]
+                if all(brefs):
+                    pt["forgetting"] = statistics.fmean(
+                        c["ref_ppl"] / br - 1.0 for c, br in zip([c for c in done if c.get("ref_ppl")], brefs))
             curve.append(pt)
         eligible = [p for p in curve if p["mean"] is not None and p["n_failed"] == 0]
         row = {"base": base, "base_label": b.get("label", base), "pretrained_with": b.get("pretrained_with"),
@@ -205,13 +223,10 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                 row["edge"] = "lowest" if best["lr"] == lrs[0] else "highest"
                 warnings.append(f"{row['base_label']} / {row['label']}: best LR {best['lr']:g} is the "
                                 f"{row['edge']} of the grid; widen the grid there")
-            if b.get("ppl"):
-                row["normalised"] = best["mean"] / b["ppl"]
-                row["normalised_std"] = best["std"] / b["ppl"]
+            row["normalised"], row["normalised_std"] = best["norm_mean"], best["norm_std"]
             if "ref_mean" in best:
                 row["ref_ppl_mean"], row["ref_ppl_std"] = best["ref_mean"], best["ref_std"]
-                if b.get("ref_ppl"):
-                    row["forgetting"] = best["ref_mean"] / b["ref_ppl"] - 1.0
+                row["forgetting"] = best.get("forgetting")
             row["best_curve"] = _mean_curve([c.get("curve") or [] for c in per_lr[best["lr"]]
                                              if c["status"] == "done"])
         elif any(p["n_failed"] for p in curve):
@@ -288,7 +303,7 @@ def _rank_study(groups: list[dict]) -> list[dict]:
         return []
     return [{"base": g["base"], "base_label": g["base_label"], "optim": g["optim"], "rank": g["rank"],
              "axes": g["axes"], "best_lr": g["best_lr"], "ppl_mean": g["ppl_mean"], "ppl_std": g["ppl_std"],
-             "normalised": g["normalised"], "n_seeds": g["n_seeds"]}
+             "normalised": g["normalised"], "normalised_std": g["normalised_std"], "n_seeds": g["n_seeds"]}
             for g in sorted(groups, key=lambda g: (g["base"], g["optim"], str(g["axes"]), g["rank"] or 0))
             if g["method"] == "lora"]
 
@@ -460,11 +475,10 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
     for ax, optim in zip(axs[0], optims):
         for g in [g for g in groups if g["optim"] == optim]:
             b = summary["bases"].get(g["base"], {})
-            scale = b["ppl"] if norm else 1.0
-            pts = [p for p in g["curve"] if p["mean"] is not None]
+            pts = [p for p in g["curve"] if p["mean"] is not None and (p["norm_mean"] is not None or not norm)]
             xs = [p["lr"] for p in pts]
-            ys = [p["mean"] / scale for p in pts]
-            sd = [(p["std"] or 0) / scale for p in pts]
+            ys = [p["norm_mean"] if norm else p["mean"] for p in pts]
+            sd = [(p["norm_std"] if norm else p["std"]) or 0 for p in pts]
             rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
             col = _colours(optim, g["method"], rp)
             rank_txt = f" r={g['rank']}" if g["rank"] is not None and len(ranks) > 1 else ""
@@ -474,8 +488,9 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=col,
                             alpha=0.15, lw=0)
             failed = [p["lr"] for p in g["curve"] if p["n_failed"]]
-            if g["best_lr"] is not None:
-                ax.plot([g["best_lr"]], [g["ppl_mean"] / scale], marker="*", ms=12, color=col, mec="black", mew=0.6)
+            best_y = g["normalised"] if norm else g["ppl_mean"]
+            if g["best_lr"] is not None and best_y is not None:
+                ax.plot([g["best_lr"]], [best_y], marker="*", ms=12, color=col, mec="black", mew=0.6)
             if failed:
                 ax.plot(failed, [ax.get_ylim()[1]] * len(failed), "x", color=col, ms=7)
         ax.set_xscale("log")
@@ -543,12 +558,12 @@ def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
     fig, axs = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.0), squeeze=False)
     for ax, name in zip(axs[0], names):
         b = summary["bases"][name]
-        scale = b["ppl"] if summary["normalised"] else 1.0
         rows = [r for r in summary["rank_study"] if r["base"] == name and r["ppl_mean"] is not None]
         for key in dict.fromkeys((r["optim"], str(r["axes"])) for r in rows):
             rr = sorted([r for r in rows if (r["optim"], str(r["axes"])) == key], key=lambda r: r["rank"])
-            ax.errorbar([r["rank"] for r in rr], [r["ppl_mean"] / scale for r in rr],
-                        yerr=[(r["ppl_std"] or 0) / scale for r in rr], marker="o", capsize=3,
+            norm = summary["normalised"] and all(r["normalised"] is not None for r in rr)
+            ax.errorbar([r["rank"] for r in rr], [r["normalised"] if norm else r["ppl_mean"] for r in rr],
+                        yerr=[(r["normalised_std"] if norm else r["ppl_std"]) or 0 for r in rr], marker="o", capsize=3,
                         color=_colours(key[0], "full"), label=f"LoRA-{OPTIM_NAMES.get(key[0], key[0])}")
         ax.set_xscale("log", base=2)
         ranks = sorted({r["rank"] for r in rows})

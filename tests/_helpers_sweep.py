@@ -64,11 +64,21 @@ def main(argv: list[str]) -> int:
     for a in ("--resume", "--overwrite", "--json", "--quiet"):
         ap.add_argument(a, action="store_true")
     args = ap.parse_args(argv[1:])
-    if mode == "eval":
-        info = json.loads((Path(args.model) / "fake.json").read_text()) if (Path(args.model) / "fake.json").is_file() \
-            else {}
-        res = {"ppl": info.get("val_ppl", 28.0), "reference_ppl": info.get("ref_ppl", 40.0)}
-        print(json.dumps(res))
+    if mode == "eval":  # `muonft eval --config C [--base B] --json`: the engine's report layout
+        cfg = yaml.safe_load(Path(args.config).read_text())
+
+        def info(path):
+            p = Path(path) / "fake.json"
+            return json.loads(p.read_text()) if p.is_file() else {"val_ppl": 28.0, "ref_ppl": 40.0}
+
+        m = info(args.model or cfg["model"]["name_or_path"])
+        b = info(args.base) if args.base else None
+
+        def part(key):
+            return {"model": {"ppl": m[key]}, "base": {"ppl": b[key]} if b else None}
+
+        ref = cfg.get("eval", {}).get("reference_data")
+        print(json.dumps({"data": part("val_ppl"), "forgetting": part("ref_ppl") if ref else None}))
         return 0
     cfg = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)

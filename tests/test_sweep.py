@@ -180,12 +180,16 @@ def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path
             assert "loss is NaN" in rec["error"] and rec["returncode"] == 1
         else:
             assert rec["summary"]["val_ppl"] == pytest.approx(fake_ppl(c.lr, c.optim, c.method, "muon", c.seed))
-            assert rec["eval"]["reference_ppl"] > 0
+    # forgetting is evaluated for the cells at each group's best LR, and only for them
+    best = S.best_lrs(plan, latest)
+    evals = {i[len("eval:"):]: r for i, r in latest.items() if i.startswith("eval:")}
+    assert set(evals) == {c.id for c in plan.cells if best.get(c.group) == c.lr}
+    assert all(r["status"] == "done" and r["eval"]["forgetting"]["base"]["ppl"] == 40.0 for r in evals.values())
+    assert latest["base_eval:muon:s0"]["eval"]["data"]["model"]["ppl"] == 25.0
     starts = [e for e in fake_log(fake_env) if e["event"] == "start"]
     assert len(starts) == 8 + 1  # every cell once + the pretrain base
     assert any(e["status"] == "failed" for e in events) and any(e["status"] == "done" for e in events)
     # pruning: checkpoints gone everywhere; full-model weights only at each group's best LR
-    best = S.best_lrs(plan, latest)
     for c in plan.cells:
         d = out / "cells" / c.id
         assert not (d / "checkpoints").exists()
@@ -384,19 +388,22 @@ def fabricate_sweep(plan: S.SweepPlan, out: Path) -> None:
     idx = S.SweepIndex(out / S.INDEX)
     (out / "cells").mkdir(parents=True)
     for name, b in plan.bases.items():
-        idx.append({"id": f"base_eval:{name}", "kind": "base_eval", "hash": "x", "status": "done",
-                    "eval": {"ppl": 25.0, "reference_ppl": 40.0}})
+        for seed in plan.seeds:
+            idx.append({"id": f"base_eval:{name}:s{seed}", "kind": "base_eval", "hash": "x", "status": "done",
+                        "eval": {"data": {"model": {"ppl": 25.0 + seed}}}})
     for c in plan.cells:
         ppl = fake_ppl(c.lr, c.optim, c.method, plan.bases[c.base].pretrained_with, c.seed) + 0.1 * (c.rank or 0)
         d = out / "cells" / c.id
         d.mkdir()
         with open(d / "metrics.jsonl", "w") as fh:
-            for step in range(0, 7):
+            for step in range(1, 7):
                 v = 28.0 + (ppl - 28.0) * step / 6
                 fh.write(json.dumps({"step": step, "loss": math.log(v), "val_ppl": v}) + "\n")
         idx.append({"id": c.id, "kind": "cell", "hash": c.hash, "status": "done", "runtime_s": 1.0,
-                    "summary": {"val_ppl": ppl, "best_val_ppl": ppl},
-                    "eval": {"ppl": ppl, "reference_ppl": 40.0 * (1.2 if c.method == "full" else 1.05)}})
+                    "summary": {"val_ppl": ppl, "best_val_ppl": ppl}})
+        idx.append({"id": f"eval:{c.id}", "kind": "cell_eval", "hash": c.hash, "status": "done",
+                    "eval": {"forgetting": {"model": {"ppl": 40.0 * (1.2 if c.method == "full" else 1.05)},
+                                            "base": {"ppl": 40.0}}}})
 
 
 def test_report_regeneration_and_plots_through_the_cli(tmp_path):
@@ -407,7 +414,14 @@ def test_report_regeneration_and_plots_through_the_cli(tmp_path):
     summary = R.write_report(out, plan)
     first = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["done"] == len(plan.cells) == 2 * (4 + 8) * 2
-    assert summary["normalised"] and summary["bases"]["adam"]["ppl"] == pytest.approx(25.0)
+    assert summary["normalised"] and summary["bases"]["adam"]["ppl_by_seed"] == {0: 25.0, 1: 26.0}
+    g = next(g for g in summary["groups"] if g["best_lr"] is not None)  # per-seed normalisation
+    cs = [c for c in plan.cells if (c.base, c.method, c.optim, c.rank) == (g["base"], g["method"], g["optim"],
+                                                                            g["rank"]) and c.lr == g["best_lr"]]
+    vals = [(fake_ppl(c.lr, c.optim, c.method, plan.bases[c.base].pretrained_with, c.seed) + 0.1 * (c.rank or 0))
+            / (25.0 + c.seed) for c in cs]
+    assert g["normalised"] == pytest.approx(sum(vals) / 2)
+    assert g["forgetting"] == pytest.approx(0.2 if g["method"] == "full" else 0.05)
     for name in ("summary.md", "summary.csv", "summary.json", "ppl_vs_lr.png", "val_curves.png",
                  "ppl_vs_rank.png"):
         (out / name).unlink()

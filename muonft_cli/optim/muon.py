@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,12 +45,13 @@ from torch import Tensor
 from torch.optim.adam import adam as _adam
 
 from .orthogonalize import (
+    _METHODS,
+    _PE_NORM_SCALE,
     GRAM_MAX_DIM,
     _direct,
     _gram,
+    _gram_q,
     _svd_polar,
-    _METHODS,
-    _PE_NORM_SCALE,
     ns_coefficients,
     resolve_ns_dtype,
 )
@@ -61,6 +61,7 @@ __all__ = ["MuonFamily", "Muon", "AdaMuon", "NorMuon", "SCALINGS", "update_scale
 SCALINGS = ("match_rms_adamw", "original", "none")
 _KINDS = ("muon", "adamw")
 _DEFAULT_CHUNK_BYTES = 512 * 2**20
+_CPU_BLOCK_BYTES = 4 * 2**20  # Gram-path blocks on CPU: fill → Gram → update while in cache
 
 
 def update_scale(scaling: str, out_features: int, in_features: int) -> float:
@@ -80,25 +81,23 @@ def _logical_shape(p: Tensor, transposed: bool) -> tuple[int, int]:
     return (cols, rows) if transposed else (rows, cols)
 
 
-@dataclass
 class _Item:
-    """One Muon matrix in this step: its parameter, group and NS input (param-shaped)."""
+    """One Muon matrix in this step: parameter, gradient, momentum buffer, its 2-D layout and scale."""
 
-    param: Tensor
-    group: dict[str, Any]
-    ns_input: Tensor
+    __slots__ = ("param", "grad", "buf", "group", "rows", "cols", "scale", "flip")
 
-    def wide(self) -> Tensor:
-        """The NS input as a 2-D (r, c) view with r <= c."""
-        mat = self.ns_input.reshape(self.ns_input.shape[0], -1)
-        return mat.mT if mat.shape[0] > mat.shape[1] else mat
+    def __init__(self, param: Tensor, grad: Tensor, buf: Tensor, group: dict[str, Any], scale: float) -> None:
+        self.param, self.grad, self.buf, self.group, self.scale = param, grad, buf, group, scale
+        self.rows, self.cols = param.shape[0], param[0].numel()  # (out, -1) flattening
+        self.flip = False  # set for direct-path tall matrices (stacked transposed)
 
-    def unwide(self, O: Tensor) -> Tensor:
-        """Inverse of :meth:`wide` for an (r, c) result: back to the parameter's shape."""
-        rows = self.param.shape[0]
-        cols = self.param[0].numel()
-        mat = O.mT if rows > cols else O
-        return mat.reshape(self.param.shape)
+    def slot(self, X: Tensor, i: int) -> Tensor:
+        """Stack slot i viewed in this matrix's stored (rows, cols) orientation."""
+        return X[i].mT if self.flip else X[i]
+
+    def as_param(self, O: Tensor) -> Tensor:
+        """A stacked (rows, cols) or flipped result, viewed as the parameter's shape."""
+        return (O.mT if self.flip else O).reshape(self.param.shape)
 
 
 class MuonFamily(torch.optim.Optimizer):
@@ -108,6 +107,12 @@ class MuonFamily(torch.optim.Optimizer):
     and ``eps`` (defaults ``adamw_betas``/``adamw_eps``) and their own ``lr``/``weight_decay``.  A Muon
     group may set ``transposed=True`` when its weights are stored (in, out) (GPT-2 ``Conv1D``), so
     shape-dependent scalings use the true out×in orientation.
+
+    Execution: Muon matrices are bucketed by 2-D shape (direct path: after transposing tall ones;
+    Gram path: as stored) and processed in chunks of at most ``ns_chunk_bytes`` of stacked input.
+    On CUDA momentum and updates are ``torch._foreach_*`` ops (launch-bound); on CPU (memory-bound)
+    the momentum update, Nesterov input and stacking run per matrix while it is in cache, and Muon
+    applies Gram-path updates with one fused ``addmm_`` (decay + update) per matrix.
     """
 
     _state_keys: tuple[str, ...] = ("momentum_buffer",)
@@ -164,10 +169,12 @@ class MuonFamily(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.ns_chunk_bytes = int(ns_chunk_bytes)
+        self.cpu_block_bytes = _CPU_BLOCK_BYTES
         self.ns_matrices_done = 0
         self.ns_matrices_last_step = 0
         self._dist_group: Any = None
         self._dist_enabled = False
+        self._shard_thin = False
         for group in self.param_groups:
             self._check_group(group)
 
@@ -180,6 +187,8 @@ class MuonFamily(torch.optim.Optimizer):
         if kind == "muon":
             if group["scaling"] not in SCALINGS:
                 raise ValueError(f"unknown Muon scaling {group['scaling']!r}; expected one of {SCALINGS}")
+            if group["ns_method"] not in _METHODS:
+                raise ValueError(f"unknown ns_method {group['ns_method']!r}; expected one of {_METHODS}")
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(
@@ -195,23 +204,29 @@ class MuonFamily(torch.optim.Optimizer):
         if hasattr(self, "ns_matrices_done"):  # after __init__
             self._check_group(self.param_groups[-1])
 
-    def set_distributed(self, group: Any = None, *, enabled: bool = True) -> None:
+    def set_distributed(self, group: Any = None, *, enabled: bool = True, shard_thin: bool = False) -> None:
         """Split the orthogonalisation work over the ranks of a ``torch.distributed`` process group.
 
         Every rank must hold identical gradients (e.g. DDP-synchronised) and the same parameters with
         gradients.  Rank ``k`` orthogonalises the matrices at positions ``i ≡ k (mod world_size)`` of
-        each same-shape bucket; results are exchanged with ``all_gather`` so all ranks apply the same
-        update and keep identical optimizer state.  Works with gloo (CPU) and NCCL (GPU).
+        the same-shape buckets (one running position across buckets, in param-group order); results
+        are exchanged with ``all_gather`` (one collective per chunk) so all ranks apply the same update
+        and keep identical optimizer state.  Works with gloo (CPU) and NCCL (GPU).
+
+        Thin matrices (Gram path, e.g. LoRA A/B) are by default orthogonalised by every rank: their
+        NS costs O(r²·c), the same order as sending the result, so sharding them only adds traffic.
+        ``shard_thin=True`` shards them too.
 
         Args:
             group: process group (``None`` = the default group).
             enabled: ``False`` turns sharding off again.
+            shard_thin: also shard Gram-path matrices.
 
         Raises:
             RuntimeError: ``torch.distributed`` is not initialised.
         """
         if not enabled:
-            self._dist_enabled, self._dist_group = False, None
+            self._dist_enabled, self._dist_group, self._shard_thin = False, None, False
             return
         import torch.distributed as dist
 
@@ -220,7 +235,7 @@ class MuonFamily(torch.optim.Optimizer):
                 "set_distributed() needs an initialised torch.distributed process group "
                 "(call torch.distributed.init_process_group first, e.g. under torchrun)"
             )
-        self._dist_enabled, self._dist_group = True, group
+        self._dist_enabled, self._dist_group, self._shard_thin = True, group, bool(shard_thin)
 
     def _world(self) -> tuple[int, int]:
         if not self._dist_enabled:
@@ -243,7 +258,7 @@ class MuonFamily(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 self._adamw_group_step(group)
             else:
-                items.extend(self._prepare_group(group))
+                items.extend(self._collect(group))
         self.ns_matrices_last_step = 0
         self._orthogonalize_and_apply(items)
         self.ns_matrices_done += self.ns_matrices_last_step
@@ -272,7 +287,7 @@ class MuonFamily(torch.optim.Optimizer):
         fused = all(p.device.type == "cuda" for p in params) and all(
             p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
         )
-        if fused:  # fused kernel wants its step counters on the device
+        if fused:  # the fused kernel wants its step counters on the device
             for i, s in enumerate(steps):
                 if s.device != params[i].device:
                     s = s.to(params[i].device)
@@ -297,131 +312,192 @@ class MuonFamily(torch.optim.Optimizer):
             maximize=False,
         )
 
-    def _prepare_group(self, group: dict[str, Any]) -> list[_Item]:
-        """Momentum update (foreach) and the NS inputs of one Muon group."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return []
-        grads = [p.grad for p in params]
-        for p, g in zip(params, grads):
+    def _collect(self, group: dict[str, Any]) -> list[_Item]:
+        """The Muon matrices of one group that have gradients (state created lazily)."""
+        items = []
+        scales: dict[tuple[int, int], float] = {}
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
             if g.is_sparse:
                 raise RuntimeError("Muon does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError("Muon does not support complex parameters")
-        bufs = []
-        for p in params:
             state = self.state[p]
             if not state:
                 self._init_state(p, group, state)
-            bufs.append(state["momentum_buffer"])
-        beta = group["momentum"]
-        torch._foreach_mul_(bufs, beta)
-        torch._foreach_add_(bufs, grads)  # M ← βM + G
-        if group["nesterov"] and beta > 0.0:
-            inputs = torch._foreach_add(grads, bufs, alpha=beta)  # G + βM
-        else:
-            inputs = list(bufs)
-        inputs = self._ns_input(inputs, group)
-        return [_Item(p, group, u) for p, u in zip(params, inputs)]
+            shape = _logical_shape(p, group["transposed"])
+            if shape not in scales:
+                scales[shape] = update_scale(group["scaling"], *shape)
+            items.append(_Item(p, g, state["momentum_buffer"], group, scales[shape]))
+        return items
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _ns_input(self, inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
-        return inputs
+    def _transform_stack(self, X: Tensor) -> None:
+        """Hook applied to the stacked NS input in place (AdaMuon: sign)."""
 
     # ------------------------------------------------------------------ batched NS
 
     def _orthogonalize_and_apply(self, items: list[_Item]) -> None:
         buckets: dict[tuple, list[_Item]] = defaultdict(list)
+        dtypes: dict[tuple, torch.dtype] = {}
         for it in items:
-            w = it.wide()
             g = it.group
-            method = g["ns_method"]
-            thin = w.shape[0] <= GRAM_MAX_DIM
-            cdtype = resolve_ns_dtype(g["ns_dtype"], w.device)
-            key = (tuple(w.shape), method, g["ns_steps"], thin, cdtype, w.device, w.dtype)
+            thin = min(it.rows, it.cols) <= GRAM_MAX_DIM and g["ns_method"] != "svd"
+            dkey = (g["ns_dtype"], it.param.device)
+            if dkey not in dtypes:
+                dtypes[dkey] = resolve_ns_dtype(g["ns_dtype"], it.param.device)
+            if thin:
+                shape = (it.rows, it.cols)  # Gram path: as stored
+            else:
+                it.flip = it.rows > it.cols
+                shape = (it.cols, it.rows) if it.flip else (it.rows, it.cols)  # wide
+            key = (shape, g["ns_method"], g["ns_steps"], thin, dtypes[dkey], it.param.device, it.param.dtype)
             buckets[key].append(it)
         rank, world = self._world()
-        offset = 0  # global position, so round-robin continues across buckets
+        offset = 0  # running position, so round-robin continues across buckets
         for key, bucket in buckets.items():
-            (r, c), method, steps, thin, cdtype, device, in_dtype = key
-            elem = 8 if thin else torch.finfo(cdtype).bits // 8
-            per_chunk = max(1, self.ns_chunk_bytes // max(1, r * c * elem))
-            if world > 1:
+            (r, c), method, steps, thin, cdtype, _, pdtype = key
+            shard = world > 1 and (not thin or self._shard_thin)
+            stack_dtype = pdtype if thin or method == "svd" else cdtype
+            chunk_bytes = self.ns_chunk_bytes
+            if thin and not shard and bucket[0].param.device.type == "cpu":
+                chunk_bytes = min(chunk_bytes, self.cpu_block_bytes)  # stay in cache end to end
+            per_chunk = max(1, chunk_bytes // max(1, r * c * stack_dtype.itemsize))
+            if shard:
                 per_chunk = max(world, per_chunk - per_chunk % world)
             for start in range(0, len(bucket), per_chunk):
                 chunk = bucket[start : start + per_chunk]
-                if world == 1:
-                    O = self._ns_chunk(chunk, method, steps, thin, cdtype)
-                    outs = [it.unwide(O[i]) for i, it in enumerate(chunk)]
-                    self.ns_matrices_last_step += len(chunk)
+                if shard:
+                    owners = [(offset + start + i) % world for i in range(len(chunk))]
+                    self._chunk_sharded(chunk, owners, rank, world, method, steps, thin, stack_dtype)
                 else:
-                    outs = self._ns_chunk_distributed(
-                        chunk, offset + start, rank, world, method, steps, thin, cdtype
-                    )
-                self._apply_updates(chunk, outs)
-            offset += len(bucket)
+                    self._chunk_local(chunk, method, steps, thin, stack_dtype)
+            if shard:
+                offset += len(bucket)
 
-    def _ns_chunk(
-        self, chunk: list[_Item], method: str, steps: int, thin: bool, cdtype: torch.dtype
-    ) -> Tensor:
-        """Orthogonalise the wide views of ``chunk`` in one batched call → (k, r, c)."""
-        w0 = chunk[0].wide()
-        stack_dtype = w0.dtype if thin or method == "svd" else cdtype
-        X = torch.empty((len(chunk), *w0.shape), dtype=stack_dtype, device=w0.device)  # (k, r, c)
-        torch._foreach_copy_(list(X.unbind(0)), [it.wide() for it in chunk])
+    def _fill(self, chunk: list[_Item], owned: list[bool], X: Tensor) -> None:
+        """Momentum ``M ← βM + G`` for every item; NS input (``G + βM`` or ``M``) into X for owned ones."""
+        if X.device.type == "cpu":
+            # memory-bound: touch each matrix once while it is in cache
+            j = 0
+            for it, own in zip(chunk, owned):
+                g = it.group
+                beta = g["momentum"]
+                torch.add(it.grad, it.buf, alpha=beta, out=it.buf)  # M ← G + βM, one pass
+                if not own:
+                    continue
+                slot = it.slot(X, j)
+                j += 1
+                grad2 = it.grad.reshape(it.rows, it.cols)
+                buf2 = it.buf.reshape(it.rows, it.cols)
+                if g["nesterov"] and beta > 0.0:
+                    if slot.dtype == grad2.dtype:
+                        torch.add(grad2, buf2, alpha=beta, out=slot)
+                    else:
+                        slot.copy_(torch.add(grad2, buf2, alpha=beta))
+                else:
+                    slot.copy_(buf2)
+        else:
+            by_group: dict[int, list[int]] = defaultdict(list)
+            for i, it in enumerate(chunk):
+                by_group[id(it.group)].append(i)
+            slots: dict[int, Tensor] = {}
+            j = 0
+            for i, own in enumerate(owned):
+                if own:
+                    slots[i] = chunk[i].slot(X, j)
+                    j += 1
+            for idx in by_group.values():
+                g = chunk[idx[0]].group
+                beta = g["momentum"]
+                bufs = [chunk[i].buf for i in idx]
+                torch._foreach_mul_(bufs, beta)
+                torch._foreach_add_(bufs, [chunk[i].grad for i in idx])
+                mine = [i for i in idx if owned[i]]
+                if not mine:
+                    continue
+                src = [chunk[i].buf.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+                if g["nesterov"] and beta > 0.0:
+                    grads = [chunk[i].grad.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+                    src = torch._foreach_add(grads, src, alpha=beta)
+                torch._foreach_copy_([slots[i] for i in mine], src)
+        self._transform_stack(X)
+
+    def _ns(self, X: Tensor, method: str, steps: int, thin: bool, tall: bool) -> Tensor:
+        """Orthogonalise the stack X (k, r, c) → O with X's layout (fp32 for the Gram path)."""
         if method == "svd":
-            return _svd_polar(X, torch.float32 if w0.dtype != torch.float64 else w0.dtype)
+            return _svd_polar(X, X.dtype)
         coeffs = ns_coefficients(method, steps)
         scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
         if thin:
-            out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
-            return _gram(X, coeffs, scale, out_dtype)
+            out = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+            return _gram(X, coeffs, scale, out, tall=tall)
         return _direct(X, coeffs, scale)
 
-    def _ns_chunk_distributed(
+    def _chunk_local(self, chunk: list[_Item], method: str, steps: int, thin: bool, stack_dtype: torch.dtype) -> None:
+        it0 = chunk[0]
+        shape = (it0.rows, it0.cols) if thin or not it0.flip else (it0.cols, it0.rows)
+        X = torch.empty((len(chunk), *shape), dtype=stack_dtype, device=it0.param.device)  # (k, r, c)
+        self._fill(chunk, [True] * len(chunk), X)
+        self.ns_matrices_last_step += len(chunk)
+        tall = it0.rows > it0.cols
+        if thin and method != "svd":
+            coeffs = ns_coefficients(method, steps)
+            scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
+            work = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+            Q = _gram_q(X, coeffs, scale, tall).to(work)  # (k, r, r)
+            self._apply_gram(chunk, Q, X.to(work), tall)
+            return
+        O = self._ns(X, method, steps, thin, tall)
+        self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
+
+    def _chunk_sharded(
         self,
         chunk: list[_Item],
-        first: int,
+        owners: list[int],
         rank: int,
         world: int,
         method: str,
         steps: int,
         thin: bool,
-        cdtype: torch.dtype,
-    ) -> list[Tensor]:
-        """Orthogonalise this rank's share of ``chunk`` and all_gather everyone's results."""
+        stack_dtype: torch.dtype,
+    ) -> None:
+        """Orthogonalise this rank's share of ``chunk``, all_gather everyone's results, apply all."""
         import torch.distributed as dist
 
-        owners = [(first + i) % world for i in range(len(chunk))]
-        mine = [it for it, o in zip(chunk, owners) if o == rank]
+        it0 = chunk[0]
+        shape = (it0.rows, it0.cols) if thin or not it0.flip else (it0.cols, it0.rows)
+        owned = [o == rank for o in owners]
+        n_mine = sum(owned)
         per_rank = max(owners.count(k) for k in range(world))
-        w0 = chunk[0].wide()
-        if mine:
-            O = self._ns_chunk(mine, method, steps, thin, cdtype)
-            self.ns_matrices_last_step += len(mine)
-        else:
-            O = None
-        comm_dtype = O.dtype if O is not None else (w0.dtype if thin else cdtype)
-        if method == "svd" or thin:
-            comm_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
-        backend = dist.get_backend(self._dist_group)
-        if backend == "gloo" and comm_dtype in (torch.bfloat16, torch.float16):
+        X = torch.empty((n_mine, *shape), dtype=stack_dtype, device=it0.param.device)
+        self._fill(chunk, owned, X)
+        O = self._ns(X, method, steps, thin, it0.rows > it0.cols) if n_mine else X
+        self.ns_matrices_last_step += n_mine
+        comm_dtype = O.dtype
+        if dist.get_backend(self._dist_group) == "gloo" and comm_dtype in (torch.bfloat16, torch.float16):
             comm_dtype = torch.float32
-        send = torch.zeros((per_rank, *w0.shape), dtype=comm_dtype, device=w0.device)
-        if O is not None:
-            send[: O.shape[0]].copy_(O)
+        send = torch.zeros((per_rank, *shape), dtype=comm_dtype, device=X.device)
+        send[:n_mine].copy_(O)
         recv = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(recv, send, group=self._dist_group)
         seen = [0] * world
         outs = []
         for it, o in zip(chunk, owners):
-            outs.append(it.unwide(recv[o][seen[o]]))
+            outs.append(it.as_param(recv[o][seen[o]]))
             seen[o] += 1
-        return outs
+        self._apply_updates(chunk, outs)
 
     # ------------------------------------------------------------------ updates
+
+    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor, tall: bool) -> None:
+        """Apply Gram-path results ``O = Q X`` (or ``X Q`` for tall); default: materialise O."""
+        O = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
+        self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
 
     def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
         raise NotImplementedError  # implemented by each optimizer below
@@ -431,14 +507,13 @@ class MuonFamily(torch.optim.Optimizer):
         if weight_decay != 0.0 and lr != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # W ← W − ηλW (decoupled)
 
+    @staticmethod
     def _by_group_and_scale(
-        self, chunk: list[_Item], outs: list[Tensor]
+        chunk: list[_Item], outs: list[Tensor]
     ) -> dict[tuple[int, float], tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         sets: dict[tuple[int, float], tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
         for it, o in zip(chunk, outs):
-            g = it.group
-            s = update_scale(g["scaling"], *_logical_shape(it.param, g["transposed"]))
-            entry = sets.setdefault((id(g), s), (g, [], []))
+            entry = sets.setdefault((id(it.group), it.scale), (it.group, [], []))
             entry[1].append(it.param)
             entry[2].append(o)
         return sets
@@ -471,6 +546,18 @@ class Muon(MuonFamily):
         for (_, s), (g, params, updates) in self._by_group_and_scale(chunk, outs).items():
             self._decay(params, g["lr"], g["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-g["lr"] * s)
+
+    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor, tall: bool) -> None:
+        if X.device.type != "cpu" or not all(it.param.is_contiguous() for it in chunk):
+            super()._apply_gram(chunk, Q, X, tall)
+            return
+        # CPU: W ← (1 − ηλ)·W − η·s·(QX) in one addmm_ per matrix, no O materialised
+        for i, it in enumerate(chunk):
+            g = it.group
+            lr = g["lr"]
+            w2 = it.param.view(it.rows, it.cols)
+            a, b = (X[i], Q[i]) if tall else (Q[i], X[i])
+            w2.addmm_(a, b, beta=1.0 - lr * g["weight_decay"], alpha=-lr * it.scale)
 
 
 class AdaMuon(MuonFamily):
@@ -540,8 +627,8 @@ class AdaMuon(MuonFamily):
         super()._init_state(p, group, state)
         state["second_moment"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _ns_input(self, inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
-        return torch._foreach_sign(inputs)  # sign-stabilised direction
+    def _transform_stack(self, X: Tensor) -> None:
+        X.sign_()  # O = NS(sign(M)): sign-stabilised direction
 
     def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
         by_group: dict[int, tuple[dict[str, Any], list[_Item], list[Tensor]]] = {}
