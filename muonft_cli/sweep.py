@@ -584,9 +584,10 @@ def _eval_jobs(plan: SweepPlan, out: Path, latest: dict[str, dict]) -> list[Job]
 def _command(j: Job, cfg_path: Path, out: Path, force_overwrite: bool) -> tuple[list[str], bool]:
     """The `muonft` arguments of a job, and whether it resumes a checkpoint."""
     if j.kind == "base_eval":
-        return ["eval", "--config", str(cfg_path), "--json"], False
+        return ["eval", "--config", str(cfg_path), "--model", str(j.config["model"]["name_or_path"]), "--json"], False
     if j.kind == "cell_eval":
-        return ["eval", "--config", str(cfg_path), "--base", _base_model_path(out, j.base), "--json"], False
+        return ["eval", "--config", str(cfg_path), "--model", str(j.config["model"]["name_or_path"]),
+                "--base", _base_model_path(out, j.base), "--json"], False
     args = ["pretrain" if j.kind == "base" else "finetune", "--config", str(cfg_path), "--out", str(j.out),
             "--json", "--quiet"]
     if j.out.exists() and any(j.out.iterdir()):
@@ -1047,3 +1048,34 @@ def format_event(rec: dict) -> str | None:
     if st == "failed":
         return f"  FAILED   {jid}: {rec.get('error')}"
     return None
+
+
+FINETUNE_SWEEP_RECIPE = "recipes/sweep-finetune.yaml"
+
+
+def diagnose_sweep_command(model: str, data: str, rec: dict) -> str:
+    """The `muonft sweep …` line `muonft diagnose` prints beside its finetune command.
+
+    It sweeps the recommended method with the target optimizer over the recommended LR grid (3 seeds) using
+    `recipes/sweep-finetune.yaml`, and marks the base's pretraining optimizer so the report shows the mismatch.
+
+    Args:
+        model: the diagnosed checkpoint.
+        data: the fine-tuning dataset.
+        rec: diagnose's recommendation (method, lora_rank, lr_grid, target_optim, pretrain_optimizer).
+    """
+    import shlex
+
+    method, optim = rec.get("method", "lora"), rec.get("target_optim", "muon")
+    fam = rec.get("pretrain_optimizer")
+    pretrained_with = {"adam": "adamw", "muon": "muon"}.get(str(fam), "null")
+    grid = ",".join(f"{x:g}" for x in sorted(set(rec.get("lr_grid") or [])))  # rounding may repeat values
+    args = ["muonft", "sweep", FINETUNE_SWEEP_RECIPE, "--out", f"runs/sweep-{method}-{optim}",
+            "--set", f"sweep.bases.model.path={model}", "--set", f"sweep.bases.model.pretrained_with={pretrained_with}",
+            "--set", f"data.path={data}", "--set", f"sweep.methods=[{method}]", "--set", f"sweep.optims=[{optim}]"]
+    if grid:
+        args += ["--set", f"sweep.lr.{method}=[{grid}]"]
+    ranks = rec.get("lora_rank")
+    if method == "lora" and ranks:
+        args += ["--set", f"sweep.lora_ranks=[{','.join(str(r) for r in ranks)}]"]
+    return shlex.join(args) + " --workers 2"

@@ -48,6 +48,18 @@ def tiny_model_dir(path: Path, seed: int = 0) -> Path:
     return save_tiny(tiny_llama(seed), path)
 
 
+def wide_model_dir(path: Path, seed: int = 0) -> Path:
+    """A saved 2-layer hidden-128 Llama: every matrix has both sides > 64, so Muon orthogonalises it directly
+    (not on the Gram path, whose thin matrices every rank handles itself) and DDP shards the work."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return save_tiny(LlamaForCausalLM(cfg), path)
+
+
 def tiny_model_config(path: Path) -> Path:
     """A transformers config.json for `pretrain --model-config`: 2 layers, hidden 32."""
     cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

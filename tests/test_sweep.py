@@ -31,7 +31,8 @@ from _helpers_sweep import FAKE_ENGINE, fake_ppl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_RECIPES = [ROOT / "recipes" / n for n in ("mismatch-small.yaml", "llama2-7b-lora-muon.yaml",
-                                                  "llama2-7b-full.yaml", "sweep-rank-study.yaml")]
+                                                  "llama2-7b-full.yaml", "sweep-rank-study.yaml",
+                                                  "sweep-finetune.yaml")]
 
 
 def micro_recipe(**sweep_over) -> dict:
@@ -516,3 +517,21 @@ def test_llama_recipes_use_the_papers_grid_and_settings():
         assert c.config["train"]["epochs"] == 1 and c.config["schedule"]["warmup_ratio"] == 0.03
     plan = S.load_plan(ROOT / "recipes" / "sweep-rank-study.yaml")
     assert plan.lora_ranks == [2, 4, 8, 16, 32, 64, 128, 256, 512] and plan.alpha_equals_2r
+
+
+def test_diagnose_recommendation_carries_a_valid_sweep_command():
+    import shlex
+
+    from muonft_cli.diagnose_verdict import recommend
+
+    for fam, target in (("adam", "muon"), ("muon", "muon"), (None, "adamw")):
+        rec = recommend(fam, target, 2_000_000, "runs/pre-adam/final", "builtin:kjv", source="test")
+        args = shlex.split(rec["sweep_command"])
+        assert args[:3] == ["muonft", "sweep", S.FINETUNE_SWEEP_RECIPE]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        plan = S.load_plan(ROOT / S.FINETUNE_SWEEP_RECIPE, sets)
+        assert plan.optims == [target] and plan.methods == [rec["method"]]
+        assert plan.bases["model"].path == "runs/pre-adam/final"
+        assert plan.bases["model"].family == {"adam": "adam", "muon": "muon", None: None}[fam]
+        assert plan.run["data"]["path"] == "builtin:kjv"
+        assert set(plan.lrs[rec["method"]][target]) == set(rec["lr_grid"])

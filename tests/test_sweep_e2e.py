@@ -65,7 +65,7 @@ def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "sw"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "muonft_cli", "sweep", str(rp), "--out", str(out), "--workers", "2", "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["counts"]["done"] == 8 and summary["counts"]["failed"] == 0
@@ -89,5 +89,5 @@ def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
     for name in ("summary.md", "summary.csv", "summary.json", "ppl_vs_lr.png", "val_curves.png"):
         assert (out / name).stat().st_size > 0
     # running it again finds everything done and starts nothing
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0 and "start" not in res.stderr and "8 already finished" in res.stderr

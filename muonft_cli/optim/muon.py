@@ -350,13 +350,12 @@ class MuonFamily(torch.optim.Optimizer):
             dkey = (g["ns_dtype"], it.param.device)
             if dkey not in dtypes:
                 dtypes[dkey] = resolve_ns_dtype(g["ns_dtype"], it.param.device)
-            if thin:
-                shape = (it.rows, it.cols)  # Gram path: as stored
-            else:
-                it.flip = it.rows > it.cols
-                shape = (it.cols, it.rows) if it.flip else (it.rows, it.cols)  # wide
+            it.flip = it.rows > it.cols  # stack every matrix wide (r <= c)
+            shape = (it.cols, it.rows) if it.flip else (it.rows, it.cols)
             key = (shape, g["ns_method"], g["ns_steps"], thin, dtypes[dkey], it.param.device, it.param.dtype)
             buckets[key].append(it)
+        for bucket in buckets.values():
+            bucket.sort(key=lambda it: it.flip)  # stable: wide-stored first, then tall
         rank, world = self._world()
         offset = 0  # running position, so round-robin continues across buckets
         for key, bucket in buckets.items():
@@ -382,77 +381,78 @@ class MuonFamily(torch.optim.Optimizer):
     def _fill(self, chunk: list[_Item], owned: list[bool], X: Tensor) -> None:
         """Momentum ``M ← βM + G`` for every item; NS input (``G + βM`` or ``M``) into X for owned ones."""
         if X.device.type == "cpu":
-            # memory-bound: touch each matrix once while it is in cache
+            # memory-bound: touch each matrix once, while it is in cache; one pass per op
             j = 0
             for it, own in zip(chunk, owned):
                 g = it.group
                 beta = g["momentum"]
-                torch.add(it.grad, it.buf, alpha=beta, out=it.buf)  # M ← G + βM, one pass
+                torch.add(it.grad, it.buf, alpha=beta, out=it.buf)  # M ← G + βM
                 if not own:
                     continue
                 slot = it.slot(X, j)
                 j += 1
-                grad2 = it.grad.reshape(it.rows, it.cols)
-                buf2 = it.buf.reshape(it.rows, it.cols)
+                grad2 = it.grad.view(it.rows, it.cols) if it.grad.ndim != 2 else it.grad
+                buf2 = it.buf.view(it.rows, it.cols) if it.buf.ndim != 2 else it.buf
                 if g["nesterov"] and beta > 0.0:
                     if slot.dtype == grad2.dtype:
-                        torch.add(grad2, buf2, alpha=beta, out=slot)
+                        torch.add(grad2, buf2, alpha=beta, out=slot)  # G + βM into the stack
                     else:
                         slot.copy_(torch.add(grad2, buf2, alpha=beta))
                 else:
                     slot.copy_(buf2)
-        else:
-            by_group: dict[int, list[int]] = defaultdict(list)
-            for i, it in enumerate(chunk):
-                by_group[id(it.group)].append(i)
-            slots: dict[int, Tensor] = {}
-            j = 0
-            for i, own in enumerate(owned):
-                if own:
-                    slots[i] = chunk[i].slot(X, j)
-                    j += 1
-            for idx in by_group.values():
-                g = chunk[idx[0]].group
-                beta = g["momentum"]
-                bufs = [chunk[i].buf for i in idx]
-                torch._foreach_mul_(bufs, beta)
-                torch._foreach_add_(bufs, [chunk[i].grad for i in idx])
-                mine = [i for i in idx if owned[i]]
-                if not mine:
-                    continue
-                src = [chunk[i].buf.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
-                if g["nesterov"] and beta > 0.0:
-                    grads = [chunk[i].grad.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
-                    src = torch._foreach_add(grads, src, alpha=beta)
-                torch._foreach_copy_([slots[i] for i in mine], src)
+            self._transform_stack(X)
+            return
+        # CUDA: launch-bound, so foreach over the chunk
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for i, it in enumerate(chunk):
+            by_group[id(it.group)].append(i)
+        slots: dict[int, Tensor] = {}
+        j = 0
+        for i, own in enumerate(owned):
+            if own:
+                slots[i] = chunk[i].slot(X, j)
+                j += 1
+        for idx in by_group.values():
+            g = chunk[idx[0]].group
+            beta = g["momentum"]
+            bufs = [chunk[i].buf for i in idx]
+            torch._foreach_mul_(bufs, beta)
+            torch._foreach_add_(bufs, [chunk[i].grad for i in idx])  # M ← βM + G
+            mine = [i for i in idx if owned[i]]
+            if not mine:
+                continue
+            src = [chunk[i].buf.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+            if g["nesterov"] and beta > 0.0:
+                grads = [chunk[i].grad.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+                src = torch._foreach_add(grads, src, alpha=beta)  # G + βM
+            torch._foreach_copy_([slots[i] for i in mine], src)
         self._transform_stack(X)
 
-    def _ns(self, X: Tensor, method: str, steps: int, thin: bool, tall: bool) -> Tensor:
-        """Orthogonalise the stack X (k, r, c) → O with X's layout (fp32 for the Gram path)."""
+    def _ns(self, X: Tensor, method: str, steps: int, thin: bool) -> Tensor:
+        """Orthogonalise the wide stack X (k, r, c) → O (k, r, c) (fp32 for the Gram path)."""
         if method == "svd":
             return _svd_polar(X, X.dtype)
         coeffs = ns_coefficients(method, steps)
         scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
         if thin:
             out = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
-            return _gram(X, coeffs, scale, out, tall=tall)
+            return _gram(X, coeffs, scale, out)
         return _direct(X, coeffs, scale)
 
     def _chunk_local(self, chunk: list[_Item], method: str, steps: int, thin: bool, stack_dtype: torch.dtype) -> None:
         it0 = chunk[0]
-        shape = (it0.rows, it0.cols) if thin or not it0.flip else (it0.cols, it0.rows)
+        shape = (it0.cols, it0.rows) if it0.flip else (it0.rows, it0.cols)  # wide (r, c)
         X = torch.empty((len(chunk), *shape), dtype=stack_dtype, device=it0.param.device)  # (k, r, c)
         self._fill(chunk, [True] * len(chunk), X)
         self.ns_matrices_last_step += len(chunk)
-        tall = it0.rows > it0.cols
         if thin and method != "svd":
             coeffs = ns_coefficients(method, steps)
             scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
             work = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
-            Q = _gram_q(X, coeffs, scale, tall).to(work)  # (k, r, r)
-            self._apply_gram(chunk, Q, X.to(work), tall)
+            Q = _gram_q(X, coeffs, scale).to(work)  # (k, r, r)
+            self._apply_gram(chunk, Q, X.to(work))
             return
-        O = self._ns(X, method, steps, thin, tall)
+        O = self._ns(X, method, steps, thin)
         self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
 
     def _chunk_sharded(
@@ -470,13 +470,13 @@ class MuonFamily(torch.optim.Optimizer):
         import torch.distributed as dist
 
         it0 = chunk[0]
-        shape = (it0.rows, it0.cols) if thin or not it0.flip else (it0.cols, it0.rows)
+        shape = (it0.cols, it0.rows) if it0.flip else (it0.rows, it0.cols)  # wide (r, c)
         owned = [o == rank for o in owners]
         n_mine = sum(owned)
         per_rank = max(owners.count(k) for k in range(world))
         X = torch.empty((n_mine, *shape), dtype=stack_dtype, device=it0.param.device)
         self._fill(chunk, owned, X)
-        O = self._ns(X, method, steps, thin, it0.rows > it0.cols) if n_mine else X
+        O = self._ns(X, method, steps, thin) if n_mine else X
         self.ns_matrices_last_step += n_mine
         comm_dtype = O.dtype
         if dist.get_backend(self._dist_group) == "gloo" and comm_dtype in (torch.bfloat16, torch.float16):
@@ -494,9 +494,9 @@ class MuonFamily(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ updates
 
-    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor, tall: bool) -> None:
-        """Apply Gram-path results ``O = Q X`` (or ``X Q`` for tall); default: materialise O."""
-        O = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
+    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor) -> None:
+        """Apply Gram-path results ``O = Q X`` (wide stack); default: materialise O."""
+        O = torch.bmm(Q, X)  # (k, r, c)
         self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
 
     def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
@@ -547,17 +547,27 @@ class Muon(MuonFamily):
             self._decay(params, g["lr"], g["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-g["lr"] * s)
 
-    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor, tall: bool) -> None:
+    def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor) -> None:
         if X.device.type != "cpu" or not all(it.param.is_contiguous() for it in chunk):
-            super()._apply_gram(chunk, Q, X, tall)
+            super()._apply_gram(chunk, Q, X)
             return
-        # CPU: W ← (1 − ηλ)·W − η·s·(QX) in one addmm_ per matrix, no O materialised
+        # CPU: W ← (1 − ηλ)·W − η·s·(QX) as one addmm_ per wide matrix (no O materialised); tall
+        # ones (stored transposed in the stack) take one bmm for the block, then a strided add.
+        first = next((i for i, it in enumerate(chunk) if it.flip), len(chunk))  # tall ones are last
+        O_t = torch.bmm(Q[first:], X[first:]) if first < len(chunk) else None  # (f, r, c)
+        j = 0
         for i, it in enumerate(chunk):
             g = it.group
-            lr = g["lr"]
+            lr, decay = g["lr"], 1.0 - g["lr"] * g["weight_decay"]
             w2 = it.param.view(it.rows, it.cols)
-            a, b = (X[i], Q[i]) if tall else (Q[i], X[i])
-            w2.addmm_(a, b, beta=1.0 - lr * g["weight_decay"], alpha=-lr * it.scale)
+            if it.flip:
+                wt = w2.mT  # (r, c) view of the (c, r) weight
+                if decay != 1.0:
+                    wt.mul_(decay)
+                wt.add_(O_t[j], alpha=-lr * it.scale)
+                j += 1
+            else:
+                w2.addmm_(Q[i], X[i], beta=decay, alpha=-lr * it.scale)
 
 
 class AdaMuon(MuonFamily):

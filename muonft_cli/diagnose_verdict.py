@@ -1,0 +1,463 @@
+"""The verdict and recommendation of `muonft diagnose`: which optimizer pretrained this checkpoint, and how to
+fine-tune it.
+
+Spectral guess (paper §3 Fig. 2/10/11, App. F.1; Moonlight seed 002: Muon-trained matrices keep higher stable
+rank and SVD entropy than Adam-trained ones). A raw threshold would confuse shapes, sizes and training
+lengths, and "high" alone also describes a random matrix, so every feature is *relative to the random
+(Marchenko–Pastur) baseline of the same shape* (`muonft_cli.spectral.random_baseline`):
+
+- ``sr``  = log(stable rank / random stable rank)                  (0 for a random matrix, < 0 when spiky)
+- ``ent`` = log(D / D_random), D = (1 − H)·log r the entropy deficit in nats (0 random, > 0 concentrated,
+            < 0 flatter than random — Muon's orthogonal updates flatten spectra)
+
+Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2) and then over types, so a model's
+many MLP matrices don't drown its attention matrices; a logistic model on those two averages gives
+P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `muonft pretrain` checkpoints and
+stored in `diagnose_calibration.json` (with how they were produced and the leave-one-out accuracy).
+
+Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
+``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When most hidden
+matrices have not moved, the guess is ``unknown`` — a random init looks "Muon-like" on stable rank and entropy
+alone.
+
+Provenance (``muonft.json``, a Trainer's ``trainer_state.json``/``training_args.json``, known model families)
+is reported separately; the recommendation follows provenance when it is known, else the spectral guess.
+
+Recommendation (paper §5 and REFERENCE.md "Learning rates the paper selected"): matched pretrain/fine-tune
+optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks re-introduce the
+mismatch, §4.4), with learning-rate ranges interpolated in log-space between the paper's T5-base (220 M) and
+Llama-2-7B anchors by parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muonft_cli.errors import UserInputError
+from muonft_cli.spectral import HIDDEN_TYPES
+
+__all__ = [
+    "FEATURES", "TARGET_OPTIMS", "check_target", "matrix_features", "model_features", "fit_logistic",
+    "load_calibration", "spectral_verdict", "read_provenance", "recommend", "build_report", "lr_range",
+]
+
+FEATURES = ("sr", "ent")
+TARGET_OPTIMS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+CALIBRATION_FILE = Path(__file__).with_name("diagnose_calibration.json")
+_ROLES_FOR_VERDICT = ("weight", "merged")
+
+
+def check_target(name: str) -> None:
+    """Raise `UserInputError` unless ``name`` is an optimizer muonft can fine-tune with."""
+    if name not in TARGET_OPTIMS:
+        raise UserInputError(f"--target-optim {name!r} is not one of {', '.join(TARGET_OPTIMS)}")
+
+
+def _family(optim: str | None) -> str | None:
+    """adam | muon | None for an optimizer name (adamw/adam/adafactor… → adam; muon variants → muon)."""
+    if not optim:
+        return None
+    o = str(optim).lower()
+    if "muon" in o:  # muon, muon-pe, adamuon, normuon, moonlight's muon
+        return "muon"
+    if "adam" in o or "lamb" in o or "lion" in o or "adafactor" in o or "sgd" in o:
+        return "adam" if ("adam" in o or "lamb" in o) else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def matrix_features(rec: dict[str, Any]) -> dict[str, float] | None:
+    """Features of one matrix record (from `muonft_cli.diagnose.analyse`), or None if it is not a hidden matrix.
+
+    Returns:
+        ``sr``, ``ent`` (see module docstring), and ``z`` = the larger |distance| from the random baseline in
+        units of the random draws' standard deviation (inflated by the fast estimator's error bars).
+    """
+    if rec["layer_type"] not in HIDDEN_TYPES or rec.get("role", "weight") not in _ROLES_FOR_VERDICT:
+        return None
+    r = min(rec["shape"])
+    if r < 8 or rec["stable_rank"] <= 0:
+        return None
+    logr = math.log(r)
+    d = max((1.0 - rec["svd_entropy"]) * logr, 1e-6)
+    d_rand = max((1.0 - rec["random_svd_entropy"]) * logr, 1e-6)
+    sd_sr = math.hypot(rec["random_stable_rank_std"], rec["stable_rank"] * rec.get("stable_rank_rel_err", 0.0))
+    sd_ent = math.hypot(rec["random_svd_entropy_std"], rec.get("svd_entropy_err", 0.0))
+    z_sr = abs(rec["stable_rank"] - rec["random_stable_rank"]) / max(sd_sr, 1e-12)
+    z_ent = abs(rec["svd_entropy"] - rec["random_svd_entropy"]) / max(sd_ent, 1e-12)
+    return {
+        "sr": math.log(rec["stable_rank"] / rec["random_stable_rank"]),
+        "ent": math.log(d / d_rand),
+        "z": max(z_sr, z_ent),
+    }
+
+
+def model_features(records: list[dict[str, Any]], z_moved: float) -> dict[str, Any]:
+    """Per-layer-type means of the features, their type-balanced average, and the fraction of moved matrices."""
+    per_type: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for rec in records:
+        f = matrix_features(rec)
+        if f is not None:
+            per_type[rec["layer_type"]].append(f)
+    types = {
+        t: {k: sum(f[k] for f in fs) / len(fs) for k in FEATURES} | {
+            "count": len(fs), "moved": sum(f["z"] > z_moved for f in fs) / len(fs)}
+        for t, fs in per_type.items()
+    }
+    n = sum(len(fs) for fs in per_type.values())
+    if not types:
+        return {"types": {}, "n_hidden": 0, "moved": 0.0, **{k: 0.0 for k in FEATURES}}
+    avg = {k: sum(d[k] for d in types.values()) / len(types) for k in FEATURES}
+    moved = sum(d["moved"] * d["count"] for d in types.values()) / n
+    return {"types": types, "n_hidden": n, "moved": moved, **avg}
+
+
+# ------------------------------------------------------------------------------------------- classifier
+
+
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 50) -> tuple[list[float], float]:
+    """L2-regularised logistic regression by Newton's method (the bias is not penalised).
+
+    Args:
+        X: (N, F) features; y: (N,) labels in {0, 1}; l2: penalty on the weights (keeps probabilities finite
+            when the classes separate, which is what makes the confidence calibrated rather than 0/1).
+
+    Returns:
+        (weights, bias) such that P(y=1 | x) = sigmoid(x·w + b).
+    """
+    X = X.to(torch.float64)
+    y = y.to(torch.float64)
+    N, F = X.shape
+    Xb = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)  # (N, F+1)
+    w = torch.zeros(F + 1, dtype=torch.float64)
+    reg = torch.full((F + 1,), float(l2), dtype=torch.float64)
+    reg[-1] = 1e-8
+    for _ in range(iters):
+        p = torch.sigmoid(Xb @ w)
+        g = Xb.T @ (p - y) + reg * w
+        H = Xb.T @ (Xb * (p * (1 - p))[:, None]) + torch.diag(reg)
+        step = torch.linalg.solve(H, g)
+        w = w - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return [float(v) for v in w[:-1]], float(w[-1])
+
+
+def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
+    """The fitted verdict parameters (see `bench/calibrate_diagnose.py`, which writes them)."""
+    p = Path(path) if path is not None else CALIBRATION_FILE
+    return json.loads(p.read_text())
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
+
+
+def spectral_verdict(records: list[dict[str, Any]], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spectral guess from matrix records alone (no provenance).
+
+    Returns:
+        ``optimizer_guess`` (adam | muon | unknown), ``confidence``, ``p_muon``, ``evidence`` (list of str),
+        ``features`` (model-level), ``layer_leans`` (per type: adam-like | muon-like | neutral).
+    """
+    cal = calibration or load_calibration()
+    w, b = cal["weights"], cal["bias"]
+    z_moved, c_min = cal["z_moved"], cal["min_confidence"]
+    mf = model_features(records, z_moved)
+    evidence: list[str] = []
+    leans: dict[str, str] = {}
+    if mf["n_hidden"] == 0:
+        return {"optimizer_guess": "unknown", "confidence": 1.0, "p_muon": None, "features": mf,
+                "layer_leans": leans,
+                "evidence": ["no hidden (attention/MLP) matrices of at least 8×8 to judge from"]}
+    for t in [t for t in HIDDEN_TYPES if t in mf["types"]]:
+        d = mf["types"][t]
+        logit_t = sum(wi * d[k] for wi, k in zip(w, FEATURES)) + b
+        pt = _sigmoid(logit_t)
+        leans[t] = "muon-like" if pt > 0.6 else "adam-like" if pt < 0.4 else "neutral"
+        evidence.append(
+            f"{t} ({d['count']}): stable rank ×{math.exp(d['sr']):.2f} of random, entropy deficit "
+            f"×{math.exp(d['ent']):.2f} of random → {leans[t]} (P(muon) {pt:.2f})")
+    logit = sum(wi * mf[k] for wi, k in zip(w, FEATURES)) + b
+    p = _sigmoid(logit)
+    p_init = 1.0 - mf["moved"]
+    if p_init >= 0.5:
+        guess, conf = "unknown", p_init
+        evidence.insert(0, f"{p_init:.0%} of {mf['n_hidden']} hidden matrices are indistinguishable from a random "
+                           f"(untrained) matrix of their shape (|z| ≤ {z_moved:g}): looks like an initialisation")
+    else:
+        c = max(p, 1 - p)
+        if c < c_min:
+            guess, conf = "unknown", 1.0 - abs(2 * p - 1)
+            evidence.insert(0, f"evidence is weak: P(muon) = {p:.2f}, below the {c_min:.2f} needed for a guess")
+        else:
+            guess, conf = ("muon", p) if p >= 0.5 else ("adam", 1 - p)
+        evidence.insert(0, f"all hidden matrices: stable rank ×{math.exp(mf['sr']):.2f} and entropy deficit "
+                           f"×{math.exp(mf['ent']):.2f} of the random baseline (type-balanced) → P(muon) = {p:.2f}")
+    return {"optimizer_guess": guess, "confidence": round(conf, 4), "p_muon": round(p, 4), "features": mf,
+            "layer_leans": leans, "evidence": evidence}
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+# Known model families with a documented pretraining optimizer (published model cards / papers).
+_KNOWN_FAMILIES = [
+    ("moonlight", "muon", "Moonlight (Moonshot AI) was pretrained with Muon (Liu et al. 2025)"),
+    ("kimi-k2", "muon", "Kimi K2 was pretrained with MuonClip"),
+    ("kimi k2", "muon", "Kimi K2 was pretrained with MuonClip"),
+    ("glm-4.5", "muon", "GLM-4.5 was pretrained with Muon"),
+    ("smollm", "adam", "SmolLM/SmolLM2 (Hugging Face) were pretrained with AdamW"),
+    ("llama", "adam", "Llama models (Meta) were pretrained with AdamW"),
+    ("mistral", "adam", "Mistral models were pretrained with AdamW"),
+    ("qwen", "adam", "Qwen models were pretrained with AdamW"),
+    ("gemma", "adam", "Gemma models were pretrained with Adam-family optimizers"),
+    ("gpt2", "adam", "GPT-2 was pretrained with Adam"),
+    ("minilm", "adam", "MiniLM / all-MiniLM (Microsoft, sentence-transformers) were trained with AdamW"),
+    ("bert", "adam", "BERT was pretrained with Adam"),
+    ("t5", "adam", "T5 was pretrained with Adafactor (an Adam-family adaptive optimizer)"),
+]
+
+
+def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, Any]:
+    """Ground truth about the pretraining optimizer, if the checkpoint carries any.
+
+    Returns:
+        ``{"optimizer", "family", "source", "evidence": [...]}``; ``optimizer``/``family`` are None if unknown.
+    """
+    ev: list[str] = []
+    mj = provenance_files.get("muonft.json")
+    if isinstance(mj, dict) and mj.get("optimizer"):
+        mode = mj.get("mode", "run")
+        if mode == "finetune" and mj.get("base_model"):
+            ev.append(f"muonft.json: fine-tuned from {mj['base_model']} with {mj['optimizer']}")
+        else:
+            ev.append(f"muonft.json: {mode} with {mj['optimizer']}, lr {mj.get('lr')}, {mj.get('steps')} steps")
+        if mode != "finetune" or not mj.get("lora"):
+            return {"optimizer": mj["optimizer"], "family": _family(mj["optimizer"]), "source": "muonft.json",
+                    "evidence": ev}
+    ta = provenance_files.get("training_args")
+    if isinstance(ta, dict) and ta.get("optim"):
+        ev.append(f"training_args.json: optim={ta['optim']}")
+        return {"optimizer": ta["optim"], "family": _family(ta["optim"]), "source": "training_args.json",
+                "evidence": ev}
+    names: list[str] = [Path(path).name]
+    cfg = provenance_files.get("config.json") or {}
+    names += [str(cfg.get("_name_or_path") or ""), str(cfg.get("model_type") or "")]
+    names += [str(a) for a in (cfg.get("architectures") or [])]
+    gg = provenance_files.get("gguf") or {}
+    names += [str(gg.get(k) or "") for k in ("general.name", "general.basename", "general.architecture")]
+    ad = provenance_files.get("adapter_config.json") or {}
+    names.append(str(ad.get("base_model_name_or_path") or ""))
+    hay = " ".join(names).lower()
+    for key, fam, why in _KNOWN_FAMILIES:
+        if key in hay:
+            ev.append(f"known family: {why}")
+            return {"optimizer": "adamw" if fam == "adam" else "muon", "family": fam, "source": "known family",
+                    "evidence": ev}
+    if isinstance(provenance_files.get("trainer_state.json"), dict):
+        ev.append("trainer_state.json present (a transformers Trainer run, AdamW unless training_args says "
+                  "otherwise) — not used as ground truth")
+    return {"optimizer": None, "family": None, "source": None, "evidence": ev}
+
+
+# ------------------------------------------------------------------------------------------ recommendation
+
+# Learning-rate anchors from the paper's selected LRs (REFERENCE.md "Learning rates the paper selected"):
+# (method, optimizer family) → {params: (lo, hi)}. T5-base ≈ 220 M parameters, Llama-2-7B ≈ 6.7 B.
+_LR_ANCHORS: dict[tuple[str, str], dict[float, tuple[float, float]]] = {
+    ("full", "adam"): {2.2e8: (5e-5, 1e-4), 6.7e9: (8e-6, 1e-5)},
+    ("full", "muon"): {2.2e8: (1e-4, 5e-4), 6.7e9: (2e-5, 5e-5)},
+    ("lora", "adam"): {2.2e8: (5e-4, 2e-3), 6.7e9: (2e-4, 5e-4)},
+    ("lora", "muon"): {2.2e8: (5e-4, 2e-3), 6.7e9: (1e-4, 5e-4)},
+}
+_MAX_EXTRAPOLATION = 3.0  # beyond the anchors, scale by at most this factor (no anchor below 220 M / above 7 B)
+
+
+def lr_range(method: str, family: str, n_params: int | None) -> tuple[float, float]:
+    """LR range for (full|lora, adam|muon) at a model size, log-interpolated between the paper's anchors.
+
+    Unknown size → the union of both anchors' ranges.
+    """
+    anchors = _LR_ANCHORS[(method, family)]
+    (s0, (lo0, hi0)), (s1, (lo1, hi1)) = sorted(anchors.items())
+    if n_params is None:
+        return min(lo0, lo1), max(hi0, hi1)
+    t = (math.log(n_params) - math.log(s0)) / (math.log(s1) - math.log(s0))
+    lo = math.exp(math.log(lo0) + t * (math.log(lo1) - math.log(lo0)))
+    hi = math.exp(math.log(hi0) + t * (math.log(hi1) - math.log(hi0)))
+    cap_hi, cap_lo = max(hi0, hi1) * _MAX_EXTRAPOLATION, min(lo0, lo1) / _MAX_EXTRAPOLATION
+    lo, hi = min(max(lo, cap_lo), cap_hi), min(max(hi, cap_lo), cap_hi)
+    return float(f"{lo:.1g}"), float(f"{hi:.1g}")
+
+
+def _lr_grid(lo: float, hi: float, n: int = 4) -> list[float]:
+    if n == 1 or hi <= lo:
+        return [lo]
+    return [float(f"{math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (n - 1)):.1g}") for i in range(n)]
+
+
+def _sweep_command(model: str, data: str, rec: dict[str, Any]) -> str | None:
+    """The ``muonft sweep …`` line beside the finetune command, built by the sweep module when it provides
+    ``muonft_cli.sweep.diagnose_sweep_command(model, data, recommendation) -> str``; None until then."""
+    try:
+        from muonft_cli import sweep
+    except Exception:  # noqa: BLE001 - the sweep module is optional for diagnose
+        return None
+    fn = getattr(sweep, "diagnose_sweep_command", None)
+    return fn(model, data, rec) if callable(fn) else None
+
+
+def recommend(
+    pretrain_family: str | None,
+    target_optim: str,
+    n_params: int | None,
+    model: str,
+    data: str,
+    *,
+    source: str,
+) -> dict[str, Any]:
+    """How to fine-tune a model pretrained with ``pretrain_family`` using ``target_optim`` (paper §5).
+
+    Args:
+        pretrain_family: adam | muon | None (unknown).
+        target_optim: muonft optimizer name for fine-tuning.
+        n_params: model size (parameters in its matrices) for LR scaling, or None.
+        model, data: put into the ready ``muonft finetune`` command.
+        source: where ``pretrain_family`` came from (for the reasons).
+    """
+    check_target(target_optim)
+    tfam = "adam" if target_optim == "adamw" else "muon"
+    reasons: list[str] = []
+    size = f"{n_params / 1e6:.1f} M" if n_params else "unknown size"
+    if pretrain_family is None:
+        method, rank = "lora", [8, 32]
+        reasons.append("the pretraining optimizer is unknown: LoRA at moderate rank is robust to a mismatch "
+                       "(paper Table 1: LoRA narrows the gap to +0.002–0.014 PPL), and sweep the LR (Fig. 4)")
+    elif pretrain_family != tfam:
+        method, rank = "lora", [8, 32]
+        reasons.append(f"mismatch: {pretrain_family}-pretrained ({source}) fine-tuned with {target_optim}. Full "
+                       "fine-tuning under a mismatch loses to the matched optimizer (paper Table 1, +0.009–0.023 "
+                       "PPL, best LR shifts lower, Fig. 4); LoRA closes most of the gap")
+        reasons.append("keep the rank moderate (8–32): higher ranks re-introduce the mismatch (§3.1 theory, "
+                       "§4.4 rank study: best LR falls as rank grows)")
+    else:
+        method, rank = "full", None
+        reasons.append(f"matched: {pretrain_family}-pretrained ({source}) and fine-tuned with {target_optim}; "
+                       "full fine-tuning is fine (LoRA at rank 8–64 also works and halves memory)")
+    lo, hi = lr_range(method, tfam, n_params)
+    reasons.append(f"LR range for {method.upper() if method == 'lora' else 'full'}-{target_optim} at {size}: "
+                   f"log-interpolated between the paper's selected LRs for T5-base and Llama-2-7B")
+    if tfam == "muon":
+        reasons.append("tune Muon's LR separately from Adam's; under LoRA Muon is a drop-in with half the "
+                       "optimizer state (§5)")
+    lr_mid = float(f"{math.sqrt(lo * hi):.1g}")
+    cmd = ["muonft", "finetune", "--model", model, "--data", data, "--optim", target_optim]
+    if method == "lora":
+        cmd += ["--lora-rank", "16"]  # the middle of the recommended 8–32
+    cmd += ["--lr", f"{lr_mid:g}", "--out", f"runs/ft-{target_optim}"]
+    rec: dict[str, Any] = {
+        "method": method,
+        "lora_rank": rank,
+        "lr": {"min": lo, "max": hi},
+        "lr_grid": _lr_grid(lo, hi),
+        "target_optim": target_optim,
+        "pretrain_optimizer": pretrain_family or "unknown",
+        "reasons": reasons,
+        "command": shlex.join(cmd),
+    }
+    rec["sweep_command"] = _sweep_command(model, data, rec)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _layer_table(records: list[dict[str, Any]], leans: dict[str, str]) -> dict[str, dict[str, Any]]:
+    acc: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        key = r["layer_type"] if r.get("role", "weight") == "weight" else f"{r['layer_type']}:{r['role']}"
+        acc[key].append(r)
+    out = {}
+    for key, rs in acc.items():
+        n = len(rs)
+        mean = lambda k: sum(x[k] for x in rs) / n  # noqa: E731
+        out[key] = {
+            "count": n,
+            "stable_rank": mean("stable_rank"),
+            "stable_rank_ratio": mean("stable_rank_ratio"),
+            "svd_entropy": mean("svd_entropy"),
+            "random_stable_rank_ratio": mean("random_stable_rank_ratio"),
+            "random_svd_entropy": mean("random_svd_entropy"),
+            "spectral_norm": mean("spectral_norm"),
+            "lean": leans.get(key, ""),
+        }
+    return out
+
+
+def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_optim: str, data: str) -> dict:
+    """Assemble the ``--json`` document from an opened checkpoint and its matrix records."""
+    verdict_records = records
+    verdict_on = ck.path
+    if ck.kind == "adapter":
+        merged = [r for r in records if r["role"] == "merged"]
+        verdict_records = merged
+    spectral = spectral_verdict(verdict_records)
+    evidence = list(spectral["evidence"])
+    if ck.kind == "adapter" and not verdict_records:
+        evidence.insert(0, "adapter only: the pretraining verdict needs the base model's weights; pass --base")
+    prov_files = dict(ck.provenance)
+    if ck.kind == "adapter" and ck.base is not None:
+        prov_files = dict(ck.base.provenance) | {"adapter_config.json": ck.provenance.get("adapter_config.json")}
+        verdict_on = ck.base.path
+    prov = read_provenance(prov_files, verdict_on)
+    for line in prov["evidence"]:
+        evidence.append(f"provenance: {line}")
+    if prov["family"] and spectral["optimizer_guess"] != "unknown":
+        agree = prov["family"] == spectral["optimizer_guess"]
+        evidence.append(f"provenance says {prov['family']}: the spectral guess {'agrees' if agree else 'DISAGREES'}")
+    if ck.kind == "adapter":
+        ab = [r for r in records if r["role"] in ("lora_A", "lora_B", "lora_delta")]
+        deltas = [r for r in ab if r["role"] == "lora_delta"]
+        if deltas:
+            sr = sum(r["stable_rank"] for r in deltas) / len(deltas)
+            evidence.append(f"adapter: mean stable rank of the LoRA updates B·A is {sr:.2f} (paper F.2 at r=8: "
+                            "~6–7 for LoRA-Muon, ~3–5 for LoRA-Adam)")
+    # the base's size for LR scaling: parameters in its matrices
+    size_src = ck.base if (ck.kind == "adapter" and ck.base is not None) else (None if ck.kind == "adapter" else ck)
+    n_params = sum(s.shape[0] * s.shape[1] for s in size_src.matrices if s.role in ("weight", "merged")) \
+        if size_src is not None else None
+    if prov["family"]:
+        family, source = prov["family"], prov["source"]
+    elif spectral["optimizer_guess"] != "unknown":
+        family, source = spectral["optimizer_guess"], f"spectral guess, confidence {spectral['confidence']:.2f}"
+    else:
+        family, source = None, "unknown"
+    model_for_cmd = verdict_on if ck.kind != "adapter" or ck.base is not None else ck.path
+    rec = recommend(family, target_optim, n_params, model_for_cmd, data, source=source)
+    return {
+        "path": ck.path,
+        "kind": ck.kind,
+        "base": ck.base.path if ck.base is not None else None,
+        "n_matrices": len(records),
+        "n_params": n_params,
+        "mode": mode,
+        "methods": sorted({r["method"] for r in records}),
+        "optimizer_guess": spectral["optimizer_guess"],
+        "confidence": spectral["confidence"],
+        "p_muon": spectral["p_muon"],
+        "evidence": evidence,
+        "features": {k: spectral["features"].get(k) for k in ("sr", "ent", "moved", "n_hidden")},
+        "provenance": {k: prov[k] for k in ("optimizer", "family", "source")},
+        "layer_types": _layer_table(records, spectral["layer_leans"]),
+        "skipped": list(ck.skipped),
+        "recommendation": rec,
+    }

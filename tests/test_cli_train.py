@@ -1,0 +1,203 @@
+"""`muonft pretrain` / `muonft finetune` through the real CLI (Typer's CliRunner and one subprocess):
+pretrain -> fine-tune (full and LoRA, every optimizer) -> eval, the saved formats, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers_train import FAST, read_metrics, tiny_model_config, tiny_model_dir, write_corpus  # noqa: E402
+
+from muonft_cli.cli import app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_json_line(stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny model pretrained with Adam through `muonft pretrain` (BPE tokenizer trained on the corpus)."""
+    d = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(d / "corpus")
+    out = d / "pre"
+    r = invoke("pretrain", "--model-config", tiny_model_config(d / "mcfg.json"), "--vocab-size", 300,
+               "--data", corpus, "--optim", "adamw", "--lr", "3e-3", "--steps", 4, "--val-fraction", 0.2,
+               "--out", out, "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    return {"dir": d, "corpus": corpus, "pre": out, "summary": one_json_line(r.stdout)}
+
+
+def test_pretrain_writes_a_self_describing_run(pretrained):
+    out, s = pretrained["pre"], pretrained["summary"]
+    assert s["mode"] == "pretrain" and s["optim"] == "adamw" and s["steps"] == 4
+    assert s["final"] == str(out / "final") and s["val_loss"] is not None
+    assert {"config.yaml", "env.json", "metrics.jsonl", "final", "best", "tokenizer"} <= {
+        p.name for p in out.iterdir()}
+    prov = json.loads((out / "final" / "muonft.json").read_text())
+    assert prov["optimizer"] == "adamw" and prov["lr"] == 3e-3 and prov["steps"] == 4
+    assert prov["tokens"] == 4 * 4 * 16 and prov["seed"] == 0 and prov["mode"] == "pretrain"
+    assert prov["muonft_version"]
+    env = json.loads((out / "env.json").read_text())
+    assert env["world_size"] == 1 and env["seed"] == 0 and env["versions"]["torch"] == torch.__version__
+    m = read_metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert {"loss", "lr", "tokens", "tokens_per_s", "val_loss", "val_ppl"} <= set(m[0])
+    assert m[1]["val_loss"] is not None and m[0]["val_loss"] is None  # --eval-every 2
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # loads without muonft
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tok) and model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_every_optimizer(pretrained, tmp_path, optim, lora):
+    out = tmp_path / "ft"
+    extra = ["--lora-rank", "4"] if lora else []
+    lr = "1e-2" if optim != "adamw" else "3e-3"
+    r = invoke("finetune", "--model", pretrained["pre"] / "final", "--data", pretrained["corpus"],
+               "--optim", optim, "--lr", lr, "--steps", 3, "--val-fraction", 0.2, "--out", out, "--json",
+               *extra, *FAST)
+    assert r.exit_code == 0, r.output
+    s = one_json_line(r.stdout)
+    assert s["optim"] == optim and s["steps"] == 3 and s["lora"] is lora
+    if optim != "adamw":
+        assert s["ortho_per_rank"][0] > 0  # Muon ran (did not degrade to AdamW)
+    losses = [rec["loss"] for rec in read_metrics(out)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    final = out / "final"
+    if lora:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+        base = AutoModelForCausalLM.from_pretrained(pretrained["pre"] / "final")
+        PeftModel.from_pretrained(base, final)  # plain peft on the original base
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(final)
+    assert json.loads((final / "muonft.json").read_text())["optimizer"] == optim
+
+
+def test_finetune_then_eval(pretrained, tmp_path):
+    out = tmp_path / "ft"
+    r = invoke("finetune", "--model", pretrained["pre"] / "final", "--data", pretrained["corpus"],
+               "--optim", "muon", "--lr", "1e-2", "--lora-rank", "4", "--steps", 3, "--val-fraction", 0.2,
+               "--out", out, *[a for a in FAST if a != "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[-1] == f"final model: {out / 'final'}"  # progress went to stderr
+    assert "val loss" in r.stderr
+    r = invoke("eval", "--model", out / "final", "--base", pretrained["pre"] / "final", "--data",
+               pretrained["corpus"], "--reference-data", pretrained["corpus"], "--seq-len", 16,
+               "--val-fraction", 0.2, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report  # the eval command's own tests check its fields
+
+
+def test_finetune_json_subprocess(tmp_path):
+    """`python -m muonft_cli finetune --json`: exactly one JSON line on stdout, progress on stderr."""
+    corpus = write_corpus(tmp_path / "corpus")
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "muonft_cli", "finetune", "--model", str(model), "--data",
+                        str(corpus), "--optim", "muon", "--steps", "2", "--seq-len", "16", "--batch-size", "4",
+                        "--micro-batch-size", "2", "--val-fraction", "0.2", "--out", str(out), "--json"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = one_json_line(p.stdout)
+    assert set(s) >= {"out", "mode", "optim", "steps", "tokens", "train_loss", "val_loss", "val_ppl",
+                      "best_val_loss", "best_val_ppl", "best_step", "final", "runtime_s"}
+    assert s["final"] == str(out / "final") and (out / "final" / "model.safetensors").is_file()
+    assert "finetune" in p.stderr  # the progress bar went to stderr
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    return {"d": d, "corpus": write_corpus(d / "corpus", n_docs=10), "model": tiny_model_dir(d / "model")}
+
+
+def _ft(small, out, *extra):
+    return invoke("finetune", "--model", small["model"], "--data", small["corpus"], "--steps", 1,
+                  "--val-fraction", 0.2, "--out", out, *FAST, *extra)
+
+
+def _one_line_error(r, code: int, *needles: str) -> None:
+    assert r.exit_code == code, r.output
+    err = r.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-3"])
+def test_bad_lr(small, tmp_path, lr):
+    out = tmp_path / "run"
+    _one_line_error(_ft(small, out, "--lr", lr), 2, "optimizer.lr")
+    assert not out.exists()
+
+
+def test_resume_of_a_directory_that_is_not_a_run(small, tmp_path):
+    (tmp_path / "junk").mkdir()
+    _one_line_error(_ft(small, tmp_path / "junk", "--resume"), 2, "not a muonft run", "--resume")
+
+
+def test_resume_with_a_different_config_says_what_differs(small, tmp_path):
+    out = tmp_path / "run"
+    assert _ft(small, out, "--save-every", 1).exit_code == 0
+    _one_line_error(_ft(small, out, "--resume", "--seed", 5), 2, "train.seed: 0 -> 5")
+    r = invoke("finetune", "--out", out, "--resume", "--steps", 2, "--quiet", "--json")  # config from the run
+    assert r.exit_code == 0, r.output
+    assert one_json_line(r.stdout)["steps"] == 2
+
+
+def test_output_dir_holding_another_run(small, tmp_path):
+    out = tmp_path / "run"
+    assert _ft(small, out).exit_code == 0
+    _one_line_error(_ft(small, out, "--optim", "muon"), 2, "holds a muonft run", "--overwrite")
+    assert _ft(small, out, "--optim", "muon", "--overwrite").exit_code == 0
+    assert "muon" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--merge"], "--merge only applies to LoRA"),
+    (["--lora-rank", "64"], "--lora-rank 64"),
+    (["--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
+])
+def test_finetune_bad_flags(small, tmp_path, args, needle):
+    out = tmp_path / "run"
+    _one_line_error(_ft(small, out, *args), 2, needle)
+    assert not out.exists()
+
+
+def test_pretrain_needs_a_model_shape(small, tmp_path):
+    r = invoke("pretrain", "--data", small["corpus"], "--out", tmp_path / "p", "--quiet")
+    _one_line_error(r, 2, "--preset")
+    r = invoke("pretrain", "--model", small["model"], "--data", small["corpus"], "--out", tmp_path / "p")
+    assert r.exit_code == 2  # pretrain has no --model option
