@@ -95,14 +95,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--full-steps", type=int, default=None, help="timed steps for the full-matrix case")
+    ap.add_argument("--hidden", type=int, default=None, help="full case hidden size (cuda 1024, cpu 256)")
+    ap.add_argument("--intermediate", type=int, default=None, help="(cuda 2816, cpu 704)")
+    ap.add_argument("--layers", type=int, default=None, help="(cuda 8, cpu 2)")
+    ap.add_argument("--full-steps", type=int, default=None, help="timed steps, full case (cpu default 3)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # bf16 matmul is emulated (slow) on CPUs without AVX512-BF16/AMX, and torch.optim.Muon always
+    # runs NS in bf16, so the CPU default for the full-matrix case is smaller.
+    gpu = device.type == "cuda"
+    args.hidden = args.hidden or (1024 if gpu else 256)
+    args.intermediate = args.intermediate or (2816 if gpu else 704)
+    args.layers = args.layers or (8 if gpu else 2)
+    args.full_steps = args.full_steps or (args.steps if gpu else 3)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         "optim_step_cuda.json" if device.type == "cuda" else "optim_step.json"
     )
@@ -159,8 +166,7 @@ def main() -> None:
     }
     if default_ns_dtype(device) != torch.bfloat16:
         fbuilders["muonft_muon_auto"] = lambda ps: Muon(ps, lr=lr)
-    fsteps = args.full_steps or args.steps
-    _, ftimes = time_interleaved(fbuilders, fshapes, device, 1, fsteps)
+    _, ftimes = time_interleaved(fbuilders, fshapes, device, 1, args.full_steps)
     full = summarize(ftimes)
     fmed = {k: v["median_ms"] for k, v in full.items()}
     full_ratios = {"torch_muon / muonft_muon_bf16 (speed-up, equal NS accuracy)": fmed["torch_muon"] / fmed["muonft_muon_bf16"]}

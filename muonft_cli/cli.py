@@ -312,5 +312,42 @@ def eval_(
         Console().print(evaluate.report_tables(report))
 
 
+# ------------------------------------------------------------------------------ diagnose (diagnose.py)
+
+
+@app.command()
+def diagnose(
+    path: str = typer.Argument(..., help="HF model dir, .safetensors, .gguf, or LoRA adapter dir."),
+    base: Optional[str] = _O(None, "--base", help="For an adapter: its base model (adds merged-weight spectra)."),
+    exact: bool = _O(False, "--exact", help="Exact fp64 spectra for every matrix."),
+    fast: bool = _O(False, "--fast", help="Lanczos estimates (with error bounds) for every large matrix."),
+    target_optim: str = _O("muon", "--target-optim", help="Optimizer you will fine-tune with."),
+    data: str = _O("builtin:kjv", "--data", help="Dataset for the recommended finetune command."),
+    per_matrix: bool = _O(False, "--per-matrix", help="Also list every matrix."),
+    workers: Optional[int] = _O(None, "--workers", help="Matrices analysed concurrently."),
+    as_json: bool = _O(False, "--json", help="One JSON document on stdout, nothing else."),
+    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Guess how a checkpoint was pretrained (Adam or Muon) from its spectra, and recommend how to fine-tune."""
+    import json
+
+    if exact and fast:
+        _err("--exact and --fast exclude each other; pass one (default: chosen per matrix by size)")
+    from muonft_cli import diagnose as diag
+
+    mode = "exact" if exact else "fast" if fast else "auto"
+    bar = None if quiet else diag.ProgressBar()
+    try:
+        report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
+                      per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None)
+    finally:
+        if bar:
+            bar.stop()
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        diag.render(report)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app(sys.argv[1:])

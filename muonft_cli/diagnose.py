@@ -29,7 +29,7 @@ from muonft_cli.diagnose_io import Checkpoint, MatrixSpec, open_checkpoint
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import random_baseline
 
-__all__ = ["diagnose", "analyse", "AUTO_FAST_MIN_DIM", "MODES", "render"]
+__all__ = ["diagnose", "analyse", "AUTO_FAST_MIN_DIM", "MODES", "render", "ProgressBar"]
 
 MODES = ("auto", "exact", "fast")
 AUTO_FAST_MIN_DIM = 1024
@@ -173,13 +173,39 @@ def diagnose(
     ck = open_checkpoint(path, base)
     if on_open:
         on_open(ck)
-    records = analyse(ck, mode=mode, progress=progress)
+    records = analyse(ck, mode=mode, workers=workers, progress=progress)
     seconds = time.perf_counter() - t0
     report = V.build_report(ck, records, mode=mode, target_optim=target_optim, data=data)
     report["seconds"] = round(seconds, 3)
     if per_matrix:
         report["matrices"] = records
     return report
+
+
+class ProgressBar:
+    """A rich progress bar over matrices on stderr; pass it as ``progress`` and its `start` as ``on_open``."""
+
+    def __init__(self) -> None:
+        self._progress = None
+        self._task = None
+
+    def start(self, ck: Checkpoint) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("", total=len(ck.matrices))
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, description=name[-48:])
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def render(report: dict[str, Any], console: Any = None) -> None:
@@ -190,8 +216,8 @@ def render(report: dict[str, Any], console: Any = None) -> None:
     console = console or Console()
     console.print(f"[bold]{report['path']}[/bold]  ({report['kind']}, {report['n_matrices']} matrices, "
                   f"mode {report['mode']}, {report['seconds']:.1f} s)")
-    t = Table(title="Spectra per layer type (vs a Gaussian matrix of the same shape)")
-    for col in ("type", "count", "stable rank", "srank/min(m,n)", "random", "SVD entropy", "random", "lean"):
+    t = Table(title="Spectra per layer type (r = min(m, n); random = a Gaussian matrix of the same shape)")
+    for col in ("type", "n", "srank", "srank/r", "random", "entropy", "random", "lean"):
         t.add_column(col, justify="left" if col in ("type", "lean") else "right")
     for lt, d in report["layer_types"].items():
         t.add_row(lt, str(d["count"]), f"{d['stable_rank']:.1f}", f"{d['stable_rank_ratio']:.3f}",

@@ -16,8 +16,8 @@ P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `mu
 stored in `diagnose_calibration.json` (with how they were produced and the leave-one-out accuracy).
 
 Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
-``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When most hidden
-matrices have not moved, the guess is ``unknown`` — a random init looks "Muon-like" on stable rank and entropy
+``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When fewer than
+``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on stable rank and entropy
 alone.
 
 Provenance (``muonft.json``, a Trainer's ``trainer_state.json``/``training_args.json``, known model families)
@@ -171,7 +171,7 @@ def spectral_verdict(records: list[dict[str, Any]], calibration: dict[str, Any] 
     """
     cal = calibration or load_calibration()
     w, b = cal["weights"], cal["bias"]
-    z_moved, c_min = cal["z_moved"], cal["min_confidence"]
+    z_moved, c_min, min_moved = cal["z_moved"], cal["min_confidence"], cal["min_moved"]
     mf = model_features(records, z_moved)
     evidence: list[str] = []
     leans: dict[str, str] = {}
@@ -189,11 +189,11 @@ def spectral_verdict(records: list[dict[str, Any]], calibration: dict[str, Any] 
             f"×{math.exp(d['ent']):.2f} of random → {leans[t]} (P(muon) {pt:.2f})")
     logit = sum(wi * mf[k] for wi, k in zip(w, FEATURES)) + b
     p = _sigmoid(logit)
-    p_init = 1.0 - mf["moved"]
-    if p_init >= 0.5:
-        guess, conf = "unknown", p_init
-        evidence.insert(0, f"{p_init:.0%} of {mf['n_hidden']} hidden matrices are indistinguishable from a random "
-                           f"(untrained) matrix of their shape (|z| ≤ {z_moved:g}): looks like an initialisation")
+    if mf["moved"] < min_moved:
+        guess, conf = "unknown", 1.0 - mf["moved"]
+        evidence.insert(0, f"{1 - mf['moved']:.0%} of {mf['n_hidden']} hidden matrices are indistinguishable from a "
+                           f"random (untrained) matrix of their shape (|z| ≤ {z_moved:g}): looks like an "
+                           "initialisation or barely trained")
     else:
         c = max(p, 1 - p)
         if c < c_min:
@@ -251,10 +251,10 @@ def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, An
                 "evidence": ev}
     names: list[str] = [Path(path).name]
     cfg = provenance_files.get("config.json") or {}
-    names += [str(cfg.get("_name_or_path") or ""), str(cfg.get("model_type") or "")]
-    names += [str(a) for a in (cfg.get("architectures") or [])]
+    # names only: an architecture (model_type "llama") says nothing about who trained the weights, or how
+    names.append(str(cfg.get("_name_or_path") or ""))
     gg = provenance_files.get("gguf") or {}
-    names += [str(gg.get(k) or "") for k in ("general.name", "general.basename", "general.architecture")]
+    names += [str(gg.get(k) or "") for k in ("general.name", "general.basename")]
     ad = provenance_files.get("adapter_config.json") or {}
     names.append(str(ad.get("base_model_name_or_path") or ""))
     hay = " ".join(names).lower()
@@ -279,7 +279,9 @@ _LR_ANCHORS: dict[tuple[str, str], dict[float, tuple[float, float]]] = {
     ("lora", "adam"): {2.2e8: (5e-4, 2e-3), 6.7e9: (2e-4, 5e-4)},
     ("lora", "muon"): {2.2e8: (5e-4, 2e-3), 6.7e9: (1e-4, 5e-4)},
 }
-_MAX_EXTRAPOLATION = 3.0  # beyond the anchors, scale by at most this factor (no anchor below 220 M / above 7 B)
+# Beyond the anchors, extrapolate at most one anchor span (×30 in size) on either side: no paper LR exists for
+# models below 220 M or above 7 B, and LRs stop scaling with size for tiny models.
+_MAX_EXTRAPOLATION = 1.0
 
 
 def lr_range(method: str, family: str, n_params: int | None) -> tuple[float, float]:
@@ -292,10 +294,9 @@ def lr_range(method: str, family: str, n_params: int | None) -> tuple[float, flo
     if n_params is None:
         return min(lo0, lo1), max(hi0, hi1)
     t = (math.log(n_params) - math.log(s0)) / (math.log(s1) - math.log(s0))
+    t = min(max(t, -_MAX_EXTRAPOLATION), 1.0 + _MAX_EXTRAPOLATION)
     lo = math.exp(math.log(lo0) + t * (math.log(lo1) - math.log(lo0)))
     hi = math.exp(math.log(hi0) + t * (math.log(hi1) - math.log(hi0)))
-    cap_hi, cap_lo = max(hi0, hi1) * _MAX_EXTRAPOLATION, min(lo0, lo1) / _MAX_EXTRAPOLATION
-    lo, hi = min(max(lo, cap_lo), cap_hi), min(max(hi, cap_lo), cap_hi)
     return float(f"{lo:.1g}"), float(f"{hi:.1g}")
 
 

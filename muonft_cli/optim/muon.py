@@ -1,8 +1,8 @@
 """Muon-family optimizers (Muon, AdaMuon, NorMuon) with a built-in auxiliary AdamW group.
 
-Three layers, as in KellerJordan/Muon: the pure orthogonalisation (:mod:`.orthogonalize`), the pure
-per-chunk updates (``_muon_update`` / ``_adamuon_update`` / ``_normuon_update`` below), and thin
-``torch.optim.Optimizer`` classes that own the state.
+Layers, as in KellerJordan/Muon: the pure orthogonalisation (:mod:`.orthogonalize`), the shared
+batching/distribution machinery (:class:`MuonFamily`), and per-algorithm update rules
+(``_apply_updates`` of :class:`Muon` / :class:`AdaMuon` / :class:`NorMuon`) that own the state.
 
 One optimizer object holds every trainable parameter: param groups carry ``kind="muon"`` (hidden
 matrices, LoRA A/B) or ``kind="adamw"`` (embeddings, heads, 1-D tensors; AdamW of Loshchilov & Hutter,
@@ -22,15 +22,19 @@ Keller Jordan's / torch.optim.Muon's EMA momentum ``B ← βB + (1−β)G`` equa
 the same orthogonalised direction; no option is needed.  Weights with more than two dims are
 flattened to (out, −1).
 
-Performance: same-shape matrices (after transposing tall ones) are stacked and orthogonalised in one
-batched call, in chunks of at most ``ns_chunk_bytes`` of stacked input; momentum and the weight
-update use ``torch._foreach_*`` ops; thin matrices (min dim ≤ 64, LoRA) use the Gram-space path.
+Performance: same-shape matrices (tall ones transposed) are stacked and orthogonalised in one
+batched call, in chunks of at most ``ns_chunk_bytes`` of stacked input (bounded extra memory); thin
+matrices (min dim ≤ 64, LoRA) use the Gram-space path.  On CUDA momentum/updates are
+``torch._foreach_*`` ops; on CPU (memory-bound) each matrix is updated once while in cache, in
+~2 MiB blocks, and Muon applies Gram-path updates with one fused ``addmm_`` per matrix.
 
 Distributed NS (used by the engine under torchrun, with DDP-synchronised gradients): after
-``opt.set_distributed()`` the i-th matrix of each same-shape bucket (in a fixed order that every rank
-derives identically) is orthogonalised only by rank ``i mod world_size``; the results are exchanged
-with ``torch.distributed.all_gather`` (one collective per chunk) so every rank applies the full,
-identical update.  ``opt.ns_matrices_done`` counts the matrices this rank orthogonalised.
+``opt.set_distributed()`` the i-th direct-path matrix (one running index over the same-shape buckets,
+in an order every rank derives identically) is orthogonalised only by rank ``i mod world_size``; the
+results are exchanged with ``torch.distributed.all_gather`` (one collective per chunk) so every rank
+applies the same update and keeps identical state.  Gram-path (thin) matrices are computed by every
+rank unless ``set_distributed(shard_thin=True)``: their NS costs about as much as sending the result.
+``opt.ns_matrices_done`` / ``opt.ns_matrices_last_step`` count the matrices this rank orthogonalised.
 """
 
 from __future__ import annotations
@@ -77,8 +81,12 @@ def update_scale(scaling: str, out_features: int, in_features: int) -> float:
 
 def _logical_shape(p: Tensor, transposed: bool) -> tuple[int, int]:
     """(out, in) of the matrix a parameter represents; ``transposed`` = stored as (in, out) (GPT-2 Conv1D)."""
-    rows, cols = p.shape[0], p[0].numel()
+    rows, cols = p.shape[0], math.prod(p.shape[1:])
     return (cols, rows) if transposed else (rows, cols)
+
+
+def _as2d(t: Tensor, it: "_Item") -> Tensor:
+    return t if t.ndim == 2 else t.reshape(it.rows, it.cols)
 
 
 class _Item:
@@ -86,18 +94,16 @@ class _Item:
 
     __slots__ = ("param", "grad", "buf", "group", "rows", "cols", "scale", "flip")
 
-    def __init__(self, param: Tensor, grad: Tensor, buf: Tensor, group: dict[str, Any], scale: float) -> None:
+    def __init__(
+        self, param: Tensor, grad: Tensor, buf: Tensor, group: dict[str, Any], scale: float, rows: int, cols: int
+    ) -> None:
         self.param, self.grad, self.buf, self.group, self.scale = param, grad, buf, group, scale
-        self.rows, self.cols = param.shape[0], param[0].numel()  # (out, -1) flattening
-        self.flip = False  # set for direct-path tall matrices (stacked transposed)
+        self.rows, self.cols = rows, cols  # (out, -1) flattening as stored
+        self.flip = rows > cols  # tall matrices are stacked transposed (wide)
 
     def slot(self, X: Tensor, i: int) -> Tensor:
         """Stack slot i viewed in this matrix's stored (rows, cols) orientation."""
         return X[i].mT if self.flip else X[i]
-
-    def as_param(self, O: Tensor) -> Tensor:
-        """A stacked (rows, cols) or flipped result, viewed as the parameter's shape."""
-        return (O.mT if self.flip else O).reshape(self.param.shape)
 
 
 class MuonFamily(torch.optim.Optimizer):
@@ -108,14 +114,13 @@ class MuonFamily(torch.optim.Optimizer):
     group may set ``transposed=True`` when its weights are stored (in, out) (GPT-2 ``Conv1D``), so
     shape-dependent scalings use the true out×in orientation.
 
-    Execution: Muon matrices are bucketed by 2-D shape (direct path: after transposing tall ones;
-    Gram path: as stored) and processed in chunks of at most ``ns_chunk_bytes`` of stacked input.
+    Execution: Muon matrices are bucketed by wide 2-D shape (tall ones transposed) and processed in
+    chunks of at most ``ns_chunk_bytes`` of stacked input.
     On CUDA momentum and updates are ``torch._foreach_*`` ops (launch-bound); on CPU (memory-bound)
     the momentum update, Nesterov input and stacking run per matrix while it is in cache, and Muon
     applies Gram-path updates with one fused ``addmm_`` (decay + update) per matrix.
     """
 
-    _state_keys: tuple[str, ...] = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -315,7 +320,8 @@ class MuonFamily(torch.optim.Optimizer):
     def _collect(self, group: dict[str, Any]) -> list[_Item]:
         """The Muon matrices of one group that have gradients (state created lazily)."""
         items = []
-        scales: dict[tuple[int, int], float] = {}
+        scales: dict[tuple[int, ...], tuple[float, int, int]] = {}
+        transposed, scaling = group["transposed"], group["scaling"]
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -327,10 +333,12 @@ class MuonFamily(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, group, state)
-            shape = _logical_shape(p, group["transposed"])
-            if shape not in scales:
-                scales[shape] = update_scale(group["scaling"], *shape)
-            items.append(_Item(p, g, state["momentum_buffer"], group, scales[shape]))
+            info = scales.get(p.shape)
+            if info is None:
+                rows, cols = p.shape[0], math.prod(p.shape[1:])
+                out_f, in_f = (cols, rows) if transposed else (rows, cols)
+                info = scales[p.shape] = (update_scale(scaling, out_f, in_f), rows, cols)
+            items.append(_Item(p, g, state["momentum_buffer"], group, *info))
         return items
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -350,16 +358,13 @@ class MuonFamily(torch.optim.Optimizer):
             dkey = (g["ns_dtype"], it.param.device)
             if dkey not in dtypes:
                 dtypes[dkey] = resolve_ns_dtype(g["ns_dtype"], it.param.device)
-            it.flip = it.rows > it.cols  # stack every matrix wide (r <= c)
             shape = (it.cols, it.rows) if it.flip else (it.rows, it.cols)
-            key = (shape, g["ns_method"], g["ns_steps"], thin, dtypes[dkey], it.param.device, it.param.dtype)
+            key = (shape, it.flip, g["ns_method"], g["ns_steps"], thin, dtypes[dkey], it.param.device, it.param.dtype)
             buckets[key].append(it)
-        for bucket in buckets.values():
-            bucket.sort(key=lambda it: it.flip)  # stable: wide-stored first, then tall
         rank, world = self._world()
         offset = 0  # running position, so round-robin continues across buckets
         for key, bucket in buckets.items():
-            (r, c), method, steps, thin, cdtype, _, pdtype = key
+            (r, c), _, method, steps, thin, cdtype, _, pdtype = key
             shard = world > 1 and (not thin or self._shard_thin)
             stack_dtype = pdtype if thin or method == "svd" else cdtype
             chunk_bytes = self.ns_chunk_bytes
@@ -378,9 +383,15 @@ class MuonFamily(torch.optim.Optimizer):
             if shard:
                 offset += len(bucket)
 
-    def _fill(self, chunk: list[_Item], owned: list[bool], X: Tensor) -> None:
-        """Momentum ``M ← βM + G`` for every item; NS input (``G + βM`` or ``M``) into X for owned ones."""
-        if X.device.type == "cpu":
+    def _fill(self, chunk: list[_Item], owned: list[bool], stack_dtype: torch.dtype) -> Tensor:
+        """Momentum ``M ← βM + G`` for every item; returns the wide stack (n_owned, r, c) of NS inputs
+        (``G + βM`` or ``M``) of the owned ones (on CUDA a transposed view for tall matrices)."""
+        it0 = chunk[0]
+        device = it0.param.device
+        n_own = sum(owned)
+        if device.type == "cpu":
+            shape = (it0.cols, it0.rows) if it0.flip else (it0.rows, it0.cols)  # wide (r, c)
+            X = torch.empty((n_own, *shape), dtype=stack_dtype, device=device)
             # memory-bound: touch each matrix once, while it is in cache; one pass per op
             j = 0
             for it, own in zip(chunk, owned):
@@ -401,17 +412,12 @@ class MuonFamily(torch.optim.Optimizer):
                 else:
                     slot.copy_(buf2)
             self._transform_stack(X)
-            return
-        # CUDA: launch-bound, so foreach over the chunk
+            return X
+        # CUDA: launch-bound, so foreach over the chunk and one stacking copy
         by_group: dict[int, list[int]] = defaultdict(list)
         for i, it in enumerate(chunk):
             by_group[id(it.group)].append(i)
-        slots: dict[int, Tensor] = {}
-        j = 0
-        for i, own in enumerate(owned):
-            if own:
-                slots[i] = chunk[i].slot(X, j)
-                j += 1
+        inputs: dict[int, Tensor] = {}
         for idx in by_group.values():
             g = chunk[idx[0]].group
             beta = g["momentum"]
@@ -421,12 +427,18 @@ class MuonFamily(torch.optim.Optimizer):
             mine = [i for i in idx if owned[i]]
             if not mine:
                 continue
-            src = [chunk[i].buf.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+            src = [_as2d(chunk[i].buf, chunk[i]) for i in mine]
             if g["nesterov"] and beta > 0.0:
-                grads = [chunk[i].grad.reshape(chunk[i].rows, chunk[i].cols) for i in mine]
+                grads = [_as2d(chunk[i].grad, chunk[i]) for i in mine]
                 src = torch._foreach_add(grads, src, alpha=beta)  # G + βM
-            torch._foreach_copy_([slots[i] for i in mine], src)
+            inputs.update(zip(mine, src))
+        if n_own == 0:
+            shape = (it0.cols, it0.rows) if it0.flip else (it0.rows, it0.cols)
+            return torch.empty((0, *shape), dtype=stack_dtype, device=device)
+        X = torch.stack([inputs[i] for i in sorted(inputs)]).to(stack_dtype)  # (n, rows, cols)
+        X = X.mT if it0.flip else X  # wide view (n, r, c)
         self._transform_stack(X)
+        return X
 
     def _ns(self, X: Tensor, method: str, steps: int, thin: bool) -> Tensor:
         """Orthogonalise the wide stack X (k, r, c) → O (k, r, c) (fp32 for the Gram path)."""
@@ -440,10 +452,7 @@ class MuonFamily(torch.optim.Optimizer):
         return _direct(X, coeffs, scale)
 
     def _chunk_local(self, chunk: list[_Item], method: str, steps: int, thin: bool, stack_dtype: torch.dtype) -> None:
-        it0 = chunk[0]
-        shape = (it0.cols, it0.rows) if it0.flip else (it0.rows, it0.cols)  # wide (r, c)
-        X = torch.empty((len(chunk), *shape), dtype=stack_dtype, device=it0.param.device)  # (k, r, c)
-        self._fill(chunk, [True] * len(chunk), X)
+        X = self._fill(chunk, [True] * len(chunk), stack_dtype)  # (k, r, c)
         self.ns_matrices_last_step += len(chunk)
         if thin and method != "svd":
             coeffs = ns_coefficients(method, steps)
@@ -453,7 +462,7 @@ class MuonFamily(torch.optim.Optimizer):
             self._apply_gram(chunk, Q, X.to(work))
             return
         O = self._ns(X, method, steps, thin)
-        self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
+        self._apply_updates(chunk, self._outs(chunk, O))
 
     def _chunk_sharded(
         self,
@@ -474,8 +483,7 @@ class MuonFamily(torch.optim.Optimizer):
         owned = [o == rank for o in owners]
         n_mine = sum(owned)
         per_rank = max(owners.count(k) for k in range(world))
-        X = torch.empty((n_mine, *shape), dtype=stack_dtype, device=it0.param.device)
-        self._fill(chunk, owned, X)
+        X = self._fill(chunk, owned, stack_dtype)
         O = self._ns(X, method, steps, thin) if n_mine else X
         self.ns_matrices_last_step += n_mine
         comm_dtype = O.dtype
@@ -486,18 +494,29 @@ class MuonFamily(torch.optim.Optimizer):
         recv = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(recv, send, group=self._dist_group)
         seen = [0] * world
-        outs = []
-        for it, o in zip(chunk, owners):
-            outs.append(it.as_param(recv[o][seen[o]]))
+        ordered = []
+        for o in owners:
+            ordered.append(recv[o][seen[o]])
             seen[o] += 1
-        self._apply_updates(chunk, outs)
+        self._apply_updates(chunk, self._outs(chunk, torch.stack(ordered)))
 
     # ------------------------------------------------------------------ updates
 
     def _apply_gram(self, chunk: list[_Item], Q: Tensor, X: Tensor) -> None:
         """Apply Gram-path results ``O = Q X`` (wide stack); default: materialise O."""
         O = torch.bmm(Q, X)  # (k, r, c)
-        self._apply_updates(chunk, [it.as_param(O[i]) for i, it in enumerate(chunk)])
+        self._apply_updates(chunk, self._outs(chunk, O))
+
+    @staticmethod
+    def _outs(chunk: list[_Item], O: Tensor) -> list[Tensor]:
+        """Per-parameter views of the wide results O (k, r, c); contiguous, param dtype on CUDA so
+        the foreach update takes its fused multi-tensor path."""
+        it0 = chunk[0]
+        nat = O.mT if it0.flip else O  # (k, rows, cols)
+        if nat.device.type != "cpu":
+            nat = nat.to(dtype=it0.param.dtype, memory_format=torch.contiguous_format)
+        views = nat.unbind(0)
+        return [v if it.param.ndim == 2 else v.reshape(it.param.shape) for v, it in zip(views, chunk)]
 
     def _apply_updates(self, chunk: list[_Item], outs: list[Tensor]) -> None:
         raise NotImplementedError  # implemented by each optimizer below
@@ -553,7 +572,7 @@ class Muon(MuonFamily):
             return
         # CPU: W ← (1 − ηλ)·W − η·s·(QX) as one addmm_ per wide matrix (no O materialised); tall
         # ones (stored transposed in the stack) take one bmm for the block, then a strided add.
-        first = next((i for i, it in enumerate(chunk) if it.flip), len(chunk))  # tall ones are last
+        first = next((i for i, it in enumerate(chunk) if it.flip), len(chunk))  # chunks are all wide or all tall
         O_t = torch.bmm(Q[first:], X[first:]) if first < len(chunk) else None  # (f, r, c)
         j = 0
         for i, it in enumerate(chunk):
@@ -600,7 +619,6 @@ class AdaMuon(MuonFamily):
             ``ns_chunk_bytes`` as for :class:`Muon`.
     """
 
-    _state_keys = ("momentum_buffer", "second_moment")
 
     def __init__(
         self,
@@ -683,7 +701,6 @@ class NorMuon(MuonFamily):
             ``ns_chunk_bytes`` as for :class:`Muon`.
     """
 
-    _state_keys = ("momentum_buffer", "row_second_moment")
 
     def __init__(
         self,
