@@ -77,6 +77,12 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     out = flags.get("output.dir")
     if resume and out and (Path(out).expanduser() / "config.yaml").is_file():
         base = _run(cfgmod.to_dict, _run(cfgmod.load_saved, Path(out).expanduser() / "config.yaml"))
+    bs = flags.get("train.batch_size")
+    if bs is not None and flags.get("train.micro_batch_size") is None:
+        # a small --batch-size alone: shrink the default micro-batch to it (unless a recipe/--set chose one)
+        recipe_mbs = (_run(cfgmod.read_yaml, config).get("train") or {}).get("micro_batch_size") if config else None
+        if recipe_mbs is None and not any(o.startswith("train.micro_batch_size=") for o in overrides or []):
+            flags["train.micro_batch_size"] = min(bs, cfgmod.TrainConfig().micro_batch_size)
     if flags.get("train.clip") == 0:
         flags["train.clip"] = None
         overrides = list(overrides or []) + ["train.clip=null"]

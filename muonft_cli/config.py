@@ -314,10 +314,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     bs, mbs = cfg.train.batch_size, cfg.train.micro_batch_size
     if isinstance(bs, int) and isinstance(mbs, int) and bs > 0 and mbs > 0 and mbs > bs:
         p.append(f"train.micro_batch_size ({mbs}) must not exceed train.batch_size ({bs})")
-    if cfg.optimizer.scaling == "original" and cfg.optimizer.name in ("muon", "muon-pe", "normuon") \
+    if cfg.optimizer.scaling in ("original", "none") and cfg.optimizer.name in ("muon", "muon-pe", "normuon") \
             and cfg.optimizer.adamw_lr is None:
-        p.append("optimizer.adamw_lr: required with optimizer.scaling=original (Muon lrs of ~0.02-0.9 "
-                 "would wreck embeddings); set e.g. --set optimizer.adamw_lr=3e-4")
+        p.append(f"optimizer.adamw_lr: required with optimizer.scaling={cfg.optimizer.scaling} (its Muon lrs of "
+                 "~0.02-0.9 would wreck embeddings); set e.g. --set optimizer.adamw_lr=3e-4")
     return p
 
 

@@ -1,14 +1,23 @@
-"""evaluate_loss: token-weighted NLL vs a hand computation, batch-size independence, mode restored."""
+"""evaluate.py: evaluate_loss vs a hand computation (batch-size independent), weight distance and LoRA spectra vs
+closed forms / exact SVD, run_eval numbers vs direct computation, and `muonft eval` through the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from _helpers_models import TokenDataset, tiny_llama
-from muonft_cli.evaluate import evaluate_loss
+from _helpers_models import TokenDataset, save_tiny, tiny_llama
+from muonft_cli import models
+from muonft_cli.cli import app
+from muonft_cli.config import LoraConfig, ModelConfig, RunConfig
+from muonft_cli.evaluate import evaluate_loss, lora_spectra, run_eval, weight_distance
+from muonft_cli.spectral import stable_rank, svd_entropy
 
 
 def _hand_nll(model, ds):
@@ -61,18 +70,6 @@ def test_no_targets_gives_nan():
 
 # --------------------------------------------------------------------------------------------- muonft eval
 
-import json  # noqa: E402
-import random  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from typer.testing import CliRunner  # noqa: E402
-
-from _helpers_models import save_tiny  # noqa: E402
-from muonft_cli import models  # noqa: E402
-from muonft_cli.cli import app  # noqa: E402
-from muonft_cli.config import LoraConfig, ModelConfig, RunConfig  # noqa: E402
-from muonft_cli.evaluate import lora_spectra, run_eval, weight_distance  # noqa: E402
-from muonft_cli.spectral import stable_rank, svd_entropy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
