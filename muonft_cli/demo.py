@@ -40,10 +40,12 @@ def _cli(args: list[str], capture: bool) -> str:
     """Run `python -m muonft_cli ARGS`; stream stderr (progress) to ours; return stdout when captured."""
     cmd = [sys.executable, "-m", "muonft_cli", *args]
     print("$ muonft " + " ".join(args), file=sys.stderr, flush=True)
+    t = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if p.returncode != 0:
         raise SystemExit(f"demo: `muonft {args[0]}` failed with exit code {p.returncode}")
+    print(f"  ({args[0]}: {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     return p.stdout or ""
 
 
@@ -107,6 +109,7 @@ def render(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
+    con = Console(width=max(con.width, 112))  # the table needs ~110 columns; wrap rather than truncate
     p = result["pretrain"]
     con.print(f"\n[bold]Pretrained[/] tiny Llama with Adam on {PRETRAIN_DATA}: {p['steps']} steps, "
               f"{p['tokens']:,} tokens, val ppl {_fmt(p['val_ppl'])}")
@@ -116,22 +119,23 @@ def render(result: dict[str, Any]) -> None:
                   f"{_fmt(dg.get('confidence'))}); provenance says: {(dg.get('provenance') or {}).get('optimizer', '-')}")
     t = Table(title=f"LoRA fine-tuning on {FINETUNE_DATA} (rank {result['settings']['lora_rank']}, "
                     f"{result['settings']['finetune_steps']} steps)")
-    for col in ("", "KJV ppl base→tuned", "Shakespeare ppl base→tuned (forgetting)", "‖ΔW‖ (hidden)",
-                "cos dist", "B·A stable rank", "train s"):
+    for col in ("", "KJV ppl", "Shakespeare ppl", "forgetting", "‖ΔW‖", "cos dist", "srank(BA)", "s"):
         t.add_column(col, justify="right" if col else "left")
     for name, rep in result["eval"].items():
         d, f = rep.get("data") or {}, rep.get("forgetting") or {}
         dist = (rep.get("distance") or {}).get("hidden") or {}
         spec = ((rep.get("lora_spectra") or {}).get("all") or {}).get("BA") or {}
-        ft = result["finetune"][name]
-        fchange = f.get("ppl_change")
+        change = f.get("ppl_change")
         t.add_row(name,
-                  f"{_fmt((d.get('base') or {}).get('ppl'))} → {_fmt((d.get('model') or {}).get('ppl'))}",
-                  f"{_fmt((f.get('base') or {}).get('ppl'))} → {_fmt((f.get('model') or {}).get('ppl'))} "
-                  f"({'+' if (fchange or 0) >= 0 else ''}{_fmt(fchange)})",
-                  _fmt(dist.get("l2"), ".3f"), _fmt(dist.get("cosine"), ".2e"), _fmt(spec.get("stable_rank")),
-                  _fmt(ft.get("runtime_s"), ".0f"))
+                  f"{_fmt((d.get('base') or {}).get('ppl'), '.1f')}→{_fmt((d.get('model') or {}).get('ppl'), '.1f')}",
+                  f"{_fmt((f.get('base') or {}).get('ppl'), '.1f')}→{_fmt((f.get('model') or {}).get('ppl'), '.1f')}",
+                  ("+" if (change or 0) >= 0 else "") + _fmt(change, ".2f"),
+                  _fmt(dist.get("l2"), ".3f"), _fmt(dist.get("cosine"), ".1e"), _fmt(spec.get("stable_rank")),
+                  _fmt(result["finetune"][name].get("runtime_s"), ".0f"))
     con.print(t)
+    con.print("KJV ppl / Shakespeare ppl: base → fine-tuned (validation, token-weighted); forgetting: change of "
+              "Shakespeare ppl; ‖ΔW‖, cos dist: distance of the merged hidden weights from the base (paper "
+              "Table 17); srank(BA): stable rank of the adapter update (App. F.2); s: training seconds.")
     con.print(f"demo finished in {result['runtime_s']:.0f} s; runs and demo.json are in the demo directory.")
 
 

@@ -41,6 +41,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 def _matrix_record(spec: MatrixSpec, mode: str, seed: int) -> dict[str, Any]:
     """Read one matrix and compute its metrics (exact or fast) and baselines."""
+    t0 = time.perf_counter()
     W = spec.read()  # (m, n) fp32
     m, n = W.shape
     use_fast = mode == "fast" or (mode == "auto" and min(m, n) >= AUTO_FAST_MIN_DIM)
@@ -71,6 +72,7 @@ def _matrix_record(spec: MatrixSpec, mode: str, seed: int) -> dict[str, Any]:
         "random_svd_entropy_std": base["svd_entropy_std"],
         "random_spectral_norm": base["spectral_norm_per_rms"] * rms,
         "random_max_norm": base["max_norm_per_rms"] * rms,
+        "seconds": round(time.perf_counter() - t0, 4),
     }
 
 

@@ -711,8 +711,8 @@ class _Trainer:
                     with metrics_path.open("a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
                 self.sink.on_step(record)
-                if t.save_every and self.step % t.save_every == 0 and not last:
-                    self._save_checkpoint()
+                if t.save_every and (self.step % t.save_every == 0 or last):
+                    self._save_checkpoint()  # also at the end: `--resume --steps MORE` continues from here
                 flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.device)
                 if self.info.distributed:
                     dist_mod.all_reduce_sum(flag, self.info)

@@ -300,6 +300,50 @@ def test_batched_step_equals_per_param(method):
         assert opt.ns_matrices_done == 3 * len(shapes)
 
 
+def test_cached_step_plan_follows_grads_groups_and_loaded_state():
+    """The per-step plan is reused across steps but must follow which params have gradients, added
+    param groups and ``load_state_dict`` (new momentum buffers), against a textbook loop."""
+    torch.manual_seed(11)
+    shapes = [(8, 120)] * 3 + [(120, 8)] * 2 + [(40, 30)] * 2
+    lr, beta = 0.02, 0.95
+    masks = [[1, 1, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]  # who has a gradient
+    grads_seq = [[torch.randn(*s) for s in shapes] for _ in masks]
+    init = [torch.randn(*s) for s in shapes]
+
+    def reference(n_steps):
+        W, M = [w.clone() for w in init], [torch.zeros(*s) for s in shapes]
+        for mask, grads in list(zip(masks, grads_seq))[:n_steps]:
+            for i, (on, g) in enumerate(zip(mask, grads)):
+                if on:
+                    M[i] = beta * M[i] + g
+                    O = orthogonalize(g + beta * M[i], 5, "jordan", F32)
+                    W[i] = W[i] - lr * 0.2 * math.sqrt(max(shapes[i])) * O
+        return W
+
+    ps = [torch.nn.Parameter(w.clone()) for w in init]
+    opt = Muon(ps[:5], lr=lr, momentum=beta, ns_dtype="fp32")
+    saved = None
+    for k, (mask, grads) in enumerate(zip(masks, grads_seq)):
+        if k == 1:
+            opt.add_param_group({"params": ps[5:]})  # trained from step 2 on
+            saved = (copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps])
+        for p, on, g in zip(ps, mask, grads):
+            p.grad = g.clone() if on else None
+        opt.step()
+        for p, w in zip(ps, reference(k + 1)):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-5)
+    # rewind to after step 1 in the SAME optimizer: the cached plan must not keep the old buffers
+    opt.load_state_dict(saved[0])
+    with torch.no_grad():
+        for p, w in zip(ps, saved[1]):
+            p.copy_(w)
+    for p, on, g in zip(ps, masks[1], grads_seq[1]):
+        p.grad = g.clone() if on else None
+    opt.step()
+    for p, w in zip(ps, reference(2)):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-5)
+
+
 def test_conv1d_orientation_uses_true_out_by_in():
     torch.manual_seed(11)
     W = torch.randn(32, 96)  # stored (in, out) like GPT-2 Conv1D: logical 96×32

@@ -149,7 +149,7 @@ def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
     for ra, rb in zip(a, b):
         for key in ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "val_ppl"):
             assert ra[key] == rb[key], (key, ra, rb)
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # keep_last
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000006", "step-000008"]  # keep_last
     prov = json.loads((cut / "final" / "muonft.json").read_text())
     assert prov["optimizer"] == kw["optimizer.name"] and prov["steps"] == 8 and prov["mode"] == mode
 

@@ -252,6 +252,7 @@ def _gram_q(
     norm_scale: float,
     tall: bool = False,
     block_bytes: int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The r×r factor ``Q_K / ‖X‖`` of the Gram-space iteration, in float64.
 
@@ -260,7 +261,8 @@ def _gram_q(
     (resp. ``X₀ᵀX₀``), every iterate is ``X_k = Q_k X₀`` and ``A_k = X_k X_kᵀ = Q_k² S``;
     ``P = a + bA + cA²`` gives ``Q ← PQ``, ``A ← P²A`` (all polynomials in S: they commute and are
     symmetric).  ``S`` is formed in float64 over cache-sized blocks (no float64 copy of X exists
-    as a whole).
+    as a whole); ``workspace`` (float64, shaped like a block ``(step, *X.shape[1:])``) is reused as
+    the block buffer when given, else one is allocated.
 
     Returns:
         (b, r, r) float64 tensor ``Q_K / (‖X₀‖_F · norm_scale)``.
@@ -278,11 +280,15 @@ def _gram_q(
     if block_bytes is None:
         block_bytes = 4 * 2**20 if X.device.type == "cpu" else 1024 * 2**20
     step = max(1, min(b, block_bytes // max(1, X[0].numel() * 8)))
+    if workspace is not None:
+        if workspace.dtype != f64 or tuple(workspace.shape[1:]) != tuple(X.shape[1:]):
+            raise ValueError("workspace must be float64 shaped (step, *X.shape[1:])")
+        step = workspace.shape[0]
     S = torch.empty((b, r, r), dtype=f64, device=X.device)  # (b, r, r)
     if X.dtype == f64:
         gram(X, S)
     else:
-        buf = torch.empty((step, *X.shape[1:]), dtype=f64, device=X.device)  # reused block
+        buf = workspace if workspace is not None else torch.empty((step, *X.shape[1:]), dtype=f64, device=X.device)
         for i in range(0, b, step):
             k = min(step, b - i)
             gram(buf[:k].copy_(X[i : i + k]), S[i : i + k])

