@@ -325,8 +325,8 @@ def _gap(g: float | None) -> str:
 
 def base_header(name: str, b: dict) -> str:
     """Column header: `adam (Adam-pretrained)`."""
-    w = b.get("pretrained_with")
-    return f"{b.get('label', name)}" + (f" ({FAMILY_NAMES[optim_family(w)]}-pretrained)" if w else "")
+    w, lab = b.get("pretrained_with"), str(b.get("label", name))
+    return lab + (f" ({FAMILY_NAMES[optim_family(w)]}-pretrained)" if w and "pretrained" not in lab else "")
 
 
 def to_markdown(summary: dict, title: str = "sweep") -> str:
@@ -497,11 +497,12 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
         ax.set_title(f"fine-tuned with {OPTIM_NAMES.get(optim, optim)}")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("val PPL / base PPL" if norm else "validation PPL")
-        if best_all:
-            lo = min(best_all)
-            ax.set_ylim(lo - 0.05 * abs(lo), lo * 1.6 if lo > 0 else None)
+        if best_all:  # every curve's optimum visible; diverged / far-off LRs may leave the top
+            lo, hi = min(best_all), max(best_all)
+            ax.set_ylim(lo - 0.05 * abs(lo), max(hi * 1.25, lo * 1.3))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, light: LoRA; "
                  "★ best LR, × diverged", fontsize=9)
     fig.tight_layout()
@@ -539,7 +540,8 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
             lo = min(ymin)
             ax.set_ylim(lo * 0.98, min(max(ymax), lo * 2.0))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("validation curves of the best-LR runs (mean over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -26,7 +26,11 @@ Performance: same-shape matrices (tall ones transposed) are stacked and orthogon
 batched call, in chunks of at most ``ns_chunk_bytes`` of stacked input (bounded extra memory); thin
 matrices (min dim ≤ 64, LoRA) use the Gram-space path.  On CUDA momentum/updates are
 ``torch._foreach_*`` ops; on CPU (memory-bound) each matrix is updated once while in cache, in
-~2 MiB blocks, and Muon applies Gram-path updates with one fused ``addmm_`` per matrix.
+~4 MiB blocks, and Muon applies Gram-path updates with one fused ``addmm_`` per matrix.
+The bucketing/chunking plan (and per-chunk index and tensor lists) is built once and reused while
+the param groups, the set of parameters with gradients and the state dict object are unchanged;
+on CPU the stacked input, its float64 Gram sub-blocks and the output blocks live in scratch
+buffers reused across steps (fresh multi-MiB allocations are page-faulted in every step).
 
 Distributed NS (used by the engine under torchrun, with DDP-synchronised gradients): after
 ``opt.set_distributed()`` the i-th direct-path matrix (one running index over the same-shape buckets,
@@ -267,6 +271,8 @@ class MuonFamily(torch.optim.Optimizer):
                 self._adamw_group_step(group)
         self.ns_matrices_last_step = 0
         self._run_plan(self._current_plan())
+        for it in self._plan[2]:
+            it.grad = None  # the plan must not keep gradients alive past zero_grad(set_to_none=True)
         self.ns_matrices_done += self.ns_matrices_last_step
         return loss
 
@@ -426,11 +432,12 @@ class MuonFamily(torch.optim.Optimizer):
         return chunks
 
     def _scratch(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Uninitialised ``shape`` tensor; on CPU a view of a buffer kept across steps (fresh multi-MiB
-        allocations are page-faulted in on every use, which cost ~30% of a LoRA step)."""
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
+        """Uninitialised ``shape`` tensor; on CPU, up to ``cpu_block_bytes``, a view of a buffer kept
+        across steps (fresh multi-MiB allocations are page-faulted in on every use, ~20% of a LoRA
+        step on CPU).  Callers must be done with it before the next request for the same tag."""
         n = math.prod(shape)
+        if device.type != "cpu" or n * dtype.itemsize > self.cpu_block_bytes:  # big ones: not kept
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = self._ws.get((tag, dtype))
         if buf is None or buf.numel() < n:
             buf = self._ws[(tag, dtype)] = torch.empty(n, dtype=dtype, device=device)
