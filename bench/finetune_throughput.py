@@ -107,7 +107,8 @@ def trainer_step_times(model: Path, work: Path, args: argparse.Namespace) -> lis
 
     targs = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=max(1, round(0.03 * args.steps)), max_grad_norm=1.0,
+        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=max(1, round(0.03 * args.steps)),
+        max_grad_norm=1.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0)
     Trainer(model=m, args=targs, train_dataset=ds, callbacks=[Clock()]).train()

@@ -115,8 +115,9 @@ def render(result: dict[str, Any]) -> None:
               f"{p['tokens']:,} tokens, val ppl {_fmt(p['val_ppl'])}")
     dg = result.get("diagnose")
     if dg:
+        said = (dg.get("provenance") or {}).get("optimizer", "-")
         con.print(f"[bold]diagnose[/] spectral guess: {dg.get('optimizer_guess')} (confidence "
-                  f"{_fmt(dg.get('confidence'))}); provenance says: {(dg.get('provenance') or {}).get('optimizer', '-')}")
+                  f"{_fmt(dg.get('confidence'))}); provenance says: {said}")
     t = Table(title=f"LoRA fine-tuning on {FINETUNE_DATA} (rank {result['settings']['lora_rank']}, "
                     f"{result['settings']['finetune_steps']} steps)")
     for col in ("", "KJV ppl", "Shakespeare ppl", "forgetting", "‖ΔW‖", "cos dist", "srank(BA)", "s"):

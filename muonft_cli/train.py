@@ -387,7 +387,9 @@ class _Trainer:
         from muonft_cli import tokenizer as tok_mod
 
         try:
-            return tok_mod.train_bpe(data_mod.iter_texts(cfg.data, seed=cfg.train.seed), cfg.model.vocab_size)
+            # only the training documents of the hold-out split: the tokenizer never sees validation text
+            texts = data_mod.iter_texts(cfg.data, seed=cfg.train.seed)
+            return tok_mod.train_bpe(texts, cfg.model.vocab_size)
         except ValueError as e:
             raise UserInputError(f"cannot train a tokenizer on '{cfg.data.path}' ({e}): pass --vocab-size >= 258 "
                                  f"or --tokenizer PATH") from None
