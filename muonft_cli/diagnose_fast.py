@@ -71,7 +71,7 @@ def fast_spectrum(
     lanczos_steps: int = 16,
     probes: int = 4,
     max_probes: int = 32,
-    entropy_tol: float = 0.003,
+    entropy_tol: float = 0.005,
     seed: int = 0,
     exact_below: int = 256,
 ) -> FastEstimate:
