@@ -213,10 +213,11 @@ class ProgressBar:
 def render(report: dict[str, Any], console: Any = None) -> None:
     """Print a report as rich tables: per layer type vs the random baseline, then verdict and recommendation."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    console.print(f"[bold]{report['path']}[/bold]  ({report['kind']}, {report['n_matrices']} matrices, "
+    console.print(f"[bold]{escape(str(report['path']))}[/bold]  ({report['kind']}, {report['n_matrices']} matrices, "
                   f"mode {report['mode']}, {report['seconds']:.1f} s)")
     t = Table(title="Spectra per layer type (r = min(m, n); random = a Gaussian matrix of the same shape)")
     for col in ("type", "n", "srank", "srank/r", "random", "entropy", "random", "lean"):
@@ -237,18 +238,19 @@ def render(report: dict[str, Any], console: Any = None) -> None:
     guess, conf = report["optimizer_guess"], report["confidence"]
     color = {"adam": "yellow", "muon": "cyan"}.get(guess, "white")
     console.print(f"\n[bold]Spectral guess:[/bold] [{color}]{guess}[/{color}]  (confidence {conf:.2f})")
-    for line in report["evidence"]:
-        console.print(f"  • {line}")
+    for line in report["evidence"]:  # plain text: names like lora_A[...] must not be read as markup
+        console.print(f"  • {line}", markup=False)
     prov = report.get("provenance")
     if prov and prov.get("optimizer"):
-        console.print(f"[bold]Provenance:[/bold] {prov['optimizer']} ({prov['source']})")
+        console.print(f"[bold]Provenance:[/bold] {escape(str(prov['optimizer']))} ({escape(str(prov['source']))})")
     rec = report["recommendation"]
     console.print(f"\n[bold]Recommendation[/bold] for fine-tuning with {rec['target_optim']}: "
                   f"[bold]{rec['method']}[/bold]"
                   + (f", LoRA rank {rec['lora_rank'][0]}–{rec['lora_rank'][1]}" if rec.get("lora_rank") else "")
                   + f", lr {rec['lr']['min']:.0e}–{rec['lr']['max']:.0e}")
     for line in rec["reasons"]:
-        console.print(f"  • {line}")
-    console.print(f"\n  {rec['command']}")
+        console.print(f"  • {line}", markup=False)
+    # commands are printed verbatim and unwrapped so they can be copied ("[lora]" is not markup here)
+    console.print(f"\n  {rec['command']}", markup=False, soft_wrap=True)
     if rec.get("sweep_command"):
-        console.print(f"  {rec['sweep_command']}")
+        console.print(f"  {rec['sweep_command']}", markup=False, soft_wrap=True)

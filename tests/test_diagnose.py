@@ -315,3 +315,22 @@ def test_labelled_pretrain_checkpoints_are_classified(tmp_path):
         rep = diagnose(run / "final", mode="exact")
         assert rep["optimizer_guess"] == expected, (optim, rep["evidence"])
         assert rep["provenance"]["family"] == expected
+
+
+def test_render_prints_commands_verbatim():
+    """Rich must not eat `[lora]`-style text as markup: the printed commands are copy-paste ready."""
+    from rich.console import Console
+
+    from muonft_cli.diagnose import render
+
+    rec = {"target_optim": "muon", "method": "lora", "lora_rank": [8, 32], "lr": {"min": 2e-3, "max": 8e-3},
+           "reasons": ["keep lora_A[0] moderate"],
+           "command": "muonft finetune --model m --lora-rank 16 --out runs/ft-muon",
+           "sweep_command": "muonft sweep recipes/sweep-finetune.yaml --set 'sweep.methods=[lora]' --workers 2"}
+    report = {"path": "ckpt[1]", "kind": "hf", "n_matrices": 0, "mode": "exact", "seconds": 0.1, "layer_types": {},
+              "optimizer_guess": "adam", "confidence": 0.9, "evidence": ["q [x]"], "recommendation": rec}
+    console = Console(record=True, width=60)
+    render(report, console=console)
+    text = console.export_text()
+    assert "'sweep.methods=[lora]'" in text and "ckpt[1]" in text and "q [x]" in text
+    assert rec["sweep_command"] in text.replace("\n", "") or rec["sweep_command"] in text
