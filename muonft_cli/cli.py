@@ -8,6 +8,7 @@ on stderr and an exit code (2: bad input, 1: failure during work) here, and only
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable, Optional
 
 import typer
@@ -37,6 +38,8 @@ def main(
     ),
 ) -> None:
     """muonft: pretrain, fine-tune, sweep, evaluate and diagnose with Adam or Muon."""
+    # transformers 5 deprecation noise that peft triggers on every model; not actionable by our users
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
