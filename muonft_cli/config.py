@@ -190,39 +190,30 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value.lower() in ("true", "yes", "1")
         problems.append(f"{where}: expected true/false, got {value!r}")
         return value
-    if tp is float:
-        if isinstance(value, bool):
-            problems.append(f"{where}: expected a number, got {value!r}")
-            return value
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(f"{where}: expected a number, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool):
-            problems.append(f"{where}: expected an integer, got {value!r}")
-            return value
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        problems.append(f"{where}: expected an integer, got {value!r}")
-        return value
+    if tp in (float, int):
+        return _coerce_number(value, tp, where, problems)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         problems.append(f"{where}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def _coerce_number(value: Any, tp: type, where: str, problems: list[str]) -> Any:
+    """int/float fields: accept numbers and numeric strings (an int field takes integral floats only)."""
+    what = "an integer" if tp is int else "a number"
+    if not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+        elif tp is float and isinstance(value, (int, float)):
+            return float(value)
+        elif tp is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            return int(value)
+    problems.append(f"{where}: expected {what}, got {value!r}")
     return value
 
 

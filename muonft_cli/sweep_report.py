@@ -458,21 +458,39 @@ def _style(g: dict) -> str:
     return {True: "-", False: "--", None: ":"}[g["matched"]]
 
 
-def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
-    """Fig. 4: PPL vs LR, one panel per fine-tuning optimizer; solid matched / dashed mismatched pretraining,
-    dark full / light LoRA; shaded ± std over seeds; the best LR of each curve marked."""
+def _panels(n: int, height: float):
+    """A headless (Agg) figure with `n` side-by-side panels: (fig, axes row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axs = plt.subplots(1, max(1, n), figsize=(5.2 * max(1, n), height), squeeze=False)
+    return fig, axs[0]
+
+
+def _save(fig, path: Path, title: str | None = None) -> Path:
+    """Title, lay out, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
+    """Fig. 4: PPL vs LR, one panel per fine-tuning optimizer; solid matched / dashed mismatched pretraining,
+    dark full / light LoRA; shaded ± std over seeds; the best LR of each curve marked."""
     groups = [g for g in summary["groups"] if any(p["mean"] is not None for p in g["curve"])]
     optims = list(dict.fromkeys(g["optim"] for g in summary["groups"]))
     ranks = sorted({g["rank"] for g in groups if g["rank"] is not None})
     norm = summary["normalised"]
-    fig, axs = plt.subplots(1, max(1, len(optims)), figsize=(5.2 * max(1, len(optims)), 4.2), squeeze=False)
+    fig, axes = _panels(len(optims), 4.2)
     best_all = [g["normalised"] if norm else g["ppl_mean"] for g in groups if g["ppl_mean"] is not None]
-    for ax, optim in zip(axs[0], optims):
+    for ax, optim in zip(axes, optims):
         for g in [g for g in groups if g["optim"] == optim]:
             b = summary["bases"].get(g["base"], {})
             pts = [p for p in g["curve"] if p["mean"] is not None and (p["norm_mean"] is not None or not norm)]
@@ -503,25 +521,16 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, light: LoRA; "
-                 "★ best LR, × diverged", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, "
+                            "light: LoRA; ★ best LR, × diverged")
 
 
 def plot_val_curves(summary: dict, path: Path) -> Path:
     """Fig. 3: validation PPL vs step of each group's best-LR runs (mean over seeds), one panel per base."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary["bases"])
     ranks = sorted({g["rank"] for g in summary["groups"] if g["rank"] is not None})
-    fig, axs = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.0), squeeze=False)
-    for ax, name in zip(axs[0], names):
+    fig, axes = _panels(len(names), 4.0)
+    for ax, name in zip(axes, names):
         b = summary["bases"][name]
         scale = b["ppl"] if summary["normalised"] else 1.0
         ymin, ymax = [], []
@@ -542,23 +551,14 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("validation curves of the best-LR runs (mean over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "validation curves of the best-LR runs (mean over seeds)")
 
 
 def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
     """Fig. 5: best (normalised) PPL vs LoRA rank per optimizer, ± std, one panel per base."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary["bases"])
-    fig, axs = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.0), squeeze=False)
-    for ax, name in zip(axs[0], names):
+    fig, axes = _panels(len(names), 4.0)
+    for ax, name in zip(axes, names):
         b = summary["bases"][name]
         rows = [r for r in summary["rank_study"] if r["base"] == name and r["ppl_mean"] is not None]
         for key in dict.fromkeys((r["optim"], str(r["axes"])) for r in rows):
@@ -575,10 +575,7 @@ def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
         ax.set_ylabel("best val PPL / base PPL" if summary["normalised"] else "best validation PPL")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report
