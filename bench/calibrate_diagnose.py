@@ -4,7 +4,7 @@ Labelled checkpoints come from either source (both may be given):
 
 - ``--pretrain``: trains a grid with ``muonft pretrain`` (both optimizers × sizes/depths × seeds × steps × lr ×
   weight decay, via ``--model-config``), cached under ``.cache/muonft-calibration/<settings>/`` (gitignored),
-  labels from each checkpoint's ``muonft.json``;
+  labels from each checkpoint's ``muonft.json``; plus untrained (HF-initialised) checkpoints labelled ``init``;
 - ``--dirs D ...``: existing checkpoint dirs labelled by ``muonft.json`` (``optimizer``) or ``label.json``
   (``{"optimizer": "adamw" | "muon" | "init"}``).
 
@@ -49,7 +49,12 @@ GRID = [
     (96, 2, 256, 1, 300, 2e-3, 0.1),
     (64, 4, 176, 2, 200, 3e-3, 0.1),
     (128, 2, 344, 3, 200, 1e-3, 0.0),
+    (64, 3, 176, 4, 400, 1e-3, 0.1),
+    (96, 3, 256, 5, 250, 3e-3, 0.0),
+    (128, 2, 344, 6, 300, 2e-3, 0.1),
+    (80, 2, 224, 7, 200, 5e-3, 0.0),
 ]
+INIT_GRID = [(64, 2, 176, 0), (128, 2, 344, 3), (96, 3, 256, 5)]  # untrained: must come out "unknown"
 
 
 def _label(d: Path) -> str | None:
@@ -62,6 +67,29 @@ def _label(d: Path) -> str | None:
     return None
 
 
+def _model_config(hidden: int, layers: int, inter: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "vocab_size": 4096, "max_position_embeddings": 256,
+            "tie_word_embeddings": False}
+
+
+def init_grid(cache: Path) -> list[Path]:
+    """Untrained checkpoints (HF's own init, seeded) labelled ``init`` by a label.json."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = []
+    for hidden, layers, inter, seed in INIT_GRID:
+        d = cache / f"init-h{hidden}-l{layers}-s{seed}"
+        if not (d / "model.safetensors").is_file():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**_model_config(hidden, layers, inter)))
+            model.save_pretrained(d)
+            (d / "label.json").write_text(json.dumps({"optimizer": "init", "seed": seed}))
+        out.append(d)
+    return out
+
+
 def pretrain_grid(cache: Path) -> list[Path]:
     """Train (or reuse) the labelled grid with `muonft pretrain`; return the final/ dirs."""
     out = []
@@ -72,13 +100,9 @@ def pretrain_grid(cache: Path) -> list[Path]:
             run = cache / key
             final = run / "final"
             if not (final / "model.safetensors").is_file():
-                cfg = run.with_suffix(".config.json")
+                cfg = cache / f"{key}.config.json"
                 cache.mkdir(parents=True, exist_ok=True)
-                cfg.write_text(json.dumps({
-                    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-                    "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
-                    "num_key_value_heads": 4, "vocab_size": 4096, "max_position_embeddings": 256,
-                    "tie_word_embeddings": False}))
+                cfg.write_text(json.dumps(_model_config(hidden, layers, inter)))
                 cmd = [str(ROOT / ".venv/bin/muonft"), "pretrain", "--model-config", str(cfg),
                        "--data", "builtin:shakespeare", "--optim", optim, "--steps", str(steps), "--lr", str(lr),
                        "--weight-decay", str(wd), "--seed", str(seed), "--out", str(run), "--overwrite", "--quiet",
@@ -107,7 +131,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dirs = [Path(d) for d in args.dirs]
     if args.pretrain:
-        dirs += pretrain_grid(Path(args.cache))
+        dirs += pretrain_grid(Path(args.cache)) + init_grid(Path(args.cache))
     rows = []
     for d in dirs:
         lab = _label(d)

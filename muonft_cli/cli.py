@@ -114,7 +114,58 @@ def _split_targets(value: Optional[str]) -> Optional[list[str]]:
 _O = typer.Option
 
 
-def _common_flags(**kw: Any) -> dict[str, Any]:
+# Options shared by `pretrain` and `finetune` (declared once; `_train_options` adds them to both signatures).
+_TRAIN_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("data", Optional[str], _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset.")),
+    ("out", Optional[str], _O(None, "--out", help="Run directory.")),
+    ("optim", Optional[str], _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon.")),
+    ("lr", Optional[float], _O(None, "--lr", help="Peak learning rate (pretrain's default 1e-3).")),
+    ("steps", Optional[int], _O(None, "--steps", help="Optimizer steps.")),
+    ("epochs", Optional[float], _O(None, "--epochs", help="Epochs (instead of --steps; default 1).")),
+    ("batch_size", Optional[int], _O(None, "--batch-size", help="Global batch, in sequences.")),
+    ("micro_batch_size", Optional[int], _O(None, "--micro-batch-size", help="Sequences per forward pass.")),
+    ("seq_len", Optional[int], _O(None, "--seq-len", help="Tokens per sequence.")),
+    ("val_fraction", Optional[float], _O(None, "--val-fraction", help="Held-out fraction of documents.")),
+    ("seed", Optional[int], _O(None, "--seed")),
+    ("warmup_ratio", Optional[float], _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03).")),
+    ("min_lr_ratio", Optional[float], _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr.")),
+    ("weight_decay", Optional[float], _O(None, "--weight-decay")),
+    ("clip", Optional[float], _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off.")),
+    ("eval_every", Optional[int], _O(None, "--eval-every", help="Validate every N steps (0 = only at the end).")),
+    ("save_every", Optional[int], _O(None, "--save-every", help="Checkpoint every N steps (0 = off).")),
+    ("keep_last", Optional[int], _O(None, "--keep-last", help="Checkpoints to keep.")),
+    ("dtype", Optional[str], _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU).")),
+    ("offline", bool, _O(False, "--offline", help="Never contact the hub.")),
+    ("trust_remote_code", bool, _O(False, "--trust-remote-code")),
+    ("gradient_checkpointing", bool, _O(False, "--gradient-checkpointing")),
+    ("resume", bool, _O(False, "--resume", help="Continue the run in --out from its last checkpoint.")),
+    ("overwrite", bool, _O(False, "--overwrite", help="Replace a run already in --out.")),
+    ("config", Optional[str], _O(None, "--config", help="YAML recipe.")),
+    ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
+    ("as_json", bool, _O(False, "--json", help="Print one JSON summary line on stdout.")),
+    ("quiet", bool, _O(False, "--quiet", help="No progress bar.")),
+]
+
+
+def _train_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command `fn(own options..., **common)` the `_TRAIN_OPTIONS` too (Typer reads `__signature__`)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn, eval_str=True)
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    own = [p.replace(kind=kw_only) for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, kw_only, default=opt, annotation=typ) for name, typ, opt in _TRAIN_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(**kw: Any) -> None:
+        fn(**kw)
+
+    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return command
+
+
+def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
     return {
         "model.name_or_path": kw.get("model"), "data.path": kw["data"], "output.dir": kw["out"],
         "optimizer.name": kw["optim"], "optimizer.lr": kw["lr"], "train.steps": kw["steps"],
@@ -132,67 +183,25 @@ def _common_flags(**kw: Any) -> dict[str, Any]:
 
 
 @app.command()
+@_train_options
 def pretrain(
     preset: Optional[str] = _O(None, "--preset", help="Model shape: tiny | small (Llama family, CPU-sized)."),
     model_config: Optional[str] = _O(None, "--model-config", help="A transformers config.json to build."),
     vocab_size: Optional[int] = _O(None, "--vocab-size", help="BPE vocabulary when training a tokenizer."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Use this tokenizer instead of training a BPE."),
-    data: Optional[str] = _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset."),
-    out: Optional[str] = _O(None, "--out", help="Run directory."),
-    optim: Optional[str] = _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon."),
-    lr: Optional[float] = _O(None, "--lr", help="Peak learning rate (default 1e-3 for pretrain)."),
-    steps: Optional[int] = _O(None, "--steps", help="Optimizer steps."),
-    epochs: Optional[float] = _O(None, "--epochs", help="Epochs (instead of --steps; default 1)."),
-    batch_size: Optional[int] = _O(None, "--batch-size", help="Global batch, in sequences."),
-    micro_batch_size: Optional[int] = _O(None, "--micro-batch-size", help="Sequences per forward pass."),
-    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per sequence."),
-    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Held-out fraction of documents."),
-    seed: Optional[int] = _O(None, "--seed"),
-    warmup_ratio: Optional[float] = _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03)."),
-    min_lr_ratio: Optional[float] = _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
-    weight_decay: Optional[float] = _O(None, "--weight-decay"),
-    clip: Optional[float] = _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off."),
-    eval_every: Optional[int] = _O(None, "--eval-every", help="Validate every N steps (0 = only at the end)."),
-    save_every: Optional[int] = _O(None, "--save-every", help="Checkpoint every N steps (0 = off)."),
-    keep_last: Optional[int] = _O(None, "--keep-last", help="Checkpoints to keep."),
-    dtype: Optional[str] = _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU)."),
-    offline: bool = _O(False, "--offline", help="Never contact the hub."),
-    trust_remote_code: bool = _O(False, "--trust-remote-code"),
-    gradient_checkpointing: bool = _O(False, "--gradient-checkpointing"),
-    resume: bool = _O(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = _O(False, "--overwrite", help="Replace a run already in --out."),
-    config: Optional[str] = _O(None, "--config", help="YAML recipe."),
-    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
-    as_json: bool = _O(False, "--json", help="Print one JSON summary line on stdout."),
-    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+    **common: Any,
 ) -> None:
     """Pretrain a small model from scratch (tokenizer trained on the data unless --tokenizer)."""
-    flags = _common_flags(**locals())
+    flags = _common_flags({"tokenizer": tokenizer, **common})
     flags.update({"model.preset": preset, "model.model_config": model_config, "model.vocab_size": vocab_size})
-    _train_cmd("pretrain", flags, config, set_, resume, as_json, quiet)
+    _train_cmd("pretrain", flags, common["config"], common["set_"], common["resume"], common["as_json"],
+               common["quiet"])
 
 
 @app.command()
+@_train_options
 def finetune(
     model: Optional[str] = _O(None, "--model", help="Local HF dir, .gguf file, run's final/ dir, or hub id."),
-    data: Optional[str] = _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset."),
-    out: Optional[str] = _O(None, "--out", help="Run directory."),
-    optim: Optional[str] = _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon."),
-    lr: Optional[float] = _O(None, "--lr", help="Peak learning rate."),
-    steps: Optional[int] = _O(None, "--steps", help="Optimizer steps."),
-    epochs: Optional[float] = _O(None, "--epochs", help="Epochs (instead of --steps; default 1)."),
-    batch_size: Optional[int] = _O(None, "--batch-size", help="Global batch, in sequences."),
-    micro_batch_size: Optional[int] = _O(None, "--micro-batch-size", help="Sequences per forward pass."),
-    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per sequence."),
-    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Held-out fraction of documents."),
-    seed: Optional[int] = _O(None, "--seed"),
-    warmup_ratio: Optional[float] = _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03)."),
-    min_lr_ratio: Optional[float] = _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
-    weight_decay: Optional[float] = _O(None, "--weight-decay"),
-    clip: Optional[float] = _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off."),
-    eval_every: Optional[int] = _O(None, "--eval-every", help="Validate every N steps (0 = only at the end)."),
-    save_every: Optional[int] = _O(None, "--save-every", help="Checkpoint every N steps (0 = off)."),
-    keep_last: Optional[int] = _O(None, "--keep-last", help="Checkpoints to keep."),
     lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (absent = full fine-tuning)."),
     lora_alpha: Optional[float] = _O(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)."),
     lora_dropout: Optional[float] = _O(None, "--lora-dropout"),
@@ -200,23 +209,15 @@ def finetune(
     lora_variant: Optional[str] = _O(None, "--lora-variant", help="lora | rslora | dora | pissa | olora."),
     merge: bool = _O(False, "--merge", help="Also write the merged model."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
-    dtype: Optional[str] = _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU)."),
-    offline: bool = _O(False, "--offline", help="Never contact the hub."),
-    trust_remote_code: bool = _O(False, "--trust-remote-code"),
-    gradient_checkpointing: bool = _O(False, "--gradient-checkpointing"),
-    resume: bool = _O(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = _O(False, "--overwrite", help="Replace a run already in --out."),
-    config: Optional[str] = _O(None, "--config", help="YAML recipe."),
-    set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
-    as_json: bool = _O(False, "--json", help="Print one JSON summary line on stdout."),
-    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+    **common: Any,
 ) -> None:
     """Fine-tune a model (full, or LoRA with --lora-rank) with Adam or Muon."""
-    flags = _common_flags(**locals())
+    flags = _common_flags({"model": model, "tokenizer": tokenizer, **common})
     flags.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                   "lora.targets": _split_targets(lora_targets), "lora.variant": lora_variant,
                   "lora.merge": merge or None})
-    _train_cmd("finetune", flags, config, set_, resume, as_json, quiet)
+    _train_cmd("finetune", flags, common["config"], common["set_"], common["resume"], common["as_json"],
+               common["quiet"])
 
 
 # ------------------------------------------------------------------ sweep (sweep.py, sweep_report.py)

@@ -53,6 +53,8 @@ class DataConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "hold-out fraction of documents"})
     text_field: str | None = field(default=None, metadata={"help": "column holding plain text (auto if None)"})
     max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+    split_seed: int | None = field(default=None, metadata={"help": "seed of the validation hold-out "
+                                                                   "(default: train.seed)"})
 
 
 @dataclass

@@ -146,9 +146,10 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Splits:
-    """Tokenised train/validation datasets. `val` is None only when there is no split and val_fraction is 0."""
+    """Tokenised train/validation datasets. `val` is None when there is no split and val_fraction is 0 (or
+    when `build_splits(only="train")`); `train` is None only after `build_splits(only="val")`."""
 
-    train: TokenDataset
+    train: TokenDataset | None
     val: TokenDataset | None
     info: dict
 
@@ -629,6 +630,12 @@ def _plain(doc: Doc) -> str:
     return "\n".join(m["content"] for m in doc.messages)
 
 
+def split_seed(data_cfg: Any, seed: int) -> int:
+    """The seed of the document hold-out: `data_cfg.split_seed` when set, else the run's `seed`."""
+    fixed = getattr(data_cfg, "split_seed", None)
+    return int(seed) if fixed is None else int(fixed)
+
+
 def iter_texts(data_cfg: Any, seed: int | None = None) -> Iterator[str]:
     """Plain training texts (to train a pretraining tokenizer on).
 
@@ -643,7 +650,7 @@ def iter_texts(data_cfg: Any, seed: int | None = None) -> Iterator[str]:
     ds = load_documents(data_cfg)
     docs = ds.train
     if seed is not None and ds.val is None:
-        train_idx, _ = split_documents(len(docs), float(data_cfg.val_fraction), seed)
+        train_idx, _ = split_documents(len(docs), float(data_cfg.val_fraction), split_seed(data_cfg, seed))
         docs = [docs[i] for i in train_idx]
     for d in docs:
         yield _plain(d)
@@ -811,13 +818,18 @@ def encode_instructions(tokenizer: Any, docs: Sequence[Doc], seq_len: int, names
     return TokenDataset(input_ids, labels_t, mask), {"examples": n, "truncated": truncated, "dropped": dropped}
 
 
-def build_splits(data_cfg: Any, tokenizer: Any, seed: int) -> Splits:
+def build_splits(data_cfg: Any, tokenizer: Any, seed: int, only: str | None = None) -> Splits:
     """Load, split and tokenise the data of `data_cfg` for training and validation.
 
     Args:
-        data_cfg: a `config.DataConfig` (`path`, `seq_len`, `val_fraction`, `text_field`, `max_documents`).
+        data_cfg: a `config.DataConfig` (`path`, `seq_len`, `val_fraction`, `text_field`, `max_documents`,
+            `split_seed`).
         tokenizer: a HF tokenizer (fast for instruction data); its eos separates packed documents.
-        seed: seeds the document hold-out (ignored when the source has its own validation split).
+        seed: seeds the document hold-out (ignored when the source has its own validation split, and replaced
+            by `data_cfg.split_seed` when that is set, so runs with different training seeds share one split).
+        only: "val" tokenises only the validation documents (`train` is then None, unless there is no
+            validation split, in which case the training documents are tokenised as the only part) — what
+            `muonft eval` needs; "train" only the training documents; None both.
 
     Returns:
         `Splits` with `TokenDataset`s of `seq_len`-long items and `info`: source, kind, val_source ("split" |
@@ -828,7 +840,10 @@ def build_splits(data_cfg: Any, tokenizer: Any, seed: int) -> Splits:
     Raises:
         UserInputError: bad source (see `load_documents`), or train/val data shorter than one sequence.
     """
+    if only not in (None, "train", "val"):
+        raise ValueError(f"only must be None, 'train' or 'val', not {only!r}")
     seq_len = int(data_cfg.seq_len)
+    seed = split_seed(data_cfg, seed)
     docs = load_documents(data_cfg)
     if docs.val is not None:
         train, val, val_names, val_source = docs.train, docs.val, docs.val_names or [], "split"
@@ -844,25 +859,30 @@ def build_splits(data_cfg: Any, tokenizer: Any, seed: int) -> Splits:
                             "seq_len": seq_len, "n_docs_train": len(train), "n_docs_val": len(val) if val else 0,
                             "val_docs": val_names[:20]}
     fix_val = ("a smaller --seq-len" if val_source == "split" else "a smaller --seq-len or a larger --val-fraction")
+    want_train = only != "val" or val is None
+    if only == "train":
+        val = None
+    tr_ds = va_ds = None
     if docs.kind == "text":
-        tr_ds, tr_total = pack_documents(tokenizer, train, seq_len)
-        if len(tr_ds) == 0:
-            raise UserInputError(f"the training data has {tr_total} tokens in {len(train)} document(s), fewer "
-                                 f"than one sequence of {seq_len}: use a smaller --seq-len (or a smaller "
-                                 f"--val-fraction, or more data)")
-        va_ds = None
+        if want_train:
+            tr_ds, tr_total = pack_documents(tokenizer, train, seq_len)
+            if len(tr_ds) == 0:
+                raise UserInputError(f"the training data has {tr_total} tokens in {len(train)} document(s), "
+                                     f"fewer than one sequence of {seq_len}: use a smaller --seq-len (or a "
+                                     f"smaller --val-fraction, or more data)")
         if val is not None:
             va_ds, va_total = pack_documents(tokenizer, val, seq_len)
             if len(va_ds) == 0:
                 raise UserInputError(f"the validation data has {va_total} tokens in {len(val)} document(s), fewer "
                                      f"than one sequence of {seq_len}: use {fix_val}")
     else:
-        tr_ds, st = encode_instructions(tokenizer, train, seq_len, train_names or None)
-        info.update(truncated=st["truncated"], dropped=st["dropped"])
-        if len(tr_ds) == 0:
-            raise UserInputError(f"none of the {len(train)} training examples has a response within --seq-len "
-                                 f"{seq_len} tokens: use a larger --seq-len")
-        va_ds = None
+        info.update(truncated=0, dropped=0)
+        if want_train:
+            tr_ds, st = encode_instructions(tokenizer, train, seq_len, train_names or None)
+            info.update(truncated=st["truncated"], dropped=st["dropped"])
+            if len(tr_ds) == 0:
+                raise UserInputError(f"none of the {len(train)} training examples has a response within "
+                                     f"--seq-len {seq_len} tokens: use a larger --seq-len")
         if val is not None:
             va_ds, vst = encode_instructions(tokenizer, val, seq_len, val_names or None)
             info["truncated"] += vst["truncated"]
@@ -870,7 +890,8 @@ def build_splits(data_cfg: Any, tokenizer: Any, seed: int) -> Splits:
             if len(va_ds) == 0:
                 raise UserInputError(f"none of the {len(val)} validation examples has a response within "
                                      f"--seq-len {seq_len} tokens: use a larger --seq-len")
-    info.update(tokens_train=tr_ds.tokens, tokens_val=va_ds.tokens if va_ds else 0,
-                target_tokens_train=tr_ds.target_tokens, target_tokens_val=va_ds.target_tokens if va_ds else 0,
-                sequences_train=len(tr_ds), sequences_val=len(va_ds) if va_ds else 0)
+    info.update(tokens_train=tr_ds.tokens if tr_ds else 0, tokens_val=va_ds.tokens if va_ds else 0,
+                target_tokens_train=tr_ds.target_tokens if tr_ds else 0,
+                target_tokens_val=va_ds.target_tokens if va_ds else 0,
+                sequences_train=len(tr_ds) if tr_ds else 0, sequences_val=len(va_ds) if va_ds else 0)
     return Splits(train=tr_ds, val=va_ds, info=info)

@@ -234,7 +234,7 @@ def _compare(model_res: dict, base_res: dict | None) -> dict:
 def _eval_dataset(data_cfg: Any, tokenizer: Any, seed: int, split: str):
     from muonft_cli import data
 
-    splits = data.build_splits(data_cfg, tokenizer, seed)
+    splits = data.build_splits(data_cfg, tokenizer, seed, only="train" if split == "train" else "val")
     if split == "train":
         return splits.train, splits.info, "train"
     if splits.val is None:

@@ -284,6 +284,39 @@ def test_build_splits_holds_out_whole_documents(tmp_path, tok):
     assert data.build_splits(c, tok, seed=1).info["val_docs"] != s.info["val_docs"]
 
 
+def test_split_seed_fixes_the_hold_out_across_training_seeds(tmp_path, tok):
+    write_txt_folder(tmp_path / "d", docs_with_markers(20, n_words=40))
+    c = cfg(tmp_path / "d", seq_len=16, val_fraction=0.2)
+    c.split_seed = 5
+    a, b = data.build_splits(c, tok, seed=0), data.build_splits(c, tok, seed=1)
+    assert a.info["val_docs"] == b.info["val_docs"] and torch.equal(a.val.input_ids, b.val.input_ids)
+    c.split_seed = None
+    assert data.build_splits(c, tok, seed=5).info["val_docs"] == a.info["val_docs"]
+    tr, _ = data.split_documents(20, 0.2, seed=5)
+    c.split_seed = 5
+    assert len(list(data.iter_texts(c, seed=0))) == len(tr)
+
+
+def test_only_val_skips_tokenising_the_training_documents(tmp_path, tok, monkeypatch):
+    write_txt_folder(tmp_path / "d", docs_with_markers(20, n_words=40))
+    c = cfg(tmp_path / "d", seq_len=16, val_fraction=0.2)
+    full = data.build_splits(c, tok, seed=0)
+    packed = []
+    real = data.pack_documents
+    monkeypatch.setattr(data, "pack_documents", lambda t, docs, n: packed.append(len(docs)) or real(t, docs, n))
+    v = data.build_splits(c, tok, seed=0, only="val")
+    assert v.train is None and torch.equal(v.val.input_ids, full.val.input_ids) and packed == [4]
+    assert v.info["sequences_val"] == full.info["sequences_val"] and v.info["sequences_train"] == 0
+    t = data.build_splits(c, tok, seed=0, only="train")
+    assert t.val is None and torch.equal(t.train.input_ids, full.train.input_ids)
+    # no hold-out (val_fraction 0): "val" falls back to the training documents, as eval reports "all"
+    c0 = cfg(tmp_path / "d", seq_len=16, val_fraction=0.0)
+    v0 = data.build_splits(c0, tok, seed=0, only="val")
+    assert v0.val is None and len(v0.train) == len(data.build_splits(c0, tok, seed=0).train)
+    with pytest.raises(ValueError):
+        data.build_splits(c, tok, seed=0, only="both")
+
+
 def test_packing_shapes_labels_and_eos(tmp_path, tok):
     texts = docs_with_markers(6, n_words=30)
     write_txt_folder(tmp_path / "d", texts)
