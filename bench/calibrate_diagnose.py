@@ -57,6 +57,14 @@ GRID = [
 INIT_GRID = [(64, 2, 176, 0), (128, 2, 344, 3), (96, 3, 256, 5)]  # untrained: must come out "unknown"
 
 
+def _shown(d: Path) -> str:
+    """A checkpoint's path as recorded: relative to the repository when inside it."""
+    try:
+        return str(d.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(d)
+
+
 def _label(d: Path) -> str | None:
     for name in ("muonft.json", "label.json"):
         p = d / name
@@ -139,7 +147,7 @@ def main() -> None:
             print(f"skip {d}: no label", file=sys.stderr)
             continue
         f = features_of(d)
-        rows.append({"dir": str(d), "label": lab, **{k: f["mf"][k] for k in FEATURES}, "moved": f["mf"]["moved"],
+        rows.append({"dir": _shown(d), "label": lab, **{k: f["mf"][k] for k in FEATURES}, "moved": f["mf"]["moved"],
                      "records": f["records"]})
         print(f"{lab:5s} sr {f['mf']['sr']:+.3f} ent {f['mf']['ent']:+.3f} moved {f['mf']['moved']:.2f}  {d}",
               flush=True)

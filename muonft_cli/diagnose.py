@@ -36,6 +36,9 @@ AUTO_FAST_MIN_DIM = 1024
 """In ``auto`` mode a matrix whose smaller side is at least this uses the fast estimator (where it is ≥ 10×
 faster than the exact fp64 eigendecomposition); smaller ones are computed exactly."""
 
+INFLIGHT_BYTES = 768 << 20
+"""With several workers, a new matrix starts only while the fp32 matrices being analysed total at most this."""
+
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -89,8 +92,12 @@ def analyse(
     Args:
         ck: from `open_checkpoint`.
         mode: ``auto`` (fast for matrices with min side ≥ `AUTO_FAST_MIN_DIM`), ``exact`` or ``fast``.
-        workers: matrices processed concurrently (threads; torch releases the GIL). Default: 1 on ≤ 2 cores,
-            else 2. Each worker reads its own matrix, so reading overlaps computing.
+        workers: matrices processed concurrently (threads; torch releases the GIL), CPU threads divided between
+            them. Default: 2 (one BLAS thread each on 2 cores) in ``fast``/``auto`` mode, whose skinny block
+            products use threads poorly; in ``exact`` mode 1 on ≤ 2 cores (its GEMM/eigh use them well), else 2.
+            Each worker reads its own matrix, so reading overlaps computing. A matrix is only started while
+            the fp32 matrices in flight total at most `INFLIGHT_BYTES` (one alone always runs), which bounds
+            peak memory by the largest matrices, not by ``workers`` of them.
         progress: ``progress(done, total, name)`` after each matrix.
         seed: seed of the fast estimator's probes.
 
@@ -102,7 +109,8 @@ def analyse(
     specs = ck.matrices
     total = len(specs)
     if workers is None:
-        workers = 1 if (os.cpu_count() or 1) <= 2 else 2
+        cores = os.cpu_count() or 1
+        workers = min(2, cores) if mode != "exact" else (1 if cores <= 2 else 2)
     workers = max(1, min(int(workers), total))
     out: list[dict[str, Any] | None] = [None] * total
     if workers == 1:
@@ -115,11 +123,17 @@ def analyse(
     torch.set_num_threads(max(1, threads // workers))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            # submit in a sliding window of `workers` so at most that many matrices are alive at once
+            # submit in a sliding window of `workers` so at most that many matrices are alive at once, and
+            # only while the fp32 bytes in flight stay within INFLIGHT_BYTES (one matrix alone always runs)
             pending: dict[Any, int] = {}
             nxt, done = 0, 0
+
+            def size(i: int) -> int:
+                return 4 * specs[i].shape[0] * specs[i].shape[1]
+
             while done < total:
-                while nxt < total and len(pending) < workers:
+                while nxt < total and len(pending) < workers and (
+                        not pending or sum(size(i) for i in pending.values()) + size(nxt) <= INFLIGHT_BYTES):
                     pending[pool.submit(_matrix_record, specs[nxt], mode, seed + nxt)] = nxt
                     nxt += 1
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)

@@ -57,6 +57,17 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
     assert diagnose_io.read_count["max_live"] <= 2
 
 
+def test_inflight_budget_keeps_one_large_matrix_at_a_time(ckpts, monkeypatch):
+    """With workers=2 but a byte budget below two matrices, matrices are analysed one at a time."""
+    import muonft_cli.diagnose as D
+
+    ck = diagnose_io.open_checkpoint(ckpts["adam"])
+    monkeypatch.setattr(D, "INFLIGHT_BYTES", min(4 * s.shape[0] * s.shape[1] for s in ck.matrices))
+    diagnose_io.reset_read_count()
+    recs = analyse(ck, mode="exact", workers=2)
+    assert diagnose_io.read_count["max_live"] == 1 and len(recs) == len(ck.matrices)
+
+
 def test_sharded_and_single_file_agree(ckpts, tmp_path):
     from safetensors.torch import load_file
 
