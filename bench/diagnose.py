@@ -149,7 +149,8 @@ def _run_child(mode: str, d: Path, layers: int | None = None, workers: int | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
-    ap.add_argument("--exact-layers", type=int, default=2, help="blocks in the exact slice (then extrapolated)")
+    ap.add_argument("--exact-layers", type=int, default=2,
+                    help="blocks in the exact slice (then extrapolated); 0 skips the exact comparison")
     ap.add_argument("--fast-layers", type=int, default=None,
                     help="run the whole-model fast pass on embeddings + head + this many blocks only (time "
                          "extrapolated and labelled; peak RSS is set by the largest matrices, which the slice has)")
@@ -183,12 +184,21 @@ def main() -> None:
         full_bytes = 2 * (2 * vocab * h + L * (2 * h * h + 2 * kv * h + 3 * inter * h))  # bf16 matrices
         read_full_s = read["seconds"] * full_bytes / size  # the whole model's cold read, scaled from what is on disk
         k = args.exact_layers
-        exact_s = _run_child("exact", tmp, layers=k, workers=args.workers)
-        fast_s = _run_child("fast", tmp, layers=k, workers=args.workers)
-        exact_extrap = exact_s["seconds_embed_head"] + exact_s["seconds_layers"] * L / k
-        fast_slice_extrap = fast_s["seconds_embed_head"] + fast_s["seconds_layers"] * L / k
-        errs_sr = [abs(fast_s["stable_rank"][n] / v - 1) for n, v in exact_s["stable_rank"].items()]
-        errs_h = [abs(fast_s["svd_entropy"][n] - v) for n, v in exact_s["svd_entropy"].items()]
+        cmp: dict = {"exact_slice_layers": k}
+        if k > 0:  # exact on a slice, extrapolated; the fast pass on the same slice for its error
+            exact_s = _run_child("exact", tmp, layers=k, workers=args.workers)
+            fast_s = _run_child("fast", tmp, layers=k, workers=args.workers)
+            exact_extrap = exact_s["seconds_embed_head"] + exact_s["seconds_layers"] * L / k
+            cmp.update({
+                "exact_slice_s": exact_s["seconds"], "exact_peak_rss_mb": exact_s["peak_rss_mb"],
+                "exact_extrapolated_s": exact_extrap, "fast_slice_s": fast_s["seconds"],
+                "fast_slice_extrapolated_s": fast_s["seconds_embed_head"] + fast_s["seconds_layers"] * L / k,
+                "exact_over_fast_extrapolated": exact_extrap / fast["seconds"],
+                "slice_max_rel_err_stable_rank": max(abs(fast_s["stable_rank"][n] / v - 1)
+                                                     for n, v in exact_s["stable_rank"].items()),
+                "slice_max_abs_err_entropy": max(abs(fast_s["svd_entropy"][n] - v)
+                                                 for n, v in exact_s["svd_entropy"].items()),
+            })
         res = {
             "shape": args.shape, "geometry": {"hidden": h, "intermediate": inter, "layers": L, "kv_dim": kv,
                                               "vocab": vocab},
@@ -197,13 +207,9 @@ def main() -> None:
             "fast_s": fast["seconds"], "fast_peak_rss_mb": fast["peak_rss_mb"], "fast_n_matrices": fast["n_matrices"],
             "blocks_written": written, "fast_layers": fast_layers or L, "fast_s_extrapolated": fast_layers is not None,
             "workers": args.workers,
-            "exact_slice_layers": k, "exact_slice_s": exact_s["seconds"], "exact_peak_rss_mb": exact_s["peak_rss_mb"],
-            "exact_extrapolated_s": exact_extrap, "fast_slice_s": fast_s["seconds"],
-            "fast_slice_extrapolated_s": fast_slice_extrap,
-            "exact_over_fast_extrapolated": exact_extrap / fast["seconds"],
+            **cmp,
             "cold_read_whole_model_s": read_full_s, "cold_read_scaled": written < L,
             "fast_over_cold_read": fast["seconds"] / read_full_s,
-            "slice_max_rel_err_stable_rank": max(errs_sr), "slice_max_abs_err_entropy": max(errs_h),
             "threads": fast["threads"],
             "note": "exact time is extrapolated from the slice (embeddings + head + k blocks, per-matrix timings); "
                     "2 shared CPU cores: other jobs' load is recorded in loadavg_at_start",
@@ -213,9 +219,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
-        print(f"fast {res['fast_s']:.1f} s (×{res['fast_over_cold_read']:.1f} the cold read {read_full_s:.1f} s), "
-              f"exact ≈ {exact_extrap:.0f} s (extrapolated) → ×{res['exact_over_fast_extrapolated']:.1f}; "
-              f"peak RSS fast {res['fast_peak_rss_mb']:.0f} MB, exact {res['exact_peak_rss_mb']:.0f} MB")
+        exact_txt = (f"exact ≈ {res['exact_extrapolated_s']:.0f} s (extrapolated) → "
+                     f"×{res['exact_over_fast_extrapolated']:.1f}; exact peak RSS {res['exact_peak_rss_mb']:.0f} MB; "
+                     if k > 0 else "exact not run; ")
+        print(f"fast {res['fast_s']:.1f} s{' (extrapolated)' if fast_layers else ''} "
+              f"(×{res['fast_over_cold_read']:.1f} the cold read {read_full_s:.1f} s), {exact_txt}"
+              f"fast peak RSS {res['fast_peak_rss_mb']:.0f} MB")
     finally:
         if not args.dir:
             shutil.rmtree(tmp, ignore_errors=True)
