@@ -70,7 +70,8 @@ def fast_spectrum(
     krylov_iters: int = 1,
     max_krylov_iters: int = 16,
     sr_tol: float = 0.005,
-    lanczos_steps: int = 10,
+    lanczos_steps: int = 6,
+    quad_gap: int = 2,
     probes: int = 8,
     max_probes: int = 32,
     entropy_tol: float = 0.005,
@@ -89,6 +90,7 @@ def fast_spectrum(
         max_krylov_iters: maximum depth; the basis deepens until the stable rank's bound is ≤ ``sr_tol``.
         sr_tol: target relative error bound for σ₁² (hence the stable rank).
         lanczos_steps: Lanczos steps per probe.
+        quad_gap: the quadrature's error is estimated as its change from ``lanczos_steps − quad_gap`` steps.
         probes: initial number of Hutchinson probes; more are added (up to ``max_probes``) until the
             entropy's error bound is ≤ ``entropy_tol``.
         seed: seed of the probes' generator (results are deterministic for a given seed).
@@ -200,7 +202,7 @@ def fast_spectrum(
             return (nz.double() ** 2) * (vecs[:, 0, :] ** 2 * h(nodes)).sum(1)  # (p,)
 
         s = al.shape[1]
-        return quad(s), quad(max(1, s - 4))
+        return quad(s), quad(max(1, s - quad_gap))
 
     ests, ests_short = slq(probes)
     while True:
@@ -209,7 +211,9 @@ def fast_spectrum(
         quad_err = abs(mean - float(ests_short.mean()))
         err_T = 2 * stderr + quad_err
         ent_err = err_T / (r * math.log(r))
-        if ent_err <= entropy_tol or ests.numel() >= max_probes:
+        # more probes only shrink the sampling term: stop when it is not what exceeds the tolerance
+        sampling_ok = 2 * stderr / (r * math.log(r)) <= entropy_tol / 2
+        if ent_err <= entropy_tol or ests.numel() >= max_probes or sampling_ok:
             break
         e2, s2 = slq(min(probes, max_probes - ests.numel()))
         ests, ests_short = torch.cat([ests, e2]), torch.cat([ests_short, s2])
