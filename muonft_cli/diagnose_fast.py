@@ -92,7 +92,8 @@ def fast_spectrum(
         lanczos_steps: Lanczos steps per probe.
         quad_gap: the quadrature's error is estimated as its change from ``lanczos_steps − quad_gap`` steps.
         probes: initial number of Hutchinson probes; more are added (up to ``max_probes``) until the
-            entropy's error bound is ≤ ``entropy_tol``.
+            entropy's error bound is ≤ ``entropy_tol`` — only while the probes' sampling term is above half the
+            tolerance (more probes cannot shrink the quadrature term).
         seed: seed of the probes' generator (results are deterministic for a given seed).
         exact_below: compute exactly when r ≤ max(exact_below, 3·block·(krylov_iters+1)).
 
