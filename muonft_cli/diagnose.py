@@ -33,8 +33,8 @@ __all__ = ["diagnose", "analyse", "AUTO_FAST_MIN_DIM", "MODES", "render", "Progr
 
 MODES = ("auto", "exact", "fast")
 AUTO_FAST_MIN_DIM = 1024
-"""In ``auto`` mode a matrix whose smaller side is at least this uses the fast estimator (where it is ≥ 10×
-faster than the exact fp64 eigendecomposition); smaller ones are computed exactly."""
+"""In ``auto`` mode a matrix whose smaller side is at least this uses the fast estimator (where it beats the
+exact fp64 eigendecomposition clearly; see README's benchmark); smaller ones are computed exactly."""
 
 INFLIGHT_BYTES = 768 << 20
 """With several workers, a new matrix starts only while the fp32 matrices being analysed total at most this."""
