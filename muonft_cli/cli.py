@@ -294,6 +294,8 @@ def eval_(
     trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow model code from the checkpoint."),
     config: Optional[str] = _O(None, "--config", help="YAML recipe."),
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
+    model_only: bool = _O(False, "--model-only", help="The model alone: skip every base comparison (an "
+                          "adapter's base included)."),
     as_json: bool = _O(False, "--json", help="Print the report as one JSON document on stdout."),
 ) -> None:
     """Perplexity, forgetting, weight distance from the base and LoRA spectra of a model or adapter."""
@@ -313,7 +315,7 @@ def eval_(
     from muonft_cli import evaluate
 
     hf_logging.disable_progress_bar()
-    report = _run(evaluate.run_eval, cfg, base=base, split=split)
+    report = _run(evaluate.run_eval, cfg, base=base, split=split, compare=not model_only)
     if as_json:
         typer.echo(json.dumps(report, default=str))
     else:

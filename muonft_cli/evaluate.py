@@ -242,7 +242,7 @@ def _eval_dataset(data_cfg: Any, tokenizer: Any, seed: int, split: str):
     return splits.val, splits.info, "val"
 
 
-def run_eval(cfg: Any, base: str | None = None, split: str = "val") -> dict[str, Any]:
+def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: bool = True) -> dict[str, Any]:
     """Everything `muonft eval` reports, as one JSON-ready dict.
 
     - `data`: perplexity of the model (and of the base, with the change) on `cfg.data.path`, packed into
@@ -254,11 +254,14 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val") -> dict[str,
 
     The base is `base` (`--base`), or, for an adapter, the base it records (loaded anyway); comparisons are
     skipped without one. For an adapter the base is evaluated by disabling the adapter (no second copy).
+    `compare=False` (`--model-only`) evaluates the model alone: no base numbers, no distance, half the forward
+    passes for an adapter (the sweep uses it: the base's numbers are measured once per sweep, not per cell).
 
     Args:
         cfg: `RunConfig` (model, data, eval sections; train.seed / train.device).
         base: `--base` (model folder, .gguf or hub id).
         split: "val" (default) or "train".
+        compare: evaluate the base too (default); False for the model alone.
     """
     from muonft_cli import models
     from muonft_cli.config import ModelConfig
@@ -273,6 +276,9 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val") -> dict[str,
     device = models.pick_device(cfg.train.device)
     src = models.resolve_model(cfg.model.name_or_path, cfg.model.offline)
     is_adapter = src.kind == "adapter"
+    if not compare and (base or ref_path):
+        raise UserInputError("--model-only evaluates the model alone: drop --base / --reference-data (they compare "
+                             "with the base), or drop --model-only")
     if ref_path and not base and not is_adapter:
         raise UserInputError("--reference-data measures forgetting against the base model: pass --base PATH")
     base_src = models.resolve_model(base, cfg.model.offline) if base else None
@@ -287,17 +293,17 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val") -> dict[str,
         if base_tok.get_vocab() != tokenizer.get_vocab():
             raise UserInputError(f"--base '{base}' uses a different tokenizer than --model: compare models that "
                                  "share a vocabulary (or pass --tokenizer for both)")
-    has_base = is_adapter or base_model is not None
+    has_base = compare and (is_adapter or base_model is not None)
     ac = models.autocast_dtype(cfg.model, device)
     bs, mb = cfg.eval.batch_size, cfg.eval.max_batches
 
     def both(ds) -> dict:
         res = evaluate_loss(model, ds, bs, device, mb, autocast_dtype=ac)
         bres = None
-        if is_adapter:
+        if has_base and is_adapter:
             with model.disable_adapter():
                 bres = evaluate_loss(model, ds, bs, device, mb, autocast_dtype=ac)
-        elif base_model is not None:
+        elif has_base:
             bres = evaluate_loss(base_model, ds, bs, device, mb, autocast_dtype=ac)
         return _compare(res, bres)
 

@@ -490,9 +490,10 @@ class SweepIndex:
 class Job:
     """One subprocess of the sweep.
 
-    kind: `base` (pretrain a base), `base_eval` (a base's PPL on the fine-tuning validation split of one seed,
-    for normalisation), `cell` (one fine-tuning run), `cell_eval` (forgetting: reference-set PPL of a cell at its
-    group's best LR, and of its base, via `muonft eval --base`).
+    kind: `base` (pretrain a base), `base_eval` (a base's PPL on the fine-tuning validation split),
+    `base_ref` (a base's PPL on the reference set, for forgetting), `cell` (one fine-tuning run), `cell_eval`
+    (forgetting: the reference-set PPL of a cell at its group's best LR, the model alone). Base numbers are
+    measured once per validation split (`split_seeds`), never again per cell.
     """
 
     id: str
@@ -531,9 +532,37 @@ def _base_deps(b: BaseSpec) -> list[str]:
     return [f"base:{b.name}"] if b.pretrain is not None else []
 
 
+def split_seeds(plan: SweepPlan) -> dict[int, int]:
+    """Seed -> the seed whose validation (and reference) split it uses. The engine holds documents out by
+    `train.seed` unless `data.split_seed` fixes the split; then every seed shares the first seed's split and
+    each base is evaluated once, not once per seed."""
+    fixed = (plan.run.get("data") or {}).get("split_seed") is not None
+    return {s: (plan.seeds[0] if fixed else s) for s in plan.seeds}
+
+
+def base_eval_id(name: str, seed: int, reference: bool = False) -> str:
+    """Index id of a base's evaluation on the fine-tuning validation split (or the reference set) of `seed`."""
+    return f"{'base_ref' if reference else 'base_eval'}:{name}:s{seed}"
+
+
+def _eval_config(config: dict, model: str, seed: int | None = None, data: str | None = None) -> dict:
+    """A run config turned into a `muonft eval --model-only` config: that model, on `data` (default: the
+    fine-tuning data) with the same split settings, no forgetting section."""
+    cfg = copy.deepcopy(config)
+    cfg.pop("output", None)
+    cfg = C.merge_dicts(cfg, {"model": {"name_or_path": model}, "eval": {"reference_data": None},
+                              "lora": {"rank": None}})
+    if data is not None:
+        cfg["data"] = {**(cfg.get("data") or {}), "path": data}
+    if seed is not None:
+        cfg["train"] = {**(cfg.get("train") or {}), "seed": seed}
+    return cfg
+
+
 def _jobs(plan: SweepPlan, out: Path) -> list[Job]:
-    """The static jobs: pretrain bases, evaluate bases (one per seed: the engine's held-out split follows the
-    seed), and every cell. Forgetting evaluations are added while the sweep runs (`_eval_jobs`)."""
+    """The static jobs: pretrain bases, evaluate bases (once per validation split, on the fine-tuning data and
+    on the reference set), and every cell. Forgetting evaluations are added while the sweep runs
+    (`_eval_jobs`)."""
     jobs: list[Job] = []
     for b in plan.bases.values():
         if b.pretrain is not None:
@@ -541,15 +570,13 @@ def _jobs(plan: SweepPlan, out: Path) -> list[Job]:
             pre.pop("output", None)
             jobs.append(Job(id=f"base:{b.name}", kind="base", hash=b.hash, out=out / "bases" / b.name,
                             config=pre, deps=[], base=b))
-        for seed in plan.seeds:
-            cfg = copy.deepcopy(plan.run)
-            cfg.pop("output", None)
-            cfg = C.merge_dicts(cfg, {"model": {"name_or_path": _base_model_path(out, b)}, "train": {"seed": seed},
-                                      "eval": {"reference_data": None}, "lora": {"rank": None}})
-            jobs.append(Job(id=f"base_eval:{b.name}:s{seed}", kind="base_eval",
-                            hash=config_hash([b.hash, {k: v for k, v in cfg.items() if k != "model"}]),
-                            out=out / "bases" / f"{b.name}-eval-s{seed}", config=cfg, deps=_base_deps(b), base=b,
-                            seed=seed))
+        for seed in sorted(set(split_seeds(plan).values())):
+            for ref in [False] + ([True] if plan.reference_data else []):
+                cfg = _eval_config(plan.run, _base_model_path(out, b), seed, plan.reference_data if ref else None)
+                h = config_hash([b.hash, {k: v for k, v in cfg.items() if k != "model"}])
+                jobs.append(Job(id=base_eval_id(b.name, seed, ref), kind="base_ref" if ref else "base_eval",
+                                hash=h, out=out / "bases" / f"{b.name}-eval-s{seed}", config=cfg,
+                                deps=_base_deps(b), base=b, seed=seed))
     for c in plan.cells:
         b = plan.bases[c.base]
         cfg = copy.deepcopy(c.config)
@@ -574,20 +601,17 @@ def _eval_jobs(plan: SweepPlan, out: Path, latest: dict[str, dict]) -> list[Job]
         if not finished.get(c.group) or best.get(c.group) != c.lr or latest[c.id].get("status") != "done":
             continue
         b = plan.bases[c.base]
-        cfg = copy.deepcopy(c.config)
-        cfg["model"]["name_or_path"] = str(out / "cells" / c.id / "final")
-        jobs.append(Job(id=f"eval:{c.id}", kind="cell_eval", hash=c.hash, out=out / "cells" / c.id, config=cfg,
+        cfg = _eval_config(c.config, str(out / "cells" / c.id / "final"), data=plan.reference_data)
+        jobs.append(Job(id=f"ref:{c.id}", kind="cell_eval", hash=c.hash, out=out / "cells" / c.id, config=cfg,
                         deps=[c.id], cell=c, base=b, seed=c.seed))
     return jobs
 
 
 def _command(j: Job, cfg_path: Path, out: Path, force_overwrite: bool) -> tuple[list[str], bool]:
     """The `muonft` arguments of a job, and whether it resumes a checkpoint."""
-    if j.kind == "base_eval":
-        return ["eval", "--config", str(cfg_path), "--model", str(j.config["model"]["name_or_path"]), "--json"], False
-    if j.kind == "cell_eval":
+    if j.kind in ("base_eval", "base_ref", "cell_eval"):
         return ["eval", "--config", str(cfg_path), "--model", str(j.config["model"]["name_or_path"]),
-                "--base", _base_model_path(out, j.base), "--json"], False
+                "--model-only", "--json"], False
     args = ["pretrain" if j.kind == "base" else "finetune", "--config", str(cfg_path), "--out", str(j.out),
             "--json", "--quiet"]
     if j.out.exists() and any(j.out.iterdir()):

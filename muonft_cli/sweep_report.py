@@ -24,7 +24,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from muonft_cli.sweep import INDEX, SweepIndex, SweepPlan, cell_ppl, load_saved_plan, optim_family
+from muonft_cli.sweep import (INDEX, SweepIndex, SweepPlan, base_eval_id, cell_ppl, load_saved_plan, optim_family,
+                               split_seeds)
 
 OPTIM_NAMES = {"adamw": "Adam", "muon": "Muon", "muon-pe": "Muon-PE", "adamuon": "AdaMuon", "normuon": "NorMuon"}
 FAMILY_NAMES = {"adam": "Adam", "muon": "Muon"}
@@ -52,7 +53,8 @@ def _find(obj: Any, paths: Iterable[str]) -> float | None:
 
 
 def eval_numbers(ev: dict | None) -> dict[str, float | None]:
-    """PPLs in a `muonft eval --json` report: model and base on the data and on the reference set."""
+    """PPLs in a `muonft eval --json` report: model and base on the data and on the reference set (the sweep's
+    own evaluations use `--model-only`: just `ppl`)."""
     ev = ev if isinstance(ev, dict) else {}
     return {"ppl": _find(ev, ("data.model.ppl",)), "base_ppl": _find(ev, ("data.base.ppl",)),
             "ref_ppl": _find(ev, ("forgetting.model.ppl",)), "base_ref_ppl": _find(ev, ("forgetting.base.ppl",))}
@@ -102,48 +104,49 @@ def val_curve(path: Path) -> list[tuple[int, float]]:
 def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dict]]:
     """Flatten a sweep directory into cell rows and base rows for `aggregate`.
 
-    The engine holds out validation documents by `train.seed`, so each base model is evaluated once per seed
-    and every cell is normalised by its own seed's base PPL.
+    The engine holds out validation documents by `train.seed` (unless `data.split_seed` fixes them), so a base
+    is evaluated once per validation split (`sweep.split_seeds`) and every cell is normalised by the base's PPL
+    on its own split; forgetting compares a cell's reference-set PPL with the base's on the same split.
 
     Returns:
         (cells, bases): cells = [{id, base, method, optim, rank, axes, lr, seed, status, ppl, norm, ref_ppl,
         base_ref_ppl, error, runtime_s, curve}], bases = {name: {label, pretrained_with, ppl, ppl_by_seed,
-        ref_ppl}}.
+        ref_ppl, ref_by_seed}}.
     """
     out = Path(out)
     latest = SweepIndex(out / INDEX).latest()
+    splits = split_seeds(plan)
+
+    def base_ppl(name: str, seed: int, reference: bool) -> float | None:
+        rec = latest.get(base_eval_id(name, splits[seed], reference)) or {}
+        return eval_numbers(rec.get("eval"))["ppl"] if rec.get("status") == "done" else None
+
+    def mean(values: dict) -> float | None:
+        return statistics.fmean(values.values()) if values else None
+
     bases: dict[str, dict] = {}
     for name, b in plan.bases.items():
-        by_seed = {}
-        for seed in plan.seeds:
-            rec = latest.get(f"base_eval:{name}:s{seed}") or {}
-            v = eval_numbers(rec.get("eval"))["ppl"] if rec.get("status") == "done" else None
-            if v is not None:
-                by_seed[seed] = v
-        bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with,
-                       "ppl": statistics.fmean(by_seed.values()) if by_seed else None, "ppl_by_seed": by_seed,
-                       "ref_ppl": None, "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
+        by_seed = {s: v for s in plan.seeds if (v := base_ppl(name, s, False)) is not None}
+        ref_by_seed = {s: v for s in plan.seeds if (v := base_ppl(name, s, True)) is not None}
+        bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with, "ppl": mean(by_seed),
+                       "ppl_by_seed": by_seed, "ref_ppl": mean(ref_by_seed), "ref_by_seed": ref_by_seed,
+                       "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
     cells = []
-    base_refs: dict[str, list[float]] = {}
     for c in plan.cells:
         rec = latest.get(c.id)
         ok = rec is not None and rec.get("hash") == c.hash
         status = rec.get("status", "pending") if ok else "pending"
         ppl = cell_ppl(rec, plan.metric) if ok and status == "done" else None
-        erec = latest.get(f"eval:{c.id}") or {}
-        ev = eval_numbers(erec.get("eval")) if erec.get("hash") == c.hash and erec.get("status") == "done" \
-            else eval_numbers(None)
+        erec = latest.get(f"ref:{c.id}") or {}
+        ref = eval_numbers(erec.get("eval"))["ppl"] if erec.get("hash") == c.hash and \
+            erec.get("status") == "done" else None
         bppl = bases[c.base]["ppl_by_seed"].get(c.seed)
-        if ev["base_ref_ppl"] is not None:
-            base_refs.setdefault(c.base, []).append(ev["base_ref_ppl"])
         cells.append({"id": c.id, "base": c.base, "method": c.method, "optim": c.optim, "rank": c.rank,
                       "axes": [list(a) for a in c.axes], "lr": c.lr, "seed": c.seed, "status": status,
                       "ppl": ppl, "norm": ppl / bppl if ppl is not None and bppl else None,
-                      "ref_ppl": ev["ref_ppl"], "base_ref_ppl": ev["base_ref_ppl"],
+                      "ref_ppl": ref, "base_ref_ppl": bases[c.base]["ref_by_seed"].get(c.seed),
                       "error": rec.get("error") if ok else None, "runtime_s": rec.get("runtime_s") if ok else None,
                       "curve": val_curve(out / "cells" / c.id / "metrics.jsonl") if status == "done" else []})
-    for name, refs in base_refs.items():
-        bases[name]["ref_ppl"] = statistics.fmean(refs)
     return cells, bases
 
 
@@ -229,6 +232,9 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                 row["forgetting"] = best.get("forgetting")
             row["best_curve"] = _mean_curve([c.get("curve") or [] for c in per_lr[best["lr"]]
                                              if c["status"] == "done"])
+            if row["best_curve"] and row["best_curve"][0][0] > 0 and b.get("ppl"):
+                # step 0 is the base model itself, measured on the same validation split
+                row["best_curve"] = [[0, b["ppl"]]] + [list(p) for p in row["best_curve"]]
         elif any(p["n_failed"] for p in curve):
             warnings.append(f"{row['base_label']} / {row['label']}: every LR had a failed seed")
         out_groups.append(row)
@@ -545,13 +551,13 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
         ax.set_title(base_header(name, b))
         ax.set_xlabel("step")
         ax.set_ylabel("val PPL / base PPL" if summary["normalised"] else "validation PPL")
-        if ymin:
-            lo = min(ymin)
-            ax.set_ylim(lo * 0.98, min(max(ymax), lo * 2.0))
-        ax.grid(True, alpha=0.3)
+        if ymin:  # log scale: the base model (step 0) and the fine-tuned ends fit one panel
+            ax.set_yscale("log")
+            ax.set_ylim(min(ymin) * 0.95, max(ymax) * 1.05)
+        ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _save(fig, path, "validation curves of the best-LR runs (mean over seeds)")
+    return _save(fig, path, "validation curves of the best-LR runs (mean over seeds; step 0 = the base model)")
 
 
 def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:

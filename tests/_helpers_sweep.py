@@ -6,7 +6,8 @@ summary JSON line, checkpoints and exits 143 on SIGTERM, and resumes from its la
 Its validation PPL is a closed form of (lr, optimizer, method, pretraining optimizer, seed), so the sweep's
 scheduling, resumption and aggregation can be tested fast and deterministically. Environment knobs:
 FAKE_LOG (append start/done/term events), FAKE_STEP_SLEEP, FAKE_DIVERGE_LR (exit 1 "loss is NaN" at lr >= it),
-FAKE_KILL_PARENT_AT (`cell-id-substring:step`: SIGKILL the sweep process there, once).
+FAKE_KILL_PARENT_AT (`cell-id-substring:step`: SIGKILL the sweep process there, once), FAKE_REFERENCE (the
+reference corpus: `eval` on it reports the model's reference PPL; default builtin:shakespeare).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def main(argv: list[str]) -> int:
     for a in ("--config", "--out", "--model", "--base", "--data", "--reference-data", "--seq-len",
               "--val-fraction", "--batch-size", "--max-batches"):
         ap.add_argument(a)
-    for a in ("--resume", "--overwrite", "--json", "--quiet"):
+    for a in ("--resume", "--overwrite", "--json", "--quiet", "--model-only"):
         ap.add_argument(a, action="store_true")
     args = ap.parse_args(argv[1:])
-    if mode == "eval":  # `muonft eval --config C [--base B] --json`: the engine's report layout
+    if mode == "eval":  # `muonft eval --config C [--base B] [--model-only] --json`: the engine's report layout
         cfg = yaml.safe_load(Path(args.config).read_text())
+        if args.model_only and (args.base or cfg.get("eval", {}).get("reference_data")):
+            print("error: --model-only evaluates the model alone", file=sys.stderr)
+            return 2
 
         def info(path):
             p = Path(path) / "fake.json"
@@ -73,12 +77,16 @@ def main(argv: list[str]) -> int:
 
         m = info(args.model or cfg["model"]["name_or_path"])
         b = info(args.base) if args.base else None
+        # the reference corpus (forgetting) when the config's data is not the fine-tuning data
+        reference = os.environ.get("FAKE_REFERENCE", "builtin:shakespeare")
+        key = "ref_ppl" if cfg["data"]["path"] == reference else "val_ppl"
+        _log("eval", cfg["model"]["name_or_path"], key=key, model_only=args.model_only)
 
         def part(key):
             return {"model": {"ppl": m[key]}, "base": {"ppl": b[key]} if b else None}
 
         ref = cfg.get("eval", {}).get("reference_data")
-        print(json.dumps({"data": part("val_ppl"), "forgetting": part("ref_ppl") if ref else None}))
+        print(json.dumps({"data": part(key), "forgetting": part("ref_ppl") if ref else None}))
         return 0
     cfg = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)

@@ -190,6 +190,19 @@ def test_run_eval_full_model_with_base(world):
     assert rep["distance"]["total"]["matrices"] == 16 and rep["distance"]["skipped"] == 0
 
 
+def test_model_only_skips_every_base_number(world, monkeypatch):
+    """`--model-only`: the same model numbers, and the base (an adapter's too) is never evaluated."""
+    import muonft_cli.evaluate as E
+
+    both = run_eval(_cfg(world, "ad"))
+    calls = []
+    real = E.evaluate_loss
+    monkeypatch.setattr(E, "evaluate_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    alone = run_eval(_cfg(world, "ad"), compare=False)
+    assert alone["data"]["model"] == both["data"]["model"] and alone["data"]["base"] is None
+    assert len(calls) == 1 and alone["distance"] is None and alone["lora_spectra"]["all"]["n"] == 14
+
+
 def test_cli_eval_json_and_table(world):
     args = ["eval", "--model", str(world / "ad"), "--data", str(world / "a"), "--reference-data",
             str(world / "b"), "--seq-len", "32", "--val-fraction", "0.34", "--max-batches", "1"]
@@ -206,6 +219,7 @@ def test_cli_eval_json_and_table(world):
     (["--model", "{full}", "--reference-data", "{b}"], "pass --base"),
     (["--model", "{full}"], "nothing to evaluate"),
     (["--model", "{full}", "--base", "{ad}"], "is an adapter"),
+    (["--model", "{ad}", "--data", "{a}", "--base", "{full}", "--model-only"], "--model-only"),
     (["--model", "nobody/nothing-here", "--data", "{a}", "--offline"], "hub is offline"),
 ])
 def test_cli_eval_bad_input(world, extra, msg):
