@@ -376,6 +376,9 @@ def test_zero_gradient_step_is_finite_and_1d_rejected():
         Muon([torch.nn.Parameter(torch.randn(5))], lr=0.1)
     with pytest.raises(ValueError, match="scaling"):
         Muon([A], scaling="moonlight")
+    for cls, beta2 in ((AdaMuon, 1.0), (NorMuon, -0.1)):
+        with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
+            cls([A], beta2=beta2)
 
 
 # ----------------------------------------------------------------------------- state, config, memory

@@ -157,6 +157,9 @@ class MuonFamily(torch.optim.Optimizer):
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
         if ns_chunk_bytes < 1:
             raise ValueError(f"ns_chunk_bytes must be >= 1, got {ns_chunk_bytes}")
+        beta2 = extra_defaults.get("beta2")  # AdaMuon / NorMuon second-moment decay (None: AdaMuon uses β)
+        if beta2 is not None and not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
         resolve_ns_dtype(ns_dtype, "cpu")  # validates the name
         if isinstance(ns_dtype, torch.dtype):
             ns_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}.get(
@@ -727,19 +730,8 @@ class AdaMuon(MuonFamily):
                 "AdaMuon has its own RMS alignment (γ = 0.2·√(mn)/‖Ô‖_F); set "
                 f"optimizer.scaling=match_rms_adamw (got {scaling!r})"
             )
-        if beta2 is not None and not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-        super().__init__(
-            params,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            scaling=scaling,
-            adamuon_eps=eps,
-            beta2=beta2,
-            **kwargs,
-        )
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         scaling=scaling, adamuon_eps=eps, beta2=beta2, **kwargs)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         super()._init_state(p, group, state)
@@ -804,19 +796,8 @@ class NorMuon(MuonFamily):
         eps: float = 1e-8,
         **kwargs: Any,
     ) -> None:
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-        super().__init__(
-            params,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            scaling=scaling,
-            beta2=beta2,
-            normuon_eps=eps,
-            **kwargs,
-        )
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         scaling=scaling, beta2=beta2, normuon_eps=eps, **kwargs)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         super()._init_state(p, group, state)
