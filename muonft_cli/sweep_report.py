@@ -552,8 +552,12 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel("val PPL / base PPL" if summary["normalised"] else "validation PPL")
         if ymin:  # log scale: the base model (step 0) and the fine-tuned ends fit one panel
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_yscale("log")
             ax.set_ylim(min(ymin) * 0.95, max(ymax) * 1.05)
+            for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_fmt(FormatStrFormatter("%.3g"))
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
