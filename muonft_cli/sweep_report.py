@@ -52,12 +52,12 @@ def _find(obj: Any, paths: Iterable[str]) -> float | None:
     return None
 
 
-def eval_numbers(ev: dict | None) -> dict[str, float | None]:
-    """PPLs in a `muonft eval --json` report: model and base on the data and on the reference set (the sweep's
-    own evaluations use `--model-only`: just `ppl`)."""
-    ev = ev if isinstance(ev, dict) else {}
-    return {"ppl": _find(ev, ("data.model.ppl",)), "base_ppl": _find(ev, ("data.base.ppl",)),
-            "ref_ppl": _find(ev, ("forgetting.model.ppl",)), "base_ref_ppl": _find(ev, ("forgetting.base.ppl",))}
+def eval_ppl(rec: dict | None, hash_: str | None = None) -> float | None:
+    """The model's PPL in a finished `muonft eval --json` job record of the index (the sweep's evaluations are
+    `--model-only`); None unless the job is done (and, with `hash_`, of that config)."""
+    if not rec or rec.get("status") != "done" or (hash_ is not None and rec.get("hash") != hash_):
+        return None
+    return _find(rec.get("eval") or {}, ("data.model.ppl",))
 
 
 def label(method: str, optim: str, rank: int | None = None, axes: Iterable = ()) -> str:
@@ -118,8 +118,7 @@ def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dic
     splits = split_seeds(plan)
 
     def base_ppl(name: str, seed: int, reference: bool) -> float | None:
-        rec = latest.get(base_eval_id(name, splits[seed], reference)) or {}
-        return eval_numbers(rec.get("eval"))["ppl"] if rec.get("status") == "done" else None
+        return eval_ppl(latest.get(base_eval_id(name, splits[seed], reference)))
 
     def mean(values: dict) -> float | None:
         return statistics.fmean(values.values()) if values else None
@@ -137,9 +136,7 @@ def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dic
         ok = rec is not None and rec.get("hash") == c.hash
         status = rec.get("status", "pending") if ok else "pending"
         ppl = cell_ppl(rec, plan.metric) if ok and status == "done" else None
-        erec = latest.get(f"ref:{c.id}") or {}
-        ref = eval_numbers(erec.get("eval"))["ppl"] if erec.get("hash") == c.hash and \
-            erec.get("status") == "done" else None
+        ref = eval_ppl(latest.get(f"ref:{c.id}"), c.hash)
         bppl = bases[c.base]["ppl_by_seed"].get(c.seed)
         cells.append({"id": c.id, "base": c.base, "method": c.method, "optim": c.optim, "rank": c.rank,
                       "axes": [list(a) for a in c.axes], "lr": c.lr, "seed": c.seed, "status": status,
