@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from muonft_cli import sweep as S
@@ -35,10 +36,10 @@ def _tiny_base(path: Path) -> Path:
     return path
 
 
-def _corpus(path: Path, n_docs: int = 20, words: int = 120) -> Path:
+def _corpus(path: Path, n_docs: int = 20, words: int = 120, seed: int = 0) -> Path:
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     with open(path, "w") as fh:  # a learnable pattern: each word tends to be followed by the next id
         for _ in range(n_docs):
             w, out = rng.randrange(4, VOCAB), []
@@ -52,13 +53,15 @@ def _corpus(path: Path, n_docs: int = 20, words: int = 120) -> Path:
 def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
     base = _tiny_base(tmp_path / "base")
     data = _corpus(tmp_path / "corpus.jsonl")
+    ref = _corpus(tmp_path / "reference.jsonl", n_docs=10, seed=1)
     recipe = {
         "data": {"path": str(data), "seq_len": 16, "val_fraction": 0.2},
         "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2},
         "eval": {"batch_size": 8},
         "sweep": {"bases": {"tiny": {"path": str(base), "pretrained_with": "adamw"}},
                   "methods": ["full", "lora"], "optims": ["adamw", "muon"],
-                  "lr": {"full": [1e-3, 1e-2], "lora": [1e-2, 3e-2]}, "lora_ranks": [4], "seeds": [0]},
+                  "lr": {"full": [1e-3, 1e-2], "lora": [1e-2, 3e-2]}, "lora_ranks": [4], "seeds": [0],
+                  "reference_data": str(ref)},
     }
     rp = tmp_path / "micro.yaml"
     rp.write_text(yaml.safe_dump(recipe))
@@ -88,6 +91,23 @@ def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
     assert table["Full-Muon"]["cols"]["tiny"]["gap"] is not None  # Muon is the mismatched optimizer here
     for name in ("summary.md", "summary.csv", "summary.json", "ppl_vs_lr.png", "val_curves.png"):
         assert (out / name).stat().st_size > 0
+    # forgetting from the sweep's model-only evaluations (each best cell alone + the base once) equals what
+    # `muonft eval --base --reference-data` measures for a LoRA cell and a full one
+    from muonft_cli import evaluate
+    from muonft_cli.config import load_saved
+
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    for method in ("lora", "full"):
+        g = next(g for g in groups if g["method"] == method and g["best_lr"] is not None)
+        (cid,) = g["best_cells"]
+        cfg = load_saved(out / "cells" / cid / "config.yaml")
+        cfg.model.name_or_path = str(out / "cells" / cid / "final")
+        cfg.eval.reference_data = str(ref)
+        rep = evaluate.run_eval(cfg, base=str(base) if method == "full" else None)["forgetting"]
+        assert latest[f"ref:{cid}"]["eval"]["data"]["model"]["ppl"] == pytest.approx(rep["model"]["ppl"], rel=1e-5)
+        assert latest["base_ref:tiny:s0"]["eval"]["data"]["model"]["ppl"] == pytest.approx(rep["base"]["ppl"],
+                                                                                          rel=1e-5)
+        assert g["forgetting"] == pytest.approx(rep["model"]["ppl"] / rep["base"]["ppl"] - 1, rel=1e-5)
     # running it again finds everything done and starts nothing
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0 and "start" not in res.stderr and "8 already finished" in res.stderr
