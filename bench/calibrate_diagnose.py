@@ -1,4 +1,4 @@
-"""Fit the `muonft diagnose` verdict on labelled checkpoints; write muonft_cli/diagnose_calibration.json.
+"""Fit the `muonft diagnose` verdict on labelled checkpoints; write muonft_cli/diagnose/calibration.json.
 
 Labelled checkpoints come from either source (both may be given):
 
@@ -8,7 +8,7 @@ Labelled checkpoints come from either source (both may be given):
 - ``--dirs D ...``: existing checkpoint dirs labelled by ``muonft.json`` (``optimizer``) or ``label.json``
   (``{"optimizer": "adamw" | "muon" | "init"}``).
 
-For each checkpoint it computes the model-level features of `muonft_cli.diagnose_verdict` (exact spectra),
+For each checkpoint it computes the model-level features of `muonft_cli.diagnose.verdict` (exact spectra),
 fits the L2-regularised logistic model P(muon | sr, ent) on the adam/muon ones, reports leave-one-out
 accuracy and mean LOO confidence (the held-out estimate quoted in README), checks that untrained ("init")
 checkpoints come out ``unknown``, and writes the fitted parameters with their provenance.
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from muonft_cli.diagnose import analyse  # noqa: E402
-from muonft_cli.diagnose_io import open_checkpoint  # noqa: E402
-from muonft_cli.diagnose_verdict import (  # noqa: E402
+from muonft_cli.diagnose.io import open_checkpoint  # noqa: E402
+from muonft_cli.diagnose.verdict import (  # noqa: E402
     CALIBRATION_FILE, FEATURES, fit_logistic, model_features, spectral_verdict,
 )
 

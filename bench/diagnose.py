@@ -106,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from muonft_cli.diagnose import analyse
-    from muonft_cli.diagnose_io import open_checkpoint
+    from muonft_cli.diagnose.io import open_checkpoint
 
     d = Path(args.dir)
     _drop_cache(d)

@@ -47,7 +47,7 @@ def build_assets(work: Path, hidden: int, layers: int, vocab: int, max_docs: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from muonft_cli import data as data_mod
-    from muonft_cli import tokenizer as tok_mod
+    from muonft_cli.data import tokenizer as tok_mod
 
     dcfg = cfgmod.DataConfig(path=DATA, max_documents=max_docs)
     tok = tok_mod.train_bpe(data_mod.iter_texts(dcfg), vocab)

@@ -92,7 +92,7 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     cfg = _run(cfgmod.resolve, config, flags, overrides, base)
 
     from muonft_cli import train
-    from muonft_cli.train_sink import NullSink, RichSink
+    from muonft_cli.train.sink import NullSink, RichSink
 
     sink = NullSink() if quiet else RichSink()
     summary = _run(train.run, cfg, mode, sink=sink, resume=resume)
@@ -242,7 +242,7 @@ def sweep(
     from rich.console import Console
 
     from muonft_cli import sweep as sw
-    from muonft_cli import sweep_report as rep
+    from muonft_cli.sweep import report as rep
 
     if report is None and recipe is None:
         _err("give a sweep recipe (e.g. recipes/mismatch-small.yaml) or --report DIR")

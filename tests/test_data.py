@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from muonft_cli import data  # noqa: E402
 from muonft_cli.config import DataConfig  # noqa: E402
 from muonft_cli.errors import UserInputError  # noqa: E402
-from muonft_cli.tokenizer import train_bpe  # noqa: E402
+from muonft_cli.data.tokenizer import train_bpe  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over lazy dog and then runs away into forest where birds sing "
          "while rivers flow under bridges of stone made long ago by people what is two plus four").split()

@@ -1,4 +1,4 @@
-"""Byte-level BPE training (`muonft_cli.tokenizer.train_bpe`): round trip, determinism, save/load."""
+"""Byte-level BPE training (`muonft_cli.data.tokenizer.train_bpe`): round trip, determinism, save/load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from muonft_cli.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe  # noqa: E402
+from muonft_cli.data.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over lazy dog and then runs away into forest where birds sing "
          "while rivers flow under bridges of stone made long ago by people").split()

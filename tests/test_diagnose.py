@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 import _helpers_diagnose as H  # noqa: E402
 
-from muonft_cli import diagnose_io, diagnose_verdict as V, spectral as S  # noqa: E402
+from muonft_cli import spectral as S
+from muonft_cli.diagnose import io as diagnose_io, verdict as V  # noqa: E402
 from muonft_cli.cli import app  # noqa: E402
 from muonft_cli.diagnose import analyse, diagnose  # noqa: E402
-from muonft_cli.diagnose_fast import exact_estimate, fast_spectrum  # noqa: E402
+from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner()

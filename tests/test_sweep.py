@@ -22,7 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 from muonft_cli import sweep as S
-from muonft_cli import sweep_report as R
+from muonft_cli.sweep import report as R
 from muonft_cli.cli import app
 from muonft_cli.errors import ConfigError
 
@@ -551,7 +551,7 @@ def test_llama_recipes_use_the_papers_grid_and_settings():
 def test_diagnose_recommendation_carries_a_valid_sweep_command():
     import shlex
 
-    from muonft_cli.diagnose_verdict import recommend
+    from muonft_cli.diagnose.verdict import recommend
 
     for fam, target in (("adam", "muon"), ("muon", "muon"), (None, "adamw")):
         rec = recommend(fam, target, 2_000_000, "runs/pre-adam/final", "builtin:kjv", source="test")

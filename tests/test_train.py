@@ -27,7 +27,7 @@ from _helpers_train import (  # noqa: E402
 from muonft_cli import config as cfgmod  # noqa: E402
 from muonft_cli import train  # noqa: E402
 from muonft_cli.errors import TrainingDivergedError, UserInputError  # noqa: E402
-from muonft_cli.train_sink import NullSink  # noqa: E402
+from muonft_cli.train.sink import NullSink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 Owns the sweep recipe schema (a run recipe plus a `sweep:` section), its deterministic expansion into cells,
 the append-only `sweep.jsonl` index, and the scheduler that runs every cell as a separate
-`python -m muonft_cli finetune` process. Aggregation, tables and plots live in `muonft_cli.sweep_report`.
+`python -m muonft_cli finetune` process. Aggregation, tables and plots live in `muonft_cli.sweep.report`.
 
 The paper's whole method ("Can Muon Fine-tune Adam-Pretrained Models?", Qu et al. 2026, §3 Table 1 / Fig. 4,
 §4.4 Fig. 5) is "best validation perplexity over a learning-rate sweep, averaged over 3 seeds", per

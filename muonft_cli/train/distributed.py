@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from muonft_cli.errors import UserInputError
+from muonft_cli.models.device import pick_device
 
 
 @dataclass
@@ -52,29 +53,6 @@ class DistInfo:
     def distributed(self) -> bool:
         """True when more than one process takes part."""
         return self.world_size > 1
-
-
-def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
-    """Resolve the `train.device` setting: "auto" = CUDA when present, else CPU.
-
-    Args:
-        pref: "auto", "cpu", "cuda" or "cuda:N".
-        local_rank: this process's node-local rank (selects the GPU under torchrun).
-
-    Returns:
-        The device. Raises `UserInputError` when CUDA is asked for but absent.
-    """
-    pref = (pref or "auto").lower()
-    if pref == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserInputError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu "
-                                 "(or auto)")
-        return torch.device(pref) if ":" in pref else torch.device("cuda", local_rank)
-    if pref == "cpu":
-        return torch.device("cpu")
-    raise UserInputError(f"train.device '{pref}' is not one of auto, cpu, cuda: fix --set train.device")
 
 
 def init_from_env(device_pref: str = "auto") -> DistInfo:

@@ -15,10 +15,10 @@ Owns the loop and the run directory:
   bit-exact on CPU with the same thread count;
 - SIGINT/SIGTERM → checkpoint, then `TrainingInterrupted`; NaN/inf loss → `TrainingDivergedError` with the
   last good checkpoint kept;
-- data parallelism under torchrun through `muonft_cli.distributed` (DDP; the optimizer's distributed hook
+- data parallelism under torchrun through `muonft_cli.train.distributed` (DDP; the optimizer's distributed hook
   splits Newton–Schulz work round-robin over ranks, paper §4.7).
 
-Display goes through a sink (`muonft_cli.train_sink`), so the loop never knows how it is shown.
+Display goes through a sink (`muonft_cli.train.sink`), so the loop never knows how it is shown.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from muonft_cli import __version__
 from muonft_cli import config as config_mod
-from muonft_cli import distributed as dist_mod
+from muonft_cli.models import device as device_mod
+from muonft_cli.train import distributed as dist_mod
 from muonft_cli.config import RunConfig
 from muonft_cli.errors import MuonftError, TrainingDivergedError, UserInputError
-from muonft_cli.train_sink import NullSink
+from muonft_cli.train.sink import NullSink
 
 MODES = ("pretrain", "finetune")
 IGNORE_INDEX = -100
@@ -384,7 +385,7 @@ class _Trainer:
                 tok.pad_token = tok.eos_token
             return tok
         from muonft_cli import data as data_mod
-        from muonft_cli import tokenizer as tok_mod
+        from muonft_cli.data import tokenizer as tok_mod
 
         try:
             # only the training documents of the hold-out split: the tokenizer never sees validation text
@@ -592,15 +593,10 @@ class _Trainer:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        if self.cfg.model.dtype == "bf16" and self.device.type == "cuda":
-            return torch.bfloat16
-        return None
+        return device_mod.autocast_dtype(self.cfg.model, self.device)
 
     def _autocast(self):
-        dt = self.autocast_dtype
-        if dt is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dt)
+        return device_mod.autocast(self.device, self.autocast_dtype)
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step over the global batch; returns (loss, grad_norm, input tokens)."""

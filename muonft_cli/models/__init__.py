@@ -34,6 +34,7 @@ import torch
 
 from muonft_cli import __version__
 from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.models.device import autocast_dtype, pick_device  # noqa: F401  (re-exported)
 
 PROVENANCE_FILE = "muonft.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -301,23 +302,6 @@ def resolve_model(name_or_path: str | None, offline: bool = False) -> ModelSourc
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`"auto"` → CUDA if available, else CPU; anything else is passed to `torch.device`."""
-    if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise UserInputError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
-
-
-def autocast_dtype(model_cfg: Any, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype the engine should use: bf16 on CUDA when `model.dtype == "bf16"`, else None (fp32)."""
-    if getattr(model_cfg, "dtype", "fp32") == "bf16" and torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return None
 
 
 def _first_line(e: BaseException) -> str:

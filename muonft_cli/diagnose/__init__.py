@@ -2,12 +2,12 @@
 
 Owns the diagnose pipeline (no Typer here; `cli.py` calls `diagnose` and `render`):
 
-1. `muonft_cli.diagnose_io` finds the 2-D matrices of an HF dir / .safetensors / peft adapter / .gguf and reads
+1. `muonft_cli.diagnose.io` finds the 2-D matrices of an HF dir / .safetensors / peft adapter / .gguf and reads
    them one at a time by header offsets (bounded RSS).
 2. Per matrix, the metrics of paper App. F.1 (REFERENCE.md "Spectral metrics": stable rank, SVD entropy with
    pᵢ = σᵢ²/Σσⱼ², spectral / Frobenius / max norms) and their Marchenko–Pastur baselines of the same shape, from
-   `muonft_cli.spectral` (exact) or `muonft_cli.diagnose_fast` (Lanczos estimates with error bounds).
-3. `muonft_cli.diagnose_verdict` turns them into ``optimizer_guess`` (adam | muon | unknown) with a calibrated
+   `muonft_cli.spectral` (exact) or `muonft_cli.diagnose.fast` (Lanczos estimates with error bounds).
+3. `muonft_cli.diagnose.verdict` turns them into ``optimizer_guess`` (adam | muon | unknown) with a calibrated
    confidence and evidence, reads provenance separately, and recommends how to fine-tune (paper §5, Table 1:
    mismatched pretrain/fine-tune optimizers → LoRA at moderate rank).
 
@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from muonft_cli.diagnose_fast import exact_estimate, fast_spectrum
-from muonft_cli.diagnose_io import Checkpoint, MatrixSpec, open_checkpoint
+from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
+from muonft_cli.diagnose.io import Checkpoint, MatrixSpec, open_checkpoint
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import random_baseline
 
@@ -180,7 +180,7 @@ def diagnose(
     Raises:
         UserInputError: bad path / not a checkpoint / corrupt or truncated / no 2-D tensors / bad option.
     """
-    from muonft_cli import diagnose_verdict as V
+    from muonft_cli.diagnose import verdict as V
 
     if mode not in MODES:
         raise UserInputError(f"--mode {mode!r} is not one of {', '.join(MODES)}; use --exact or --fast")

@@ -13,7 +13,7 @@ lengths, and "high" alone also describes a random matrix, so every feature is *r
 Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2) and then over types, so a model's
 many MLP matrices don't drown its attention matrices; a logistic model on those two averages gives
 P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `muonft pretrain` checkpoints and
-stored in `diagnose_calibration.json` (with how they were produced and the leave-one-out accuracy).
+stored in `calibration.json` (with how they were produced and the leave-one-out accuracy).
 
 Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
 ``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When fewer than
@@ -50,7 +50,7 @@ __all__ = [
 
 FEATURES = ("sr", "ent")
 TARGET_OPTIMS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
-CALIBRATION_FILE = Path(__file__).with_name("diagnose_calibration.json")
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _ROLES_FOR_VERDICT = ("weight", "merged")
 
 

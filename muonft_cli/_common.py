@@ -1,0 +1,155 @@
+"""Torch-free helpers shared by every part of muonft: one home for each.
+
+Owns: the optimizer names muonft trains with and the family of any optimizer name (matched vs mismatched),
+Muon's update scalings and the rule that makes `optimizer.adamw_lr` required, the label value the loss
+ignores, atomic file writes, JSON-lines reading, the first line of an exception for one-line messages, and
+the Hugging Face offline flags. Nothing here imports torch, transformers or anything heavy, so the CLI and
+the config loader can use it without slowing `muonft --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------------------------------- optimizers
+
+#: The optimizers `muonft pretrain` / `finetune` / `sweep` accept (`--optim`), in the order help lists them.
+OPTIMIZER_NAMES = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+
+#: Muon's update scalings (`optimizer.scaling`); see `muonft_cli.optim.muon.update_scale` for the formulas.
+SCALINGS = ("match_rms_adamw", "original", "none")
+
+#: Optimizer-name fragments whose implicit bias is Adam's (small max-norm): Adam and its variants, LAMB
+#: (layer-wise Adam), Adafactor (factored Adam), Lion (sign descent, i.e. steepest descent in the max-norm).
+_ADAM_LIKE = ("adam", "lamb", "adafactor", "lion")
+
+
+def optimizer_family(name: str | None) -> str | None:
+    """The implicit-bias family of an optimizer name: ``"muon"``, ``"adam"`` or None when neither.
+
+    Muon and every Muon variant (muon-pe, AdaMuon, NorMuon, Moonlight's Muon) → ``"muon"`` (small spectral norm);
+    Adam, AdamW, LAMB, Adafactor and Lion → ``"adam"`` (small max-norm); anything else (SGD, unknown) → None.
+    The check for "muon" comes first, so ``adamuon`` is a Muon.
+    """
+    if not name:
+        return None
+    o = str(name).lower()
+    if "muon" in o:
+        return "muon"
+    if any(k in o for k in _ADAM_LIKE):
+        return "adam"
+    return None
+
+
+def adamw_lr_problem(name: str, scaling: str, adamw_lr: float | None) -> str | None:
+    """The one rule for `optimizer.adamw_lr`: required when a Muon-family optimizer uses a scaling whose
+    learning rates (~0.02–0.9) are not AdamW's. Returns the problem as a message, or None when fine."""
+    if adamw_lr is None and optimizer_family(name) == "muon" and scaling != "match_rms_adamw":
+        return (f"optimizer.adamw_lr: required with optimizer.scaling={scaling} (its Muon lrs of ~0.02-0.9 would "
+                "wreck embeddings and heads); set e.g. --set optimizer.adamw_lr=3e-4, or use "
+                "scaling=match_rms_adamw (then adamw_lr defaults to lr)")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+#: Label value the next-token loss ignores (prompt tokens, padding); the value torch's cross-entropy skips.
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader (or a crash) sees the old file or the new one, never half.
+
+    The text goes to a temporary file beside it (same directory, so the rename is atomic), flushed and fsynced,
+    then renamed over `path`. Returns the path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, in order; [] when the file does not exist.
+
+    A file written by appending can end in a torn line (a process killed mid-write): a final line that does
+    not parse is dropped. A line that does not parse *before* the last one means the file was damaged
+    otherwise: everything from it on is void, as for a torn end. Blank lines and non-object values are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (at most `limit` characters), or its type's name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+# -------------------------------------------------------------------------------------- offline mode
+
+#: The libraries' own offline switches: huggingface_hub, transformers and datasets each read one of these.
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _truthy(value: str | None) -> bool:
+    # the same values huggingface_hub's `constants._is_true` accepts
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted: any of the libraries' offline flags is set."""
+    return any(_truthy(os.environ.get(k)) for k in OFFLINE_FLAGS)
+
+
+def set_offline() -> None:
+    """Turn every library's offline switch on (the `--offline` flag), in the environment and, for libraries
+    already imported, in the constants they read at import time."""
+    import sys
+
+    for k in OFFLINE_FLAGS:
+        os.environ[k] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    dsc = sys.modules.get("datasets.config")
+    if dsc is not None:
+        dsc.HF_HUB_OFFLINE = True  # datasets reads huggingface_hub's flag into its own config
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a model or data spec is meant as a local path rather than a hub id: it starts like a path
+    (``/``, ``./``, ``../``, ``~``) or is ``.`` / ``..``. Callers add their own file-suffix checks."""
+    return spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or spec in (".", "..")
