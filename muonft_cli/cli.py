@@ -36,8 +36,15 @@ def main(
     version: Optional[bool] = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an internal error, show the full traceback (also: MUONFT_DEBUG=1)."
+    ),
 ) -> None:
     """muonft: pretrain, fine-tune, sweep, evaluate and diagnose with Adam or Muon."""
+    if debug:
+        import os
+
+        os.environ["MUONFT_DEBUG"] = "1"  # inherited by the processes a sweep starts
     # transformers 5 deprecation noise that peft triggers on every model; not actionable by our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -52,14 +59,21 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except Exception as e:  # not a domain error: a bug in muonft (or a library), never the user's fault
+        import os
+
+        if os.environ.get("MUONFT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        from muonft_cli._common import first_line
+
+        typer.echo(f"error: internal error ({type(e).__name__}: {first_line(e)}); this is a bug in muonft: "
+                   "rerun with --debug (or MUONFT_DEBUG=1) for the traceback and report it", err=True)
+        raise typer.Exit(1) from None
 
 
 def _err(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
-
-
-# Commands are registered below by the modules' owners (pretrain / finetune / eval / diagnose / sweep).
 
 
 # ------------------------------------------------------------------ pretrain / finetune (engine: train.py)

@@ -283,8 +283,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                          ("data.val_fraction", cfg.data.val_fraction)):
         if isinstance(value, float) and not 0 <= value <= 1:
             p.append(f"{where}: must be in [0, 1], got {value}")
-    if isinstance(cfg.data.val_fraction, float) and cfg.data.val_fraction >= 1:
-        pass  # already reported above when > 1; == 1 leaves no training data
+    if cfg.data.val_fraction == 1:
+        p.append("data.val_fraction: 1 leaves no training data; use a fraction below 1 (e.g. 0.05)")
     positive("data.seq_len", cfg.data.seq_len)
     positive("model.vocab_size", cfg.model.vocab_size)
     if cfg.data.max_documents is not None:

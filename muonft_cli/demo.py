@@ -49,12 +49,6 @@ def _cli(args: list[str], capture: bool) -> str:
     return p.stdout or ""
 
 
-def _has_command(name: str) -> bool:
-    from muonft_cli.cli import app
-
-    return any((c.name or (c.callback.__name__ if c.callback else "")) == name for c in app.registered_commands)
-
-
 def _fmt(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -82,10 +76,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
          "--optim", "adamw", "--lr", str(s["pretrain_lr"]), "--steps", str(s["pretrain_steps"]),
          "--eval-every", str(max(1, s["pretrain_steps"] // 3)), "--out", str(pre), *common], capture=True))
 
-    result["diagnose"] = None
-    if _has_command("diagnose"):
-        result["diagnose"] = json.loads(_cli(["diagnose", str(pre / "final"), "--json", "--quiet"],
-                                             capture=True))
+    result["diagnose"] = json.loads(_cli(["diagnose", str(pre / "final"), "--json", "--quiet"], capture=True))
 
     runs = {"LoRA-Muon": ("muon", s["lr_muon"]), "LoRA-Adam": ("adamw", s["lr_adam"])}
     for name, (optim, lr) in runs.items():
