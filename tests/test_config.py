@@ -59,6 +59,12 @@ def test_all_range_problems_reported_at_once():
     assert len(e.value.problems) == 4
 
 
+def test_val_fraction_one_leaves_no_training_data():
+    with pytest.raises(ConfigError, match=r"data.val_fraction: 1 leaves no training data"):
+        C.resolve(flags={"data.val_fraction": 1.0})
+    assert C.resolve(flags={"data.val_fraction": 0.5}).data.val_fraction == 0.5
+
+
 def test_type_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"train.steps: expected an integer, got 'ten'"):
         C.resolve(overrides=["train.steps=ten"])
