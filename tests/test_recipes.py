@@ -91,7 +91,8 @@ def test_copy_writes_the_recipe_and_refuses_to_overwrite(elsewhere):
 
     (elsewhere / "sub").mkdir()
     assert invoke("recipes", "copy", "recipe:mismatch-small", "sub").exit_code == 0
-    assert (elsewhere / "sub" / "mismatch-small.yaml").read_text() == (REPO / "recipes" / "mismatch-small.yaml").read_text()
+    shipped = (REPO / "recipes" / "mismatch-small.yaml").read_text()
+    assert (elsewhere / "sub" / "mismatch-small.yaml").read_text() == shipped
     assert invoke("recipes", "copy", "mismatch-small", "mine.yaml").exit_code == 0
     assert (elsewhere / "mine.yaml").is_file()
     r = invoke("recipes", "copy", "mismatch-small", "no/such/dir/x.yaml")
