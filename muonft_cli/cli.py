@@ -154,7 +154,7 @@ _TRAIN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("gradient_checkpointing", bool, _O(False, "--gradient-checkpointing")),
     ("resume", bool, _O(False, "--resume", help="Continue the run in --out from its last checkpoint.")),
     ("overwrite", bool, _O(False, "--overwrite", help="Replace a run already in --out.")),
-    ("config", Optional[str], _O(None, "--config", help="YAML recipe.")),
+    ("config", Optional[str], _O(None, "--config", help="YAML recipe: a file or recipe:NAME (`muonft recipes`).")),
     ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
     ("as_json", bool, _O(False, "--json", help="Print one JSON summary line on stdout.")),
     ("quiet", bool, _O(False, "--quiet", help="No progress bar.")),
@@ -239,7 +239,8 @@ def finetune(
 
 @app.command()
 def sweep(
-    recipe: Optional[str] = typer.Argument(None, help="Sweep recipe: a run recipe plus a sweep: section."),
+    recipe: Optional[str] = typer.Argument(None, help="Sweep recipe (a file or recipe:NAME): a run recipe plus a "
+                                                   "sweep: section."),
     out: Optional[str] = _O(None, "--out", help="Sweep directory (run the same command again to resume)."),
     workers: int = _O(1, "--workers", help="Cells run in parallel (CPU threads divided; one GPU each)."),
     threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
@@ -259,7 +260,7 @@ def sweep(
     from muonft_cli.sweep import report as rep
 
     if report is None and recipe is None:
-        _err("give a sweep recipe (e.g. recipes/mismatch-small.yaml) or --report DIR")
+        _err("give a sweep recipe (e.g. recipe:mismatch-small; `muonft recipes` lists them) or --report DIR")
     if report is None and not dry_run and out is None:
         _err("--out is required: the sweep directory (run the same command again to resume)")
     plan = _run(sw.load_saved_plan, report) if report is not None else _run(sw.load_plan, recipe, set_ or [])
@@ -373,6 +374,60 @@ def diagnose(
         typer.echo(json.dumps(report))
     else:
         diag.render(report)
+
+
+
+# ------------------------------------------------------------------------------- recipes (recipes/)
+
+recipes_app = typer.Typer(
+    help="List, show and copy the recipes shipped with muonft (use one anywhere as recipe:NAME).",
+    invoke_without_command=True, no_args_is_help=False,
+)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes(
+    ctx: typer.Context,
+    as_json: bool = _O(False, "--json", help="Print the list as one JSON document on stdout."),
+) -> None:
+    """List the shipped recipes, one line each (`muonft recipes show NAME`, `muonft recipes copy NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from muonft_cli import recipes as rc
+
+    rows = _run(rc.list_recipes)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['description']}")
+    typer.echo("use one as --config recipe:NAME or `muonft sweep recipe:NAME`; `muonft recipes copy NAME` "
+               "writes it out for editing", err=True)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name (with or without .yaml).")) -> None:
+    """Print a shipped recipe's YAML."""
+    from muonft_cli import recipes as rc
+
+    typer.echo(_run(rc.read_text, name), nl=False)
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="Recipe name (with or without .yaml)."),
+    dest: Optional[str] = typer.Argument(None, help="File or existing folder to write (default ./NAME.yaml)."),
+    force: bool = _O(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a shipped recipe to a file, to edit and pass as --config FILE."""
+    from muonft_cli import recipes as rc
+
+    out = _run(rc.copy, name, dest, force=force)
+    typer.echo(f"wrote {out}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from muonft_cli import recipes
 from muonft_cli.errors import ConfigError, UserInputError
 
 OPTIMIZERS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
@@ -341,12 +342,17 @@ def to_dict(cfg: Any) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with one-line errors for missing/unparsable files."""
+    """Read a YAML mapping (a file, or `recipe:NAME` for a shipped recipe), with one-line errors for
+    missing/unparsable files and unknown recipe names."""
+    ref = recipes.is_recipe_ref(path)
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserInputError(f"config file '{path}' does not exist: pass the path of a YAML recipe (see recipes/)")
+    if ref:
+        recipes.name_of(str(path))  # an unknown name: one line listing the shipped ones
+    elif not p.is_file():
+        raise UserInputError(f"config file '{path}' does not exist: pass the path of a YAML recipe, or "
+                             f"recipe:NAME for a shipped one (`muonft recipes` lists them)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(recipes.read_text(str(path)) if ref else p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserInputError(f"config file '{path}' is not valid YAML ({first}): fix the syntax") from None

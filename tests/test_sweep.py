@@ -558,7 +558,7 @@ def test_diagnose_recommendation_carries_a_valid_sweep_command():
         args = shlex.split(rec["sweep_command"])
         assert args[:3] == ["muonft", "sweep", S.FINETUNE_SWEEP_RECIPE]
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-        plan = S.load_plan(ROOT / S.FINETUNE_SWEEP_RECIPE, sets)
+        plan = S.load_plan(S.FINETUNE_SWEEP_RECIPE, sets)
         assert plan.optims == [target] and plan.methods == [rec["method"]]
         assert plan.bases["model"].path == "runs/pre-adam/final"
         assert plan.bases["model"].family == {"adam": "adam", "muon": "muon", None: None}[fam]

@@ -219,7 +219,7 @@ def plan_from_dict(recipe: dict, origin: str = "recipe") -> SweepPlan:
     problems: list[str] = []
     if not isinstance(recipe, dict) or not isinstance(recipe.get("sweep"), dict):
         raise ConfigError(f"{origin}: a sweep recipe needs a 'sweep:' section (bases, methods, optims, lr, seeds);"
-                          " see recipes/mismatch-small.yaml")
+                          " see `muonft recipes show mismatch-small`")
     recipe = copy.deepcopy(recipe)
     sw = recipe["sweep"]
     run = {k: v for k, v in recipe.items() if k != "sweep"}
@@ -1074,14 +1074,14 @@ def format_event(rec: dict) -> str | None:
     return None
 
 
-FINETUNE_SWEEP_RECIPE = "recipes/sweep-finetune.yaml"
+FINETUNE_SWEEP_RECIPE = "recipe:sweep-finetune"  # shipped with the package: runs from any directory
 
 
 def diagnose_sweep_command(model: str, data: str, rec: dict) -> str:
     """The `muonft sweep …` line `muonft diagnose` prints beside its finetune command.
 
     It sweeps the recommended method with the target optimizer over the recommended LR grid (3 seeds) using
-    `recipes/sweep-finetune.yaml`, and marks the base's pretraining optimizer so the report shows the mismatch.
+    the shipped `recipe:sweep-finetune`, and marks the base's pretraining optimizer so the report shows the mismatch.
 
     Args:
         model: the diagnosed checkpoint.
