@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from muonft_cli._common import OPTIMIZER_NAMES, optimizer_family
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import HIDDEN_TYPES
 
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 FEATURES = ("sr", "ent")
-TARGET_OPTIMS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+TARGET_OPTIMS = OPTIMIZER_NAMES
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _ROLES_FOR_VERDICT = ("weight", "merged")
 
@@ -58,18 +59,6 @@ def check_target(name: str) -> None:
     """Raise `UserInputError` unless ``name`` is an optimizer muonft can fine-tune with."""
     if name not in TARGET_OPTIMS:
         raise UserInputError(f"--target-optim {name!r} is not one of {', '.join(TARGET_OPTIMS)}")
-
-
-def _family(optim: str | None) -> str | None:
-    """adam | muon | None for an optimizer name (adamw/adam/adafactor… → adam; muon variants → muon)."""
-    if not optim:
-        return None
-    o = str(optim).lower()
-    if "muon" in o:  # muon, muon-pe, adamuon, normuon, moonlight's muon
-        return "muon"
-    if "adam" in o or "lamb" in o or "lion" in o or "adafactor" in o or "sgd" in o:
-        return "adam" if ("adam" in o or "lamb" in o) else None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -242,12 +231,12 @@ def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, An
         else:
             ev.append(f"muonft.json: {mode} with {mj['optimizer']}, lr {mj.get('lr')}, {mj.get('steps')} steps")
         if mode != "finetune" or not mj.get("lora"):
-            return {"optimizer": mj["optimizer"], "family": _family(mj["optimizer"]), "source": "muonft.json",
+            return {"optimizer": mj["optimizer"], "family": optimizer_family(mj["optimizer"]), "source": "muonft.json",
                     "evidence": ev}
     ta = provenance_files.get("training_args")
     if isinstance(ta, dict) and ta.get("optim"):
         ev.append(f"training_args.json: optim={ta['optim']}")
-        return {"optimizer": ta["optim"], "family": _family(ta["optim"]), "source": "training_args.json",
+        return {"optimizer": ta["optim"], "family": optimizer_family(ta["optim"]), "source": "training_args.json",
                 "evidence": ev}
     names: list[str] = [Path(path).name]
     cfg = provenance_files.get("config.json") or {}
