@@ -60,7 +60,9 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
 
 def test_inflight_budget_keeps_one_large_matrix_at_a_time(ckpts, monkeypatch):
     """With workers=2 but a byte budget below two matrices, matrices are analysed one at a time."""
-    import muonft_cli.diagnose as D
+    import importlib
+
+    D = importlib.import_module("muonft_cli.diagnose.analyse")  # the module (the package re-exports the function)
 
     ck = diagnose_io.open_checkpoint(ckpts["adam"])
     monkeypatch.setattr(D, "INFLIGHT_BYTES", min(4 * s.shape[0] * s.shape[1] for s in ck.matrices))
@@ -151,6 +153,49 @@ def test_adapter_spectra_and_merged(tmp_path):
     Wm = mod.base_layer.weight.detach() + delta.detach()  # peft wraps the base layer in place
     assert merged["stable_rank"] == pytest.approx(S.stable_rank(Wm), rel=1e-5)
     assert rep2["base"] == str(tmp_path / "base")
+
+
+def test_dora_adapter_merged_as_peft_merges_it(tmp_path):
+    """Bug: a DoRA adapter's merged matrices were W₀ + s·B·A, ignoring `use_dora` and the magnitude vector. They
+    must be what peft's `merge_and_unload` produces: m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖ (per output row)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                            target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.3, 3.0))  # far from peft's init ‖W₀‖ (rows rescaled)
+    model.save_pretrained(tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"] is True
+    peft_merged = {n: p.detach().clone() for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
+
+    ck = diagnose_io.open_checkpoint(tmp_path / "ad", tmp_path / "base")
+    merged = {s.name[: -len(".merged")]: s for s in ck.matrices if s.role == "merged"}
+    assert len(merged) == 3
+    rep = diagnose(tmp_path / "ad", base=tmp_path / "base", mode="exact", per_matrix=True)
+    by_name = {m["name"]: m for m in rep["matrices"] if m["role"] == "merged"}
+    for module, spec in merged.items():
+        ref = peft_merged[module[len("base_model.model."):] + ".weight"]  # (out, in)
+        torch.testing.assert_close(spec.read(), ref, rtol=1e-5, atol=1e-6)
+        r = by_name[module + ".merged"]
+        sv = torch.linalg.svdvals(ref.double())
+        assert r["stable_rank"] == pytest.approx(float((sv ** 2).sum() / sv[0] ** 2), rel=1e-6)
+        assert r["spectral_norm"] == pytest.approx(float(sv[0]), rel=1e-6)
+        # and it is not the plain-LoRA merge the old code analysed
+        mod = model.get_submodule(module)
+        plain = mod.base_layer.weight.detach() + mod.get_delta_weight("default").detach()
+        assert not torch.allclose(ref, plain, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- fast vs exact
@@ -333,7 +378,7 @@ def test_render_prints_commands_verbatim():
     """Rich must not eat `[lora]`-style text as markup: the printed commands are copy-paste ready."""
     from rich.console import Console
 
-    from muonft_cli.diagnose import render
+    from muonft_cli.render import render_diagnose as render
 
     rec = {"target_optim": "muon", "method": "lora", "lora_rank": [8, 32], "lr": {"min": 2e-3, "max": 8e-3},
            "reasons": ["keep lora_A[0] moderate"],
