@@ -75,7 +75,10 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
         console.print(f"  • {line}", markup=False)
     prov = report.get("provenance")
     if prov and prov.get("optimizer"):
-        console.print(f"[bold]Provenance:[/bold] {escape(str(prov['optimizer']))} ({escape(str(prov['source']))})")
+        console.print(f"[bold]Provenance:[/bold] pretrained with {escape(str(prov['optimizer']))} "
+                      f"({escape(str(prov['source']))})")
+    if prov and prov.get("finetune_optimizer"):
+        console.print(f"[bold]Provenance:[/bold] fine-tuned with {escape(str(prov['finetune_optimizer']))}")
     rec = report["recommendation"]
     console.print(f"\n[bold]Recommendation[/bold] for fine-tuning with {rec['target_optim']}: "
                   f"[bold]{rec['method']}[/bold]"

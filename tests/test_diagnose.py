@@ -267,9 +267,51 @@ def test_provenance_is_separate_from_the_spectral_guess(tmp_path):
     d = H.write_llama(tmp_path / "p", "adam", label="muon")  # the file claims muon; the spectra say adam
     rep = diagnose(d, mode="exact")
     assert rep["optimizer_guess"] == "adam"
-    assert rep["provenance"] == {"optimizer": "muon", "family": "muon", "source": "muonft.json"}
+    assert rep["provenance"] == {"optimizer": "muon", "family": "muon", "source": "muonft.json",
+                                 "finetune_optimizer": None}
     assert any("DISAGREES" in e for e in rep["evidence"])
     assert rep["recommendation"]["method"] == "full"  # muon-pretrained (ground truth) + muon target
+
+
+def test_full_finetune_reports_the_pretraining_optimizer(tmp_path):
+    """Bug: a full fine-tune's muonft.json made diagnose report the *fine-tuning* optimizer as the pretraining
+    one. Pretrain with AdamW, fully fine-tune with Muon (the real CLI): diagnose says pretrained with adamw, and
+    fine-tuned with muon; an older muonft.json without the new fields still reads, via the base's own file."""
+    from _helpers_train import FAST, tiny_model_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    r = runner.invoke(app, [str(a) for a in (
+        "pretrain", "--model-config", tiny_model_config(tmp_path / "mcfg.json"), "--vocab-size", 300, "--data",
+        corpus, "--optim", "adamw", "--lr", "3e-3", "--steps", 2, "--out", pre, "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [str(a) for a in (
+        "finetune", "--model", pre / "final", "--data", corpus, "--optim", "muon", "--lr", "1e-2", "--steps", 2,
+        "--out", ft, "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    mj = json.loads((ft / "final" / "muonft.json").read_text())
+    assert mj["optimizer"] == "muon" and mj["mode"] == "finetune"  # the old fields stay
+    assert mj["pretrain_optimizer"] == "adamw" and mj["finetune_optimizer"] == "muon"
+    assert json.loads((pre / "final" / "muonft.json").read_text())["pretrain_optimizer"] == "adamw"
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"] == {"optimizer": "adamw", "family": "adam", "source": "muonft.json",
+                                 "finetune_optimizer": "muon"}
+    assert rep["recommendation"]["pretrain_optimizer"] == "adam"  # → mismatch with the muon target: LoRA
+    assert rep["recommendation"]["method"] == "lora"
+    res = runner.invoke(app, ["diagnose", str(ft / "final"), "--quiet", "--exact"])
+    assert res.exit_code == 0, res.output
+    assert "pretrained with adamw" in res.stdout and "fine-tuned with muon" in res.stdout
+    # a muonft.json written before these fields: the base's muonft.json says how it was pretrained
+    for k in ("pretrain_optimizer", "finetune_optimizer"):
+        del mj[k]
+    (ft / "final" / "muonft.json").write_text(json.dumps(mj))
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"]["optimizer"] == "adamw" and rep["provenance"]["finetune_optimizer"] == "muon"
+    # ... and with no base to ask, the pretraining optimizer is unknown, never the fine-tuning one
+    mj["base_model"] = str(tmp_path / "gone")
+    (ft / "final" / "muonft.json").write_text(json.dumps(mj))
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"]["optimizer"] is None and rep["provenance"]["finetune_optimizer"] == "muon"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -398,7 +398,11 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
 
 
 def _dir_provenance(path: Path) -> dict:
-    """muonft.json, trainer_state.json / training_args, config.json basics, if present (informative only)."""
+    """muonft.json, trainer_state.json / training_args, config.json basics, if present (informative only).
+
+    For an older fine-tuned muonft.json without ``pretrain_optimizer``, also its local base's muonft.json (under
+    ``"base muonft.json"``), where the pretraining optimizer may be recorded.
+    """
     prov: dict = {}
     for name in ("muonft.json", "trainer_state.json", "config.json", "adapter_config.json"):
         for cand in (path / name, path.parent / name):
@@ -415,6 +419,15 @@ def _dir_provenance(path: Path) -> dict:
     if "trainer_state.json" in prov and isinstance(prov["trainer_state.json"], dict):
         ts = prov["trainer_state.json"]
         prov["trainer_state.json"] = {k: ts.get(k) for k in ("global_step", "max_steps", "num_train_epochs")}
+    mj = prov.get("muonft.json")
+    if isinstance(mj, dict) and mj.get("mode") == "finetune" and "pretrain_optimizer" not in mj:
+        # written before muonft recorded the base's pretraining optimizer: look in the base's own muonft.json
+        base = Path(str(mj.get("base_model") or "")).expanduser()
+        if mj.get("base_model") and base.is_absolute() and (base / "muonft.json").is_file():
+            try:
+                prov["base muonft.json"] = json.loads((base / "muonft.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                pass
     ta = path / "training_args.json"
     if ta.is_file():
         try:

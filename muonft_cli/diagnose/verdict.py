@@ -216,29 +216,58 @@ _KNOWN_FAMILIES = [
 ]
 
 
+def _muonft_pretrain_optimizer(mj: dict[str, Any], base_mj: Any) -> str | None:
+    """The pretraining optimizer a fine-tuned checkpoint's muonft.json records (``pretrain_optimizer``), else
+    the one its base's muonft.json records (older files), else None (unknown)."""
+    if mj.get("pretrain_optimizer"):
+        return str(mj["pretrain_optimizer"])
+    if "pretrain_optimizer" not in mj and isinstance(base_mj, dict):
+        if base_mj.get("pretrain_optimizer"):
+            return str(base_mj["pretrain_optimizer"])
+        if base_mj.get("mode") == "pretrain" and base_mj.get("optimizer"):
+            return str(base_mj["optimizer"])
+    return None
+
+
 def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, Any]:
     """Ground truth about the pretraining optimizer, if the checkpoint carries any.
 
+    A muonft.json of a fine-tune records how it was fine-tuned (``finetune_optimizer``, or ``optimizer`` in
+    older files) apart from how its base was pretrained (``pretrain_optimizer``; missing or None = unknown, then
+    the base's own muonft.json, then the other sources are asked). Only the pretraining one is the verdict's.
+
     Returns:
-        ``{"optimizer", "family", "source", "evidence": [...]}``; ``optimizer``/``family`` are None if unknown.
+        ``{"optimizer", "family", "source", "finetune_optimizer", "evidence": [...]}``; ``optimizer`` / ``family``
+        (the pretraining optimizer) and ``finetune_optimizer`` are None if unknown.
     """
     ev: list[str] = []
+    names: list[str] = [Path(path).name]
+    finetuned: str | None = None
     mj = provenance_files.get("muonft.json")
-    if isinstance(mj, dict) and mj.get("optimizer"):
+    if isinstance(mj, dict) and (mj.get("optimizer") or mj.get("pretrain_optimizer")):
         mode = mj.get("mode", "run")
-        if mode == "finetune" and mj.get("base_model"):
-            ev.append(f"muonft.json: fine-tuned from {mj['base_model']} with {mj['optimizer']}")
+        if mode == "finetune":
+            finetuned = mj.get("finetune_optimizer") or mj.get("optimizer")
+            how = "LoRA" if mj.get("lora") else "full fine-tuning"
+            ev.append(f"muonft.json: fine-tuned from {mj.get('base_model')} with {finetuned} ({how})")
+            names.append(str(mj.get("base_model") or ""))
+            pre = _muonft_pretrain_optimizer(mj, provenance_files.get("base muonft.json"))
+            if pre:
+                src = "muonft.json" if mj.get("pretrain_optimizer") else "base's muonft.json"
+                ev.append(f"{src}: the base was pretrained with {pre}")
+                return {"optimizer": pre, "family": optimizer_family(pre), "source": "muonft.json",
+                        "finetune_optimizer": finetuned, "evidence": ev}
+            ev.append("muonft.json: the base's pretraining optimizer is not recorded")
         else:
-            ev.append(f"muonft.json: {mode} with {mj['optimizer']}, lr {mj.get('lr')}, {mj.get('steps')} steps")
-        if mode != "finetune" or not mj.get("lora"):
-            return {"optimizer": mj["optimizer"], "family": optimizer_family(mj["optimizer"]), "source": "muonft.json",
-                    "evidence": ev}
+            opt = mj.get("pretrain_optimizer") or mj["optimizer"]
+            ev.append(f"muonft.json: {mode} with {opt}, lr {mj.get('lr')}, {mj.get('steps')} steps")
+            return {"optimizer": opt, "family": optimizer_family(opt), "source": "muonft.json",
+                    "finetune_optimizer": None, "evidence": ev}
     ta = provenance_files.get("training_args")
     if isinstance(ta, dict) and ta.get("optim"):
         ev.append(f"training_args.json: optim={ta['optim']}")
         return {"optimizer": ta["optim"], "family": optimizer_family(ta["optim"]), "source": "training_args.json",
-                "evidence": ev}
-    names: list[str] = [Path(path).name]
+                "finetune_optimizer": finetuned, "evidence": ev}
     cfg = provenance_files.get("config.json") or {}
     # names only: an architecture (model_type "llama") says nothing about who trained the weights, or how
     names.append(str(cfg.get("_name_or_path") or ""))
@@ -251,11 +280,11 @@ def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, An
         if key in hay:
             ev.append(f"known family: {why}")
             return {"optimizer": "adamw" if fam == "adam" else "muon", "family": fam, "source": "known family",
-                    "evidence": ev}
+                    "finetune_optimizer": finetuned, "evidence": ev}
     if isinstance(provenance_files.get("trainer_state.json"), dict):
         ev.append("trainer_state.json present (a transformers Trainer run, AdamW unless training_args says "
                   "otherwise) — not used as ground truth")
-    return {"optimizer": None, "family": None, "source": None, "evidence": ev}
+    return {"optimizer": None, "family": None, "source": None, "finetune_optimizer": finetuned, "evidence": ev}
 
 
 # ------------------------------------------------------------------------------------------ recommendation
@@ -409,6 +438,10 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         prov_files = dict(ck.base.provenance) | {"adapter_config.json": ck.provenance.get("adapter_config.json")}
         verdict_on = ck.base.path
     prov = read_provenance(prov_files, verdict_on)
+    if ck.kind == "adapter" and prov["finetune_optimizer"] is None:
+        amj = ck.provenance.get("muonft.json")  # the adapter's own: how it was fine-tuned
+        if isinstance(amj, dict) and amj.get("mode") == "finetune":
+            prov["finetune_optimizer"] = amj.get("finetune_optimizer") or amj.get("optimizer")
     for line in prov["evidence"]:
         evidence.append(f"provenance: {line}")
     if prov["family"] and spectral["optimizer_guess"] != "unknown":
@@ -446,7 +479,7 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         "p_muon": spectral["p_muon"],
         "evidence": evidence,
         "features": {k: spectral["features"].get(k) for k in ("sr", "ent", "moved", "n_hidden")},
-        "provenance": {k: prov[k] for k in ("optimizer", "family", "source")},
+        "provenance": {k: prov[k] for k in ("optimizer", "family", "source", "finetune_optimizer")},
         "layer_types": _layer_table(records, spectral["layer_leans"]),
         "skipped": list(ck.skipped),
         "recommendation": rec,
