@@ -44,7 +44,8 @@ class DiagnoseProgressBar:
 
 
 def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
-    """Print a diagnose report as rich tables: per layer type vs the random baseline, then verdict and recommendation."""
+    """Print a diagnose report as rich tables: per layer type vs the random baseline, then the verdict and the
+    recommendation."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

@@ -314,6 +314,13 @@ def test_full_finetune_reports_the_pretraining_optimizer(tmp_path):
     assert rep["provenance"]["optimizer"] is None and rep["provenance"]["finetune_optimizer"] == "muon"
 
 
+def test_provenance_families_are_the_shared_ones():
+    """One family function (`_common.optimizer_family`): Lion and Adafactor are Adam-like, SGD is neither."""
+    fam = {o: V.read_provenance({"training_args": {"optim": o}}, "x")["family"]
+           for o in ("adamw_torch", "lion_32bit", "adafactor", "sgd", "adamuon")}
+    assert fam == {"adamw_torch": "adam", "lion_32bit": "adam", "adafactor": "adam", "sgd": None, "adamuon": "muon"}
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

@@ -1,10 +1,11 @@
 """The verdict and recommendation of `muonft diagnose`: which optimizer pretrained this checkpoint, and how to
 fine-tune it.
 
-Spectral guess (paper §3 Fig. 2/10/11, App. F.1; Moonlight seed 002: Muon-trained matrices keep higher stable
-rank and SVD entropy than Adam-trained ones). A raw threshold would confuse shapes, sizes and training
-lengths, and "high" alone also describes a random matrix, so every feature is *relative to the random
-(Marchenko–Pastur) baseline of the same shape* (`muonft_cli.spectral.random_baseline`):
+Spectral guess (paper §3 Fig. 2/10/11, App. F.1; Moonlight, "Muon is Scalable for LLM Training": Muon-trained
+matrices keep higher stable rank and SVD entropy than Adam-trained ones; definitions in `docs/formulas.md`).
+A raw threshold would confuse shapes, sizes and training lengths, and "high" alone also describes a random
+matrix, so every feature is *relative to the random (Marchenko–Pastur) baseline of the same shape*
+(`muonft_cli.spectral.random_baseline`):
 
 - ``sr``  = log(stable rank / random stable rank)                  (0 for a random matrix, < 0 when spiky)
 - ``ent`` = log(D / D_random), D = (1 − H)·log r the entropy deficit in nats (0 random, > 0 concentrated,
@@ -17,16 +18,17 @@ stored in `calibration.json` (with how they were produced and the leave-one-out 
 
 Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
 ``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When fewer than
-``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on stable rank and entropy
-alone.
+``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on
+stable rank and entropy alone.
 
 Provenance (``muonft.json``, a Trainer's ``trainer_state.json``/``training_args.json``, known model families)
-is reported separately; the recommendation follows provenance when it is known, else the spectral guess.
+is reported separately; for a fine-tuned checkpoint it is the *pretraining* optimizer of its base (and, apart,
+the fine-tuning one). The recommendation follows provenance when it is known, else the spectral guess.
 
-Recommendation (paper §5 and REFERENCE.md "Learning rates the paper selected"): matched pretrain/fine-tune
-optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks re-introduce the
-mismatch, §4.4), with learning-rate ranges interpolated in log-space between the paper's T5-base (220 M) and
-Llama-2-7B anchors by parameter count.
+Recommendation (paper §5, and the learning rates the paper selected for T5-base and Llama-2-7B): matched
+pretrain/fine-tune optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks
+re-introduce the mismatch, §4.4), with learning-rate ranges interpolated in log-space between the paper's
+T5-base (220 M) and Llama-2-7B anchors by parameter count.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, An
 
 # ------------------------------------------------------------------------------------------ recommendation
 
-# Learning-rate anchors from the paper's selected LRs (REFERENCE.md "Learning rates the paper selected"):
+# Learning-rate anchors from the learning rates the paper selected for its T5-base and Llama-2-7B runs:
 # (method, optimizer family) → {params: (lo, hi)}. T5-base ≈ 220 M parameters, Llama-2-7B ≈ 6.7 B.
 _LR_ANCHORS: dict[tuple[str, str], dict[float, tuple[float, float]]] = {
     ("full", "adam"): {2.2e8: (5e-5, 1e-4), 6.7e9: (8e-6, 1e-5)},
@@ -325,14 +327,11 @@ def _lr_grid(lo: float, hi: float, n: int = 4) -> list[float]:
 
 
 def _sweep_command(model: str, data: str, rec: dict[str, Any]) -> str | None:
-    """The ``muonft sweep …`` line beside the finetune command, built by the sweep module when it provides
-    ``muonft_cli.sweep.diagnose_sweep_command(model, data, recommendation) -> str``; None until then."""
-    try:
-        from muonft_cli import sweep
-    except Exception:  # noqa: BLE001 - the sweep module is optional for diagnose
-        return None
-    fn = getattr(sweep, "diagnose_sweep_command", None)
-    return fn(model, data, rec) if callable(fn) else None
+    """The ``muonft sweep …`` line beside the finetune command: the sweep that settles the recommendation's LR
+    (and method), built by `muonft_cli.sweep.diagnose_sweep_command`, which owns the sweep's options."""
+    from muonft_cli.sweep import diagnose_sweep_command
+
+    return diagnose_sweep_command(model, data, rec)
 
 
 def recommend(
