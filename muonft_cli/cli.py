@@ -339,7 +339,7 @@ def eval_(
         Console().print(evaluate.report_tables(report))
 
 
-# ------------------------------------------------------------------------------ diagnose (diagnose.py)
+# ------------------------------------------------------------------------------ diagnose (diagnose/)
 
 
 @app.command()
@@ -361,9 +361,10 @@ def diagnose(
     if exact and fast:
         _err("--exact and --fast exclude each other; pass one (default: chosen per matrix by size)")
     from muonft_cli import diagnose as diag
+    from muonft_cli.render import DiagnoseProgressBar, render_diagnose
 
     mode = "exact" if exact else "fast" if fast else "auto"
-    bar = None if quiet else diag.ProgressBar()
+    bar = None if quiet else DiagnoseProgressBar()
     try:
         report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
                       per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None)
@@ -373,7 +374,7 @@ def diagnose(
     if as_json:
         typer.echo(json.dumps(report))
     else:
-        diag.render(report)
+        render_diagnose(report)
 
 
 

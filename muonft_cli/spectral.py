@@ -1,7 +1,8 @@
 """Exact spectral metrics of weight matrices and layer-type naming: the one implementation muonft uses.
 
-Owns the metrics of paper App. F.1 (and Moonlight, seed 002), as REFERENCE.md "Spectral metrics" defines
-them, for a matrix W (m×n) with singular values σ₁ ≥ … ≥ σᵣ, r = min(m, n):
+Owns the metrics of paper App. F.1 (and of Moonlight, "Muon is Scalable for LLM Training"), as
+`docs/formulas.md` "Spectral metrics" defines them, for a matrix W (m×n) with singular values σ₁ ≥ … ≥ σᵣ,
+r = min(m, n):
 
 - stable rank       ``srank(W) = ‖W‖²_F / ‖W‖²₂ = Σσᵢ² / σ₁²``
 - SVD entropy       ``H = −Σ pᵢ log pᵢ / log r``,  ``pᵢ = σᵢ² / Σσⱼ²``   (normalised to [0, 1])
@@ -11,7 +12,7 @@ squared singular values follow the Marchenko–Pastur law), and `layer_type`, wh
 Llama/Qwen/Mistral/Gemma, GPT-2, BERT, T5, GGUF and peft LoRA checkpoints onto a small set of layer types.
 
 `muonft eval` (LoRA spectra, paper F.2) and `muonft diagnose` both use these functions; the diagnose engine adds
-streaming readers and fast (Lanczos) estimators on top in `muonft_cli/diagnose_*.py`.
+streaming readers and fast (Lanczos) estimators on top in `muonft_cli.diagnose` (`io`, `fast`).
 """
 
 from __future__ import annotations

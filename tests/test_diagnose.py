@@ -60,7 +60,9 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
 
 def test_inflight_budget_keeps_one_large_matrix_at_a_time(ckpts, monkeypatch):
     """With workers=2 but a byte budget below two matrices, matrices are analysed one at a time."""
-    import muonft_cli.diagnose as D
+    import importlib
+
+    D = importlib.import_module("muonft_cli.diagnose.analyse")  # the module (the package re-exports the function)
 
     ck = diagnose_io.open_checkpoint(ckpts["adam"])
     monkeypatch.setattr(D, "INFLIGHT_BYTES", min(4 * s.shape[0] * s.shape[1] for s in ck.matrices))
@@ -153,6 +155,49 @@ def test_adapter_spectra_and_merged(tmp_path):
     assert rep2["base"] == str(tmp_path / "base")
 
 
+def test_dora_adapter_merged_as_peft_merges_it(tmp_path):
+    """Bug: a DoRA adapter's merged matrices were W₀ + s·B·A, ignoring `use_dora` and the magnitude vector. They
+    must be what peft's `merge_and_unload` produces: m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖ (per output row)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                            target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.3, 3.0))  # far from peft's init ‖W₀‖ (rows rescaled)
+    model.save_pretrained(tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"] is True
+    peft_merged = {n: p.detach().clone() for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
+
+    ck = diagnose_io.open_checkpoint(tmp_path / "ad", tmp_path / "base")
+    merged = {s.name[: -len(".merged")]: s for s in ck.matrices if s.role == "merged"}
+    assert len(merged) == 3
+    rep = diagnose(tmp_path / "ad", base=tmp_path / "base", mode="exact", per_matrix=True)
+    by_name = {m["name"]: m for m in rep["matrices"] if m["role"] == "merged"}
+    for module, spec in merged.items():
+        ref = peft_merged[module[len("base_model.model."):] + ".weight"]  # (out, in)
+        torch.testing.assert_close(spec.read(), ref, rtol=1e-5, atol=1e-6)
+        r = by_name[module + ".merged"]
+        sv = torch.linalg.svdvals(ref.double())
+        assert r["stable_rank"] == pytest.approx(float((sv ** 2).sum() / sv[0] ** 2), rel=1e-6)
+        assert r["spectral_norm"] == pytest.approx(float(sv[0]), rel=1e-6)
+        # and it is not the plain-LoRA merge the old code analysed
+        mod = model.get_submodule(module)
+        plain = mod.base_layer.weight.detach() + mod.get_delta_weight("default").detach()
+        assert not torch.allclose(ref, plain, rtol=1e-3, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------- fast vs exact
 
 
@@ -222,9 +267,58 @@ def test_provenance_is_separate_from_the_spectral_guess(tmp_path):
     d = H.write_llama(tmp_path / "p", "adam", label="muon")  # the file claims muon; the spectra say adam
     rep = diagnose(d, mode="exact")
     assert rep["optimizer_guess"] == "adam"
-    assert rep["provenance"] == {"optimizer": "muon", "family": "muon", "source": "muonft.json"}
+    assert rep["provenance"] == {"optimizer": "muon", "family": "muon", "source": "muonft.json",
+                                 "finetune_optimizer": None}
     assert any("DISAGREES" in e for e in rep["evidence"])
     assert rep["recommendation"]["method"] == "full"  # muon-pretrained (ground truth) + muon target
+
+
+def test_full_finetune_reports_the_pretraining_optimizer(tmp_path):
+    """Bug: a full fine-tune's muonft.json made diagnose report the *fine-tuning* optimizer as the pretraining
+    one. Pretrain with AdamW, fully fine-tune with Muon (the real CLI): diagnose says pretrained with adamw, and
+    fine-tuned with muon; an older muonft.json without the new fields still reads, via the base's own file."""
+    from _helpers_train import FAST, tiny_model_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    r = runner.invoke(app, [str(a) for a in (
+        "pretrain", "--model-config", tiny_model_config(tmp_path / "mcfg.json"), "--vocab-size", 300, "--data",
+        corpus, "--optim", "adamw", "--lr", "3e-3", "--steps", 2, "--out", pre, "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [str(a) for a in (
+        "finetune", "--model", pre / "final", "--data", corpus, "--optim", "muon", "--lr", "1e-2", "--steps", 2,
+        "--out", ft, "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    mj = json.loads((ft / "final" / "muonft.json").read_text())
+    assert mj["optimizer"] == "muon" and mj["mode"] == "finetune"  # the old fields stay
+    assert mj["pretrain_optimizer"] == "adamw" and mj["finetune_optimizer"] == "muon"
+    assert json.loads((pre / "final" / "muonft.json").read_text())["pretrain_optimizer"] == "adamw"
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"] == {"optimizer": "adamw", "family": "adam", "source": "muonft.json",
+                                 "finetune_optimizer": "muon"}
+    assert rep["recommendation"]["pretrain_optimizer"] == "adam"  # → mismatch with the muon target: LoRA
+    assert rep["recommendation"]["method"] == "lora"
+    res = runner.invoke(app, ["diagnose", str(ft / "final"), "--quiet", "--exact"])
+    assert res.exit_code == 0, res.output
+    assert "pretrained with adamw" in res.stdout and "fine-tuned with muon" in res.stdout
+    # a muonft.json written before these fields: the base's muonft.json says how it was pretrained
+    for k in ("pretrain_optimizer", "finetune_optimizer"):
+        del mj[k]
+    (ft / "final" / "muonft.json").write_text(json.dumps(mj))
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"]["optimizer"] == "adamw" and rep["provenance"]["finetune_optimizer"] == "muon"
+    # ... and with no base to ask, the pretraining optimizer is unknown, never the fine-tuning one
+    mj["base_model"] = str(tmp_path / "gone")
+    (ft / "final" / "muonft.json").write_text(json.dumps(mj))
+    rep = diagnose(ft / "final", mode="exact")
+    assert rep["provenance"]["optimizer"] is None and rep["provenance"]["finetune_optimizer"] == "muon"
+
+
+def test_provenance_families_are_the_shared_ones():
+    """One family function (`_common.optimizer_family`): Lion and Adafactor are Adam-like, SGD is neither."""
+    fam = {o: V.read_provenance({"training_args": {"optim": o}}, "x")["family"]
+           for o in ("adamw_torch", "lion_32bit", "adafactor", "sgd", "adamuon")}
+    assert fam == {"adamw_torch": "adam", "lion_32bit": "adam", "adafactor": "adam", "sgd": None, "adamuon": "muon"}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -333,7 +427,7 @@ def test_render_prints_commands_verbatim():
     """Rich must not eat `[lora]`-style text as markup: the printed commands are copy-paste ready."""
     from rich.console import Console
 
-    from muonft_cli.diagnose import render
+    from muonft_cli.render import render_diagnose as render
 
     rec = {"target_optim": "muon", "method": "lora", "lora_rank": [8, 32], "lr": {"min": 2e-3, "max": 8e-3},
            "reasons": ["keep lora_A[0] moderate"],

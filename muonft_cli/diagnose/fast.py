@@ -1,7 +1,7 @@
 """Fast estimates of stable rank and SVD entropy, with error bounds, for `muonft diagnose --fast`.
 
 For W (m×n), r = min(m, n), let A be the smaller Gram matrix (WᵀW or WWᵀ, r×r), scaled so its mean eigenvalue
-is 1: x = r·σ²/‖W‖²_F, Σx = r. Then (REFERENCE.md "Spectral metrics", paper App. F.1)
+is 1: x = r·σ²/‖W‖²_F, Σx = r. Then (`docs/formulas.md` "Spectral metrics", paper App. F.1)
 
     stable rank = r / x₁,        SVD entropy = 1 − Σ f(xᵢ) / (r log r),   f(x) = x log x,
 

@@ -11,7 +11,9 @@ the largest matrix (plus its work buffers) however big the model is:
   only the header pages are touched); each tensor's bytes are ``pread`` and dequantised with
   ``gguf.quants.dequantize``.
 - peft adapter dirs: ``lora_A``/``lora_B`` pairs become three matrices each (A, B, and the delta
-  ``scale·B·A``), and with a base checkpoint the merged weight ``W₀ + scale·B·A`` as well.
+  ``scale·B·A``), and with a base checkpoint the merged weight as well: the matrix peft's ``merge_and_unload``
+  produces, ``W₀ + scale·B·A`` for LoRA, ``m ⊙ (W₀ + scale·B·A) / ‖W₀ + scale·B·A‖`` per output row for DoRA
+  (``use_dora``, with its magnitude vector m).
 
 Every problem with the input is raised as `UserInputError` before any matrix is read.
 """
@@ -302,6 +304,19 @@ def _lora_scale(cfg: dict, module: str) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+def _dora_merge(W0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """The weight peft's ``merge_and_unload`` writes for a DoRA layer: W' = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖.
+
+    Shapes: ``W0``, ``delta`` (out, in) (``delta`` already scaled), ``magnitude`` (out,). The norm is peft's
+    ``DoraLinearLayer.get_weight_norm``: the L2 norm of each output row of W₀ + s·B·A (over the input dimension,
+    one per output feature, what peft and the DoRA paper call "column-wise" for the (in, out) convention), taken
+    of the *unmerged* base weight and treated as a constant (detached; no gradients flow here anyway).
+    """
+    V = W0 + delta  # (out, in)
+    norm = torch.linalg.norm(V, dim=1)  # (out,)
+    return (magnitude / norm).view(-1, 1) * V
+
+
 def _base_key(module: str) -> str:
     """peft module path → base checkpoint parameter name: strip ``base_model.model.`` and add ``.weight``."""
     m = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
@@ -321,11 +336,16 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
                    "re-save it with safe_serialization=True")
     entries = {e.name: e for e in _read_st_header(st)}
     pairs: dict[str, dict[str, _StEntry]] = {}
+    magnitudes: dict[str, _StEntry] = {}  # DoRA: module → its magnitude vector m, shape (out,)
     for name, e in entries.items():
         part = lora_part(name)
         if part in ("A", "B") and len(e.shape) == 2:
             module = name.split(".lora_")[0]
             pairs.setdefault(module, {})[part] = e
+        elif ".lora_magnitude_vector" in name and len(e.shape) == 1 and _float_matrix(e.dtype):
+            magnitudes[name.split(".lora_magnitude_vector")[0]] = e
+    use_dora = bool(cfg.get("use_dora"))
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))  # base weights stored (in, out), as GPT-2's Conv1D
     base_map: dict[str, MatrixSpec] = {}
     if base is not None:
         base_map = {s.name: s for s in base.matrices}
@@ -346,12 +366,25 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
         specs.append(MatrixSpec(module + ".lora_delta", lt, shape, delta, 4 * shape[0] * shape[1], role="lora_delta"))
         if base is not None:
             bspec = base_map.get(_base_key(module))
-            if bspec is None or tuple(bspec.shape) != shape:
-                raise _bad(f"--base {base.path}: it has no matrix {_base_key(module)} of shape {list(shape)} "
+            stored = shape[::-1] if fan_in_fan_out else shape
+            if bspec is None or tuple(bspec.shape) != stored:
+                raise _bad(f"--base {base.path}: it has no matrix {_base_key(module)} of shape {list(stored)} "
                            f"for adapter module {module}; pass the model the adapter was trained on")
 
-            def merged(bspec=bspec, delta=delta) -> torch.Tensor:
-                return bspec.load() + delta()
+            def base_w(bspec=bspec) -> torch.Tensor:  # (out, in), the layout B·A has
+                return bspec.load().T.contiguous() if fan_in_fan_out else bspec.load()
+
+            if use_dora:
+                mag = magnitudes.get(module)
+                if mag is None or mag.shape != (shape[0],):
+                    raise _bad(f"{path}: DoRA adapter (use_dora) without a magnitude vector of shape [{shape[0]}] "
+                               f"for module {module}; re-save the adapter with peft")
+
+                def merged(base_w=base_w, delta=delta, mag=mag) -> torch.Tensor:
+                    return _dora_merge(base_w(), delta(), _load_st(mag))
+            else:
+                def merged(base_w=base_w, delta=delta) -> torch.Tensor:
+                    return base_w() + delta()
 
             specs.append(MatrixSpec(module + ".merged", lt, shape, merged, bspec.nbytes, role="merged"))
     if not specs:
@@ -365,7 +398,11 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
 
 
 def _dir_provenance(path: Path) -> dict:
-    """muonft.json, trainer_state.json / training_args, config.json basics, if present (informative only)."""
+    """muonft.json, trainer_state.json / training_args, config.json basics, if present (informative only).
+
+    For an older fine-tuned muonft.json without ``pretrain_optimizer``, also its local base's muonft.json (under
+    ``"base muonft.json"``), where the pretraining optimizer may be recorded.
+    """
     prov: dict = {}
     for name in ("muonft.json", "trainer_state.json", "config.json", "adapter_config.json"):
         for cand in (path / name, path.parent / name):
@@ -382,6 +419,15 @@ def _dir_provenance(path: Path) -> dict:
     if "trainer_state.json" in prov and isinstance(prov["trainer_state.json"], dict):
         ts = prov["trainer_state.json"]
         prov["trainer_state.json"] = {k: ts.get(k) for k in ("global_step", "max_steps", "num_train_epochs")}
+    mj = prov.get("muonft.json")
+    if isinstance(mj, dict) and mj.get("mode") == "finetune" and "pretrain_optimizer" not in mj:
+        # written before muonft recorded the base's pretraining optimizer: look in the base's own muonft.json
+        base = Path(str(mj.get("base_model") or "")).expanduser()
+        if mj.get("base_model") and base.is_absolute() and (base / "muonft.json").is_file():
+            try:
+                prov["base muonft.json"] = json.loads((base / "muonft.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                pass
     ta = path / "training_args.json"
     if ta.is_file():
         try:
@@ -401,7 +447,8 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
     Args:
         path: an HF model dir (single or sharded safetensors), a ``.safetensors`` file, a peft adapter dir
             (``adapter_config.json``), or a ``.gguf`` file.
-        base: for an adapter, the base model (any of the above) to also analyse merged weights ``W₀ + s·B·A``.
+        base: for an adapter, the base model (any of the above) to also analyse the merged weights
+            (as peft's ``merge_and_unload`` makes them: ``W₀ + s·B·A``, or DoRA's rescaled form).
 
     Raises:
         UserInputError: missing path, not a checkpoint, corrupt or truncated file, no 2-D matrices.

@@ -1,10 +1,11 @@
 """The verdict and recommendation of `muonft diagnose`: which optimizer pretrained this checkpoint, and how to
 fine-tune it.
 
-Spectral guess (paper §3 Fig. 2/10/11, App. F.1; Moonlight seed 002: Muon-trained matrices keep higher stable
-rank and SVD entropy than Adam-trained ones). A raw threshold would confuse shapes, sizes and training
-lengths, and "high" alone also describes a random matrix, so every feature is *relative to the random
-(Marchenko–Pastur) baseline of the same shape* (`muonft_cli.spectral.random_baseline`):
+Spectral guess (paper §3 Fig. 2/10/11, App. F.1; Moonlight, "Muon is Scalable for LLM Training": Muon-trained
+matrices keep higher stable rank and SVD entropy than Adam-trained ones; definitions in `docs/formulas.md`).
+A raw threshold would confuse shapes, sizes and training lengths, and "high" alone also describes a random
+matrix, so every feature is *relative to the random (Marchenko–Pastur) baseline of the same shape*
+(`muonft_cli.spectral.random_baseline`):
 
 - ``sr``  = log(stable rank / random stable rank)                  (0 for a random matrix, < 0 when spiky)
 - ``ent`` = log(D / D_random), D = (1 − H)·log r the entropy deficit in nats (0 random, > 0 concentrated,
@@ -17,16 +18,17 @@ stored in `calibration.json` (with how they were produced and the leave-one-out 
 
 Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
 ``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When fewer than
-``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on stable rank and entropy
-alone.
+``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on
+stable rank and entropy alone.
 
 Provenance (``muonft.json``, a Trainer's ``trainer_state.json``/``training_args.json``, known model families)
-is reported separately; the recommendation follows provenance when it is known, else the spectral guess.
+is reported separately; for a fine-tuned checkpoint it is the *pretraining* optimizer of its base (and, apart,
+the fine-tuning one). The recommendation follows provenance when it is known, else the spectral guess.
 
-Recommendation (paper §5 and REFERENCE.md "Learning rates the paper selected"): matched pretrain/fine-tune
-optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks re-introduce the
-mismatch, §4.4), with learning-rate ranges interpolated in log-space between the paper's T5-base (220 M) and
-Llama-2-7B anchors by parameter count.
+Recommendation (paper §5, and the learning rates the paper selected for T5-base and Llama-2-7B): matched
+pretrain/fine-tune optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks
+re-introduce the mismatch, §4.4), with learning-rate ranges interpolated in log-space between the paper's
+T5-base (220 M) and Llama-2-7B anchors by parameter count.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 
 import torch
 
+from muonft_cli._common import OPTIMIZER_NAMES, optimizer_family
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import HIDDEN_TYPES
 
@@ -49,7 +52,7 @@ __all__ = [
 ]
 
 FEATURES = ("sr", "ent")
-TARGET_OPTIMS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+TARGET_OPTIMS = OPTIMIZER_NAMES
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 _ROLES_FOR_VERDICT = ("weight", "merged")
 
@@ -58,18 +61,6 @@ def check_target(name: str) -> None:
     """Raise `UserInputError` unless ``name`` is an optimizer muonft can fine-tune with."""
     if name not in TARGET_OPTIMS:
         raise UserInputError(f"--target-optim {name!r} is not one of {', '.join(TARGET_OPTIMS)}")
-
-
-def _family(optim: str | None) -> str | None:
-    """adam | muon | None for an optimizer name (adamw/adam/adafactor… → adam; muon variants → muon)."""
-    if not optim:
-        return None
-    o = str(optim).lower()
-    if "muon" in o:  # muon, muon-pe, adamuon, normuon, moonlight's muon
-        return "muon"
-    if "adam" in o or "lamb" in o or "lion" in o or "adafactor" in o or "sgd" in o:
-        return "adam" if ("adam" in o or "lamb" in o) else None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -227,29 +218,58 @@ _KNOWN_FAMILIES = [
 ]
 
 
+def _muonft_pretrain_optimizer(mj: dict[str, Any], base_mj: Any) -> str | None:
+    """The pretraining optimizer a fine-tuned checkpoint's muonft.json records (``pretrain_optimizer``), else
+    the one its base's muonft.json records (older files), else None (unknown)."""
+    if mj.get("pretrain_optimizer"):
+        return str(mj["pretrain_optimizer"])
+    if "pretrain_optimizer" not in mj and isinstance(base_mj, dict):
+        if base_mj.get("pretrain_optimizer"):
+            return str(base_mj["pretrain_optimizer"])
+        if base_mj.get("mode") == "pretrain" and base_mj.get("optimizer"):
+            return str(base_mj["optimizer"])
+    return None
+
+
 def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, Any]:
     """Ground truth about the pretraining optimizer, if the checkpoint carries any.
 
+    A muonft.json of a fine-tune records how it was fine-tuned (``finetune_optimizer``, or ``optimizer`` in
+    older files) apart from how its base was pretrained (``pretrain_optimizer``; missing or None = unknown, then
+    the base's own muonft.json, then the other sources are asked). Only the pretraining one is the verdict's.
+
     Returns:
-        ``{"optimizer", "family", "source", "evidence": [...]}``; ``optimizer``/``family`` are None if unknown.
+        ``{"optimizer", "family", "source", "finetune_optimizer", "evidence": [...]}``; ``optimizer`` / ``family``
+        (the pretraining optimizer) and ``finetune_optimizer`` are None if unknown.
     """
     ev: list[str] = []
+    names: list[str] = [Path(path).name]
+    finetuned: str | None = None
     mj = provenance_files.get("muonft.json")
-    if isinstance(mj, dict) and mj.get("optimizer"):
+    if isinstance(mj, dict) and (mj.get("optimizer") or mj.get("pretrain_optimizer")):
         mode = mj.get("mode", "run")
-        if mode == "finetune" and mj.get("base_model"):
-            ev.append(f"muonft.json: fine-tuned from {mj['base_model']} with {mj['optimizer']}")
+        if mode == "finetune":
+            finetuned = mj.get("finetune_optimizer") or mj.get("optimizer")
+            how = "LoRA" if mj.get("lora") else "full fine-tuning"
+            ev.append(f"muonft.json: fine-tuned from {mj.get('base_model')} with {finetuned} ({how})")
+            names.append(str(mj.get("base_model") or ""))
+            pre = _muonft_pretrain_optimizer(mj, provenance_files.get("base muonft.json"))
+            if pre:
+                src = "muonft.json" if mj.get("pretrain_optimizer") else "base's muonft.json"
+                ev.append(f"{src}: the base was pretrained with {pre}")
+                return {"optimizer": pre, "family": optimizer_family(pre), "source": "muonft.json",
+                        "finetune_optimizer": finetuned, "evidence": ev}
+            ev.append("muonft.json: the base's pretraining optimizer is not recorded")
         else:
-            ev.append(f"muonft.json: {mode} with {mj['optimizer']}, lr {mj.get('lr')}, {mj.get('steps')} steps")
-        if mode != "finetune" or not mj.get("lora"):
-            return {"optimizer": mj["optimizer"], "family": _family(mj["optimizer"]), "source": "muonft.json",
-                    "evidence": ev}
+            opt = mj.get("pretrain_optimizer") or mj["optimizer"]
+            ev.append(f"muonft.json: {mode} with {opt}, lr {mj.get('lr')}, {mj.get('steps')} steps")
+            return {"optimizer": opt, "family": optimizer_family(opt), "source": "muonft.json",
+                    "finetune_optimizer": None, "evidence": ev}
     ta = provenance_files.get("training_args")
     if isinstance(ta, dict) and ta.get("optim"):
         ev.append(f"training_args.json: optim={ta['optim']}")
-        return {"optimizer": ta["optim"], "family": _family(ta["optim"]), "source": "training_args.json",
-                "evidence": ev}
-    names: list[str] = [Path(path).name]
+        return {"optimizer": ta["optim"], "family": optimizer_family(ta["optim"]), "source": "training_args.json",
+                "finetune_optimizer": finetuned, "evidence": ev}
     cfg = provenance_files.get("config.json") or {}
     # names only: an architecture (model_type "llama") says nothing about who trained the weights, or how
     names.append(str(cfg.get("_name_or_path") or ""))
@@ -262,16 +282,16 @@ def read_provenance(provenance_files: dict[str, Any], path: str) -> dict[str, An
         if key in hay:
             ev.append(f"known family: {why}")
             return {"optimizer": "adamw" if fam == "adam" else "muon", "family": fam, "source": "known family",
-                    "evidence": ev}
+                    "finetune_optimizer": finetuned, "evidence": ev}
     if isinstance(provenance_files.get("trainer_state.json"), dict):
         ev.append("trainer_state.json present (a transformers Trainer run, AdamW unless training_args says "
                   "otherwise) — not used as ground truth")
-    return {"optimizer": None, "family": None, "source": None, "evidence": ev}
+    return {"optimizer": None, "family": None, "source": None, "finetune_optimizer": finetuned, "evidence": ev}
 
 
 # ------------------------------------------------------------------------------------------ recommendation
 
-# Learning-rate anchors from the paper's selected LRs (REFERENCE.md "Learning rates the paper selected"):
+# Learning-rate anchors from the learning rates the paper selected for its T5-base and Llama-2-7B runs:
 # (method, optimizer family) → {params: (lo, hi)}. T5-base ≈ 220 M parameters, Llama-2-7B ≈ 6.7 B.
 _LR_ANCHORS: dict[tuple[str, str], dict[float, tuple[float, float]]] = {
     ("full", "adam"): {2.2e8: (5e-5, 1e-4), 6.7e9: (8e-6, 1e-5)},
@@ -307,14 +327,11 @@ def _lr_grid(lo: float, hi: float, n: int = 4) -> list[float]:
 
 
 def _sweep_command(model: str, data: str, rec: dict[str, Any]) -> str | None:
-    """The ``muonft sweep …`` line beside the finetune command, built by the sweep module when it provides
-    ``muonft_cli.sweep.diagnose_sweep_command(model, data, recommendation) -> str``; None until then."""
-    try:
-        from muonft_cli import sweep
-    except Exception:  # noqa: BLE001 - the sweep module is optional for diagnose
-        return None
-    fn = getattr(sweep, "diagnose_sweep_command", None)
-    return fn(model, data, rec) if callable(fn) else None
+    """The ``muonft sweep …`` line beside the finetune command: the sweep that settles the recommendation's LR
+    (and method), built by `muonft_cli.sweep.diagnose_sweep_command`, which owns the sweep's options."""
+    from muonft_cli.sweep import diagnose_sweep_command
+
+    return diagnose_sweep_command(model, data, rec)
 
 
 def recommend(
@@ -420,6 +437,10 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         prov_files = dict(ck.base.provenance) | {"adapter_config.json": ck.provenance.get("adapter_config.json")}
         verdict_on = ck.base.path
     prov = read_provenance(prov_files, verdict_on)
+    if ck.kind == "adapter" and prov["finetune_optimizer"] is None:
+        amj = ck.provenance.get("muonft.json")  # the adapter's own: how it was fine-tuned
+        if isinstance(amj, dict) and amj.get("mode") == "finetune":
+            prov["finetune_optimizer"] = amj.get("finetune_optimizer") or amj.get("optimizer")
     for line in prov["evidence"]:
         evidence.append(f"provenance: {line}")
     if prov["family"] and spectral["optimizer_guess"] != "unknown":
@@ -457,7 +478,7 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         "p_muon": spectral["p_muon"],
         "evidence": evidence,
         "features": {k: spectral["features"].get(k) for k in ("sr", "ent", "moved", "n_hidden")},
-        "provenance": {k: prov[k] for k in ("optimizer", "family", "source")},
+        "provenance": {k: prov[k] for k in ("optimizer", "family", "source", "finetune_optimizer")},
         "layer_types": _layer_table(records, spectral["layer_leans"]),
         "skipped": list(ck.skipped),
         "recommendation": rec,

@@ -766,7 +766,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
       `out_dir/merged/`, the full merged model (built on a copy; the training model is untouched).
     - any other model → a full HF directory (safetensors) that loads with `AutoModelForCausalLM.from_pretrained`.
     Beside it: the tokenizer, `generation_config.json`, and `muonft.json` = `provenance` + muonft version +
-    `model_provenance(model)` facts (base model, architecture, parameter counts, LoRA settings) + format.
+    `model_provenance(model)` facts (base model, architecture, parameter counts, LoRA settings) + format +
+    `pretrain_optimizer` (for a fine-tune: from the base's own muonft.json; None when unknown) and, for a
+    fine-tune, `finetune_optimizer`.
 
     Args:
         model: the (unwrapped or DDP-wrapped) model.
@@ -793,6 +795,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
     if info.get("base_model") is None:
         info["base_model"] = facts["base_model"]
     info["muonft_version"] = __version__
+    # which optimizer pretrained the weights (as far as known) and which fine-tuned them: `optimizer` is this
+    # run's. Older muonft.json files lack these fields; a missing or None one means unknown.
+    if info.get("mode") == "pretrain":
+        info.setdefault("pretrain_optimizer", info.get("optimizer"))
+    elif info.get("mode") == "finetune":
+        info.setdefault("finetune_optimizer", info.get("optimizer"))
+        info.setdefault("pretrain_optimizer", _base_pretrain_optimizer(model_source(model)))
     try:
         if isinstance(model, PeftModel):
             lora = dict(getattr(model, "_muonft_lora", {}) or {})
@@ -837,6 +846,16 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _base_pretrain_optimizer(src: ModelSource | None) -> str | None:
+    """The pretraining optimizer recorded in a local base model's own `muonft.json`, or None when unknown."""
+    if src is None or src.kind not in ("dir", "safetensors"):
+        return None
+    info = read_provenance(Path(src.path) if src.kind == "dir" else Path(src.path).parent) or {}
+    if "pretrain_optimizer" in info:
+        return info["pretrain_optimizer"]
+    return info.get("optimizer") if info.get("mode") == "pretrain" else None
 
 
 def read_provenance(model_dir: str | Path) -> dict | None:
