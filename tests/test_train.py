@@ -86,6 +86,24 @@ def test_token_nll_sum_matches_hf_mean_loss():
     assert float(mine) == pytest.approx(float(out.loss), rel=1e-6)
 
 
+def test_rich_sink_shows_progress_validation_and_notices():
+    import io
+
+    from muonft_cli.render import RichSink
+
+    buf = io.StringIO()
+    sink = RichSink(stream=buf)
+    sink.on_message("resuming [run] at step 2")
+    sink.on_start({"mode": "finetune", "optim": "muon", "start_step": 2, "total_steps": 4})
+    sink.on_step({"step": 3, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0, "val_loss": None})
+    sink.on_step({"step": 4, "loss": 1.25, "lr": 5e-4, "tokens_per_s": 100.0, "val_loss": 1.0,
+                  "val_ppl": math.e})
+    sink.on_end({})
+    text = buf.getvalue()
+    assert "resuming [run] at step 2" in text  # not read as rich markup
+    assert "step 4: val loss 1.0000  ppl 2.72" in text and "4/4" in text
+
+
 # --------------------------------------------------------------------------------------------- the loop
 
 
@@ -142,6 +160,10 @@ def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
     assert {p.name for p in (cut / "checkpoints" / "step-000004").iterdir()} >= {
         "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
     assert not (cut / "final").exists()
+    saved = json.loads((cut / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert list(saved) == ["step", "position", "tokens", "best_val_loss", "best_step", "last_val", "recent_losses",
+                           "world_size", "data_seed", "n_train", "total_steps", "muonft_version"]  # old runs resume
+    assert saved["step"] == 4 and saved["position"] == 16 and len(saved["recent_losses"]) == 4
     summary = train.run(make_cfg(cut, assets["corpus"], **kw, **flags), mode, resume=True)
     assert summary["steps"] == 8
     a, b = read_metrics(full), read_metrics(cut)
