@@ -76,7 +76,7 @@ def _err(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-# ------------------------------------------------------------------ pretrain / finetune (engine: train.py)
+# ------------------------------------------------------------ pretrain / finetune (engine: muonft_cli.train)
 
 _PRETRAIN_BASE = {"optimizer": {"lr": 1e-3}}
 
@@ -106,7 +106,8 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     cfg = _run(cfgmod.resolve, config, flags, overrides, base)
 
     from muonft_cli import train
-    from muonft_cli.train.sink import NullSink, RichSink
+    from muonft_cli.render import RichSink
+    from muonft_cli.train.sink import NullSink
 
     sink = NullSink() if quiet else RichSink()
     summary = _run(train.run, cfg, mode, sink=sink, resume=resume)
@@ -334,9 +335,9 @@ def eval_(
     if as_json:
         typer.echo(json.dumps(report, default=str))
     else:
-        from rich.console import Console
+        from muonft_cli import render
 
-        Console().print(evaluate.report_tables(report))
+        render.print_eval(report)
 
 
 # ------------------------------------------------------------------------------ diagnose (diagnose/)

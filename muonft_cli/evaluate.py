@@ -8,7 +8,7 @@ Owns
   on a reference dataset (model vs `--base`), weight distance from the base (paper Table 17: L2 ‖W − W₀‖ and
   cosine distance 1 − cos(W, W₀) per matrix and in total; on merged weights for an adapter), and LoRA spectra
   (paper App. F.2: stable rank and SVD entropy of each A, B and B·A, averaged per layer type; the metrics come
-  from `muonft_cli.spectral`, the one implementation of REFERENCE.md's definitions).
+  from `muonft_cli.spectral`, the one implementation of the definitions in `docs/formulas.md`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from muonft_cli.models.device import autocast
+from muonft_cli.train.batching import collate, n_targets, token_nll_sum
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -41,7 +41,8 @@ def evaluate_loss(
     """Token-weighted mean next-token NLL of `model` on `dataset`.
 
     The loss is Σ_tokens −log p(label_t | x_<t) / N over every target token (label != -100 after shifting
-    labels one position left, as HF causal LMs do internally), so it is identical for any `batch_size`.
+    labels one position left, as HF causal LMs do internally), so it is identical for any `batch_size`. The
+    per-batch sums come from `muonft_cli.train.batching.token_nll_sum`, the loss training minimises.
     Runs under `torch.no_grad()` in eval mode; the model's previous train/eval mode is restored.
 
     Args:
@@ -68,27 +69,12 @@ def evaluate_loss(
         for b, start in enumerate(range(0, n, batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
-            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
-            input_ids = torch.stack([it["input_ids"] for it in items]).to(device)  # [B, T]
-            labels = torch.stack([it["labels"] for it in items]).to(device)  # [B, T]
-            kwargs = {}
-            if "attention_mask" in items[0]:
-                kwargs["attention_mask"] = torch.stack([it["attention_mask"] for it in items]).to(device)
-            if autocast_dtype is not None and device.type != "cpu":
-                with torch.autocast(device.type, dtype=autocast_dtype):
-                    logits = model(input_ids=input_ids, **kwargs).logits  # [B, T, V]
-            else:
-                logits = model(input_ids=input_ids, **kwargs).logits  # [B, T, V]
-            shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
-            shift_labels = labels[:, 1:]  # [B, T-1]
-            nll = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total_nll += nll.double()
-            total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+            batch = collate(dataset, list(range(start, min(start + batch_size, n))))  # each [B, T]
+            kwargs = {"attention_mask": batch["attention_mask"].to(device)} if "attention_mask" in batch else {}
+            with autocast(device, autocast_dtype):
+                logits = model(input_ids=batch["input_ids"].to(device), **kwargs).logits  # [B, T, V]
+            total_nll += token_nll_sum(logits, batch["labels"]).double()
+            total_tokens += n_targets(batch["labels"])
     finally:
         model.train(was_training)
     if total_tokens == 0:
@@ -185,7 +171,7 @@ def _ba_singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 def lora_spectra(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, Any] | None:
     """Stable rank and SVD entropy of every LoRA A, B and B·A, averaged per layer type (paper App. F.2).
 
-    Uses `spectral.stable_rank` / `spectral.svd_entropy` (REFERENCE.md definitions). B·A has rank ≤ r, so its
+    Uses `spectral.stable_rank` / `spectral.svd_entropy` (definitions in `docs/formulas.md`). B·A has rank ≤ r, so its
     entropy is normalised by log r (the rank it can reach), A's and B's by log min(shape) = log r as well.
     Returns None for a model without LoRA layers.
     """
@@ -334,49 +320,3 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         else:
             report["distance"] = weight_distance(_matrices(model), _matrices(base_model))
     return report
-
-
-def report_tables(report: dict[str, Any]):
-    """The `muonft eval` report as rich renderables (a Group of tables) for the terminal."""
-    from rich.console import Group
-    from rich.table import Table
-
-    parts: list = []
-    ppl = Table(title=f"Perplexity of {report['model']}", show_lines=False)
-    for col in ("set", "split", "tokens", "model loss", "model ppl", "base ppl", "Δ ppl", "ratio"):
-        ppl.add_column(col, justify="left" if col in ("set", "split") else "right")
-    for key, label in (("data", "data"), ("forgetting", "reference")):
-        r = report.get(key)
-        if not r:
-            continue
-        b = r.get("base")
-        ppl.caption = ((ppl.caption + "\n") if ppl.caption else "") + f"{label}: {r['source']}"
-        ppl.add_row(label, r["split"], f"{r['model']['tokens']:,}", f"{r['model']['loss']:.4f}",
-                    f"{r['model']['ppl']:.3f}", f"{b['ppl']:.3f}" if b else "-",
-                    f"{r['ppl_change']:+.3f}" if b else "-", f"{r['ppl_ratio']:.4f}" if b else "-")
-    if ppl.row_count:
-        parts.append(ppl)
-    dist = report.get("distance")
-    if dist:
-        t = Table(title=f"Weight distance from base ({report['base']}) — paper Table 17")
-        for col in ("layer type", "matrices", "L2 ‖W−W₀‖", "rel L2", "cosine dist 1−cos"):
-            t.add_column(col, justify="left" if col == "layer type" else "right")
-        for name, agg in [*dist["by_type"].items(), ("hidden (all block matrices)", dist["hidden"]),
-                          ("total", dist["total"])]:
-            if agg:
-                t.add_row(name, str(agg["matrices"]), f"{agg['l2']:.4g}", f"{agg['rel_l2']:.4g}",
-                          f"{agg['cosine']:.4g}")
-        parts.append(t)
-    spec = report.get("lora_spectra")
-    if spec:
-        t = Table(title=f"LoRA spectra (rank {spec['rank']}) — paper App. F.2")
-        t.add_column("layer type")
-        t.add_column("n", justify="right")
-        for part in ("A", "B", "BA"):
-            t.add_column(f"{part} srank", justify="right")
-            t.add_column(f"{part} entropy", justify="right")
-        for name, agg in [*spec["by_type"].items(), ("all", spec["all"])]:
-            t.add_row(name, str(agg["n"]), *[f"{agg[p][m]:.3f}" for p in ("A", "B", "BA")
-                                              for m in ("stable_rank", "svd_entropy")])
-        parts.append(t)
-    return Group(*parts)

@@ -7,11 +7,114 @@ therefore gets no console output they did not ask for. Talk goes to stderr; data
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 # ------------------------------------------------------------------------------------ training (sinks)
 
+
+class RichSink:
+    """The training progress bar on stderr (a `muonft_cli.train.sink.Sink`): step, loss, lr, tok/s and ETA;
+    evaluations and notices as printed lines."""
+
+    def __init__(self, stream: Any = None) -> None:
+        from rich.console import Console
+
+        self.console = Console(file=stream or sys.stderr, stderr=stream is None)
+        self.progress: Any = None
+        self.task: Any = None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{info.get('mode', 'train')}[/] {info.get('optim', '')}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
+                                           stats="")
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+        if record.get("val_loss") is not None:
+            ppl = record.get("val_ppl")
+            ppl_s = f"{ppl:.2f}" if ppl is not None and math.isfinite(ppl) else "inf"
+            self.progress.console.print(f"step {record['step']}: val loss {record['val_loss']:.4f}  ppl {ppl_s}")
+
+    def on_message(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(text, markup=False)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 # ------------------------------------------------------------------------------------------------ eval
+
+
+def eval_tables(report: dict[str, Any]):
+    """The `muonft eval` report as rich renderables (a Group of tables) for the terminal."""
+    from rich.console import Group
+    from rich.table import Table
+
+    parts: list = []
+    ppl = Table(title=f"Perplexity of {report['model']}", show_lines=False)
+    for col in ("set", "split", "tokens", "model loss", "model ppl", "base ppl", "Δ ppl", "ratio"):
+        ppl.add_column(col, justify="left" if col in ("set", "split") else "right")
+    for key, label in (("data", "data"), ("forgetting", "reference")):
+        r = report.get(key)
+        if not r:
+            continue
+        b = r.get("base")
+        ppl.caption = ((ppl.caption + "\n") if ppl.caption else "") + f"{label}: {r['source']}"
+        ppl.add_row(label, r["split"], f"{r['model']['tokens']:,}", f"{r['model']['loss']:.4f}",
+                    f"{r['model']['ppl']:.3f}", f"{b['ppl']:.3f}" if b else "-",
+                    f"{r['ppl_change']:+.3f}" if b else "-", f"{r['ppl_ratio']:.4f}" if b else "-")
+    if ppl.row_count:
+        parts.append(ppl)
+    dist = report.get("distance")
+    if dist:
+        t = Table(title=f"Weight distance from base ({report['base']}) — paper Table 17")
+        for col in ("layer type", "matrices", "L2 ‖W−W₀‖", "rel L2", "cosine dist 1−cos"):
+            t.add_column(col, justify="left" if col == "layer type" else "right")
+        for name, agg in [*dist["by_type"].items(), ("hidden (all block matrices)", dist["hidden"]),
+                          ("total", dist["total"])]:
+            if agg:
+                t.add_row(name, str(agg["matrices"]), f"{agg['l2']:.4g}", f"{agg['rel_l2']:.4g}",
+                          f"{agg['cosine']:.4g}")
+        parts.append(t)
+    spec = report.get("lora_spectra")
+    if spec:
+        t = Table(title=f"LoRA spectra (rank {spec['rank']}) — paper App. F.2")
+        t.add_column("layer type")
+        t.add_column("n", justify="right")
+        for part in ("A", "B", "BA"):
+            t.add_column(f"{part} srank", justify="right")
+            t.add_column(f"{part} entropy", justify="right")
+        for name, agg in [*spec["by_type"].items(), ("all", spec["all"])]:
+            t.add_row(name, str(agg["n"]), *[f"{agg[p][m]:.3f}" for p in ("A", "B", "BA")
+                                              for m in ("stable_rank", "svd_entropy")])
+        parts.append(t)
+    return Group(*parts)
+
+
+def print_eval(report: dict[str, Any]) -> None:
+    """Print the `muonft eval` tables (`eval_tables`) on stdout: they are the command's output."""
+    from rich.console import Console
+
+    Console().print(eval_tables(report))
+
 
 # -------------------------------------------------------------------------------------------- diagnose
 

@@ -86,6 +86,24 @@ def test_token_nll_sum_matches_hf_mean_loss():
     assert float(mine) == pytest.approx(float(out.loss), rel=1e-6)
 
 
+def test_rich_sink_shows_progress_validation_and_notices():
+    import io
+
+    from muonft_cli.render import RichSink
+
+    buf = io.StringIO()
+    sink = RichSink(stream=buf)
+    sink.on_message("resuming [run] at step 2")
+    sink.on_start({"mode": "finetune", "optim": "muon", "start_step": 2, "total_steps": 4})
+    sink.on_step({"step": 3, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0, "val_loss": None})
+    sink.on_step({"step": 4, "loss": 1.25, "lr": 5e-4, "tokens_per_s": 100.0, "val_loss": 1.0,
+                  "val_ppl": math.e})
+    sink.on_end({})
+    text = buf.getvalue()
+    assert "resuming [run] at step 2" in text  # not read as rich markup
+    assert "step 4: val loss 1.0000  ppl 2.72" in text and "4/4" in text
+
+
 # --------------------------------------------------------------------------------------------- the loop
 
 
@@ -142,6 +160,10 @@ def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
     assert {p.name for p in (cut / "checkpoints" / "step-000004").iterdir()} >= {
         "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
     assert not (cut / "final").exists()
+    saved = json.loads((cut / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert list(saved) == ["step", "position", "tokens", "best_val_loss", "best_step", "last_val", "recent_losses",
+                           "world_size", "data_seed", "n_train", "total_steps", "muonft_version"]  # old runs resume
+    assert saved["step"] == 4 and saved["position"] == 16 and len(saved["recent_losses"]) == 4
     summary = train.run(make_cfg(cut, assets["corpus"], **kw, **flags), mode, resume=True)
     assert summary["steps"] == 8
     a, b = read_metrics(full), read_metrics(cut)
@@ -162,6 +184,35 @@ def test_resume_may_extend_steps_but_not_change_config(assets, tmp_path):
         train.run(make_cfg(out, assets["corpus"], **{**kw, "optimizer.lr": 0.01}), "finetune", resume=True)
     s = train.run(make_cfg(out, assets["corpus"], **{**kw, "train.steps": 4}), "finetune", resume=True)
     assert s["steps"] == 4 and [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resume_with_more_steps_logs_the_lr_each_step_used(assets, tmp_path, monkeypatch):
+    """Bug 3: resuming with a larger --steps logged, for the first resumed step, the new schedule's lr although
+    the step ran at the old one. Each logged lr must be the lr the optimizer stepped with."""
+    from muonft_cli import optim
+
+    used: list[float] = []
+    real_build = optim.build_optimizer
+
+    def recording(*a, **k):  # records param_groups[0]["lr"] as each optimizer.step() starts
+        opt = real_build(*a, **k)
+        opt.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(optim, "build_optimizer", recording)
+    out, lr, warm = tmp_path / "run", 3e-3, 0.2
+    kw = dict(model=assets["model"], **{"train.save_every": 4, "train.eval_every": 0})
+    train.run(make_cfg(out, assets["corpus"], **kw, **{"train.steps": 4}), "finetune")
+    train.run(make_cfg(out, assets["corpus"], **kw, **{"train.steps": 8}), "finetune", resume=True)
+    logged = [r["lr"] for r in read_metrics(out)]
+    assert len(used) == len(logged) == 8
+    assert logged == pytest.approx(used, rel=1e-12, abs=0)
+    # the schedule each step ran under: the 4-step run's for steps 1-4 and for step 5 (its lr was set by that
+    # run's last scheduler.step()), the 8-step run's from step 6 on
+    old, new = train.lr_lambda(4, warm, 0.0), train.lr_lambda(8, warm, 0.0)
+    want = [lr * old(s) for s in range(5)] + [lr * new(s) for s in range(5, 8)]
+    assert logged == pytest.approx(want, rel=1e-12, abs=0)
+    assert logged[4] != pytest.approx(lr * new(4))  # the case the bug got wrong
 
 
 def test_output_dir_rules(assets, tmp_path):
@@ -187,14 +238,14 @@ def test_output_dir_rules(assets, tmp_path):
 def test_nan_loss_stops_with_last_good_checkpoint(assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
-    real = train.token_nll_sum
+    real = train.batching.token_nll_sum
 
     def poisoned(logits, labels):  # micro-batches 1..4 are steps 1-2; step 3's first micro-batch is NaN
         calls["n"] += 1
         v = real(logits, labels)
         return v * float("nan") if calls["n"] == 5 else v
 
-    monkeypatch.setattr(train, "token_nll_sum", poisoned)
+    monkeypatch.setattr(train.batching, "token_nll_sum", poisoned)
     cfg = make_cfg(out, assets["corpus"], model=assets["model"], **{"train.save_every": 2})
     with pytest.raises(TrainingDivergedError, match="step 3.*step-000002"):
         train.run(cfg, "finetune")

@@ -7,7 +7,7 @@ collectives the training loop needs (sum of a scalar, gathering picklable object
 
 Only rank 0 writes files; the others compute. The Muon work split (each rank orthogonalises its
 round-robin share of the matrices and the results are all-gathered — the plain-DDP arrangement the paper's
-§4.7 used for full fine-tuning) lives in `muonft_cli.optim`; `train.py` switches it on through the
+§4.7 used for full fine-tuning) lives in `muonft_cli.optim`; `train.build` switches it on through the
 optimizer's distributed hook.
 """
 
@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from muonft_cli.errors import UserInputError
 from muonft_cli.models.device import pick_device
 
 

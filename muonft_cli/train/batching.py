@@ -1,0 +1,81 @@
+"""Batching and the next-token loss: which samples each optimizer step sees, and how a batch is scored.
+
+Owns
+- the data order: one permutation per epoch from an explicit generator seeded by (seed, epoch), so the data
+  position (samples consumed) alone restores the stream on resume;
+- the global batch of a step (`train.batch_size` sequences, possibly spanning epochs) and its stacking;
+- the micro-batch size of a rank (gradient accumulation when the per-rank batch is larger);
+- the next-token loss, `token_nll_sum` / `n_targets`: Σ token NLL over target tokens (labels != IGNORE_INDEX
+  after the causal shift) and their count. This is the one implementation: the training loop divides the
+  sum by the target count of the whole global batch, and `muonft_cli.evaluate.evaluate_loss` by the count of
+  the whole evaluated set. It lives here, beside the batches it scores, because training is its main
+  user; `evaluate` imports these two functions (and nothing else of train), so neither engine needs the
+  other's loop and there is no import cycle (train imports `evaluate` only inside its validation call).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from muonft_cli._common import IGNORE_INDEX
+from muonft_cli.errors import UserInputError
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation from an explicit generator seeded by (seed, epoch).
+
+    Stateless by construction, so the data position (samples consumed) alone restores the data stream.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batch(position: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Sample indices of the global batch that starts at data position `position` (may span epochs)."""
+    out: list[int] = []
+    cache: dict[int, torch.Tensor] = {}
+    for p in range(position, position + batch_size):
+        epoch, i = divmod(p, n)
+        if epoch not in cache:
+            cache[epoch] = epoch_order(n, seed, epoch)
+        out.append(int(cache[epoch][i]))
+    return out
+
+
+def collate(dataset: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Stack dataset items into a batch: `input_ids`, `labels` and (when present) `attention_mask`, each [B, T]."""
+    items = [dataset[i] for i in indices]
+    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels", "attention_mask")
+            if k in items[0]}
+
+
+def micro_batch_size(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """(sequences per rank per step, sequences per forward pass); bad input if the batch does not split."""
+    if batch_size % world_size:
+        raise UserInputError(f"--batch-size {batch_size} does not split over {world_size} processes: use a "
+                             f"multiple of {world_size}")
+    local = batch_size // world_size
+    return local, min(micro_batch_size, local)
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ next-token NLL over target tokens (labels != IGNORE_INDEX after the causal shift), in fp32.
+
+    Position t's logits predict label t+1 (as HF causal LMs do internally).
+
+    Args:
+        logits: [B, T, V].
+        labels: [B, T], IGNORE_INDEX (-100) where no loss is taken; moved to the logits' device.
+    """
+    shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def n_targets(labels: torch.Tensor) -> int:
+    """Number of target tokens in labels [B, T] after the causal shift."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,164 @@
+"""Setting a run up: the checks that need nothing built, then the model, tokenizer, data and optimizer.
+
+Owns: the mode rules of `pretrain` / `finetune` (`check_inputs`), seeding, building the model (a fresh one
+from a preset or config for pretrain, with a BPE tokenizer trained on the training documents unless
+`--tokenizer` is given; a loaded one, optionally with LoRA, for finetune), the train/val splits, the
+optimizer over the trainable parameters (with its distributed Newton–Schulz split switched on under
+torchrun), and the DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from muonft_cli._common import first_line, hub_offline, set_offline
+from muonft_cli.config import RunConfig
+from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.train import distributed as dist_mod
+
+MODES = ("pretrain", "finetune")
+
+
+def check_inputs(cfg: RunConfig, mode: str) -> None:
+    """Mode-specific checks that need no model or data; raise `UserInputError` before anything is written."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not cfg.output.dir:
+        raise UserInputError("no output directory: pass --out DIR (or set output.dir in the recipe)")
+    if not cfg.data.path:
+        raise UserInputError("no training data: pass --data builtin:shakespeare, a local file/folder or a hub "
+                             "dataset name")
+    if mode == "finetune" and not cfg.model.name_or_path:
+        raise UserInputError("no model to fine-tune: pass --model PATH (a local HF dir, a .gguf file, a run's "
+                             "final/ dir) or a hub id")
+    if mode == "pretrain":
+        if cfg.model.name_or_path:
+            raise UserInputError("pretrain builds a fresh model: use --preset tiny|small or --model-config "
+                                 "config.json instead of --model (to continue training a model, use finetune)")
+        if not cfg.model.preset and not cfg.model.model_config:
+            raise UserInputError("pretrain needs a model shape: pass --preset tiny|small or --model-config "
+                                 "path/config.json")
+        if cfg.model.preset and cfg.model.model_config:
+            raise UserInputError("pass either --preset or --model-config, not both")
+        if cfg.lora.rank is not None:
+            raise UserInputError("pretrain trains all weights: drop --lora-rank (LoRA is for finetune)")
+    if cfg.lora.merge and cfg.lora.rank is None:
+        raise UserInputError("--merge only applies to LoRA runs: add --lora-rank R or drop --merge")
+    if cfg.train.steps is not None and cfg.train.epochs is not None:
+        raise UserInputError("pass either --steps or --epochs, not both")
+
+
+def set_seed(seed: int) -> int:
+    """Seed python, numpy and torch (CPU and every CUDA device); return the seed used."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+@dataclass
+class Built:
+    """The model side of a run: the model (on its device), its tokenizer and the data splits."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    splits: Any
+
+    @property
+    def n_train(self) -> int:
+        return len(self.splits.train)
+
+
+def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, device: torch.device) -> Built:
+    """Seed, then build the model and tokenizer for `mode` and the train/val splits of `cfg.data`."""
+    from muonft_cli import data as data_mod
+    from muonft_cli import models
+
+    if cfg.model.offline:
+        set_offline()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our sink shows progress; keep stderr to one bar
+    set_seed(cfg.train.seed)
+    if mode == "pretrain":
+        tokenizer = _pretrain_tokenizer(cfg, out, resume)
+        model = models.build_pretrain_model(cfg.model, tokenizer)
+    else:
+        # an adapter folder given without --lora-rank: continue training that adapter
+        model, tokenizer = models.load_model(cfg.model, device, is_trainable=cfg.lora.rank is None)
+        if cfg.lora.rank is not None:
+            model = models.apply_lora(model, cfg.lora)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    built = Built(model, tokenizer, data_mod.build_splits(cfg.data, tokenizer, cfg.train.seed))
+    if built.n_train == 0:
+        raise UserInputError(f"data '{cfg.data.path}' gave no training sequences: use a smaller --seq-len")
+    return built
+
+
+def _pretrain_tokenizer(cfg: RunConfig, out: Path, resume: bool) -> Any:
+    """The run's saved tokenizer on resume, else `--tokenizer`, else a BPE trained on the training documents."""
+    saved = out / "tokenizer"
+    if resume and saved.is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(saved))
+    if cfg.model.tokenizer:
+        from transformers import AutoTokenizer
+
+        p = Path(cfg.model.tokenizer).expanduser()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else cfg.model.tokenizer,
+                                                local_files_only=hub_offline(),
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"--tokenizer '{cfg.model.tokenizer}' could not be loaded "
+                                 f"({first_line(e)}): pass a local tokenizer directory") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    from muonft_cli import data as data_mod
+    from muonft_cli.data import tokenizer as tok_mod
+
+    try:
+        # only the training documents of the hold-out split: the tokenizer never sees validation text
+        texts = data_mod.iter_texts(cfg.data, seed=cfg.train.seed)
+        return tok_mod.train_bpe(texts, cfg.model.vocab_size)
+    except ValueError as e:
+        raise UserInputError(f"cannot train a tokenizer on '{cfg.data.path}' ({e}): pass --vocab-size >= 258 "
+                             f"or --tokenizer PATH") from None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig,
+                    info: dist_mod.DistInfo) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """(trainable parameters, optimizer); under torchrun the optimizer's distributed hook is switched on, so
+    each rank orthogonalises its round-robin share of the matrices (the plain-DDP arrangement of the paper's §4.7)."""
+    from muonft_cli import optim
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise MuonftError("the model has no trainable parameters (check --lora-targets)")
+    optimizer = optim.build_optimizer(model, cfg.optimizer)
+    if info.distributed:
+        hook = getattr(optimizer, "set_distributed", None)
+        if hook is not None:
+            hook()  # the default process group, which `distributed.init_from_env` joined
+    return trainable, optimizer
+
+
+def wrap_ddp(model: torch.nn.Module, info: dist_mod.DistInfo, device: torch.device) -> Any:
+    """The model wrapped in DistributedDataParallel under torchrun, else None."""
+    if not info.distributed:
+        return None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,0 +1,243 @@
+"""The training loop: optimizer steps over global batches, periodic validation and checkpoints, signals.
+
+Owns
+- one optimizer step: the global batch (`train.batch_size` sequences) split over ranks and micro-batches;
+  its loss is Σ token NLL / N with N the target tokens of the whole global batch (all micro-batches, all
+  ranks), so prompt masking, the micro-batch size and the number of processes do not change the gradient;
+  gradient clipping on the raw gradients, before the optimizer (never on Muon's orthogonalised update);
+- the step record logged to `metrics.jsonl` and the sink; its `lr` is the one the step used (read from the
+  optimizer before `scheduler.step()`);
+- validation every `train.eval_every` steps and at the end (`evaluate.evaluate_loss`), keeping `best/`;
+- checkpoints every `train.save_every` steps and at the end; SIGINT/SIGTERM → checkpoint, then
+  `TrainingInterrupted`; NaN/inf loss or gradient norm → `TrainingDivergedError` (the last good checkpoint
+  is kept);
+- the run summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muonft_cli.config import RunConfig
+from muonft_cli.errors import MuonftError, TrainingDivergedError
+from muonft_cli.models import device as device_mod
+from muonft_cli.train import batching, rundir, state as state_mod
+from muonft_cli.train import distributed as dist_mod
+from muonft_cli.train.state import TrainerState
+
+
+class TrainingInterrupted(MuonftError):
+    """SIGINT/SIGTERM stopped training after writing a checkpoint; `--resume` continues it (exit 130)."""
+
+    exit_code = 130
+
+
+class _Stop:
+    """Signal flag set by SIGINT/SIGTERM; checked between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop at once
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+@dataclass
+class Loop:
+    """Everything one run trains with (built by `muonft_cli.train.run`) and its progress, `state`."""
+
+    cfg: RunConfig
+    mode: str
+    out: Path
+    info: dist_mod.DistInfo
+    sink: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    splits: Any
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    micro: int
+    ddp: Any = None
+    state: TrainerState = field(default_factory=TrainerState)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def n_train(self) -> int:
+        return len(self.splits.train)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return device_mod.autocast_dtype(self.cfg.model, self.device)
+
+    def identity(self) -> dict[str, Any]:
+        """The run facts a checkpoint records beside the state."""
+        return {"world_size": self.info.world_size, "data_seed": self.cfg.train.seed, "n_train": self.n_train,
+                "total_steps": self.total_steps}
+
+    def save_checkpoint(self) -> Path:
+        return state_mod.save_checkpoint(self.out, self.state, self.model, self.optimizer, self.scheduler,
+                                         self.info, self.cfg.train.keep_last, self.identity())
+
+    def save_model(self, name: str) -> Path:
+        return rundir.save_model(self.out, name, self.model, self.tokenizer, self.cfg, self.mode, self.state,
+                                 self.info)
+
+    def train_step(self) -> tuple[float, float, int, float]:
+        """One optimizer step over the global batch; returns (loss, grad_norm, input tokens, lr used)."""
+        t, st = self.cfg.train, self.state
+        local = dist_mod.shard(batching.global_batch(st.position, t.batch_size, self.n_train, t.seed), self.info)
+        micro = [batching.collate(self.splits.train, local[i:i + self.micro])
+                 for i in range(0, len(local), self.micro)]
+        counts = torch.tensor([sum(batching.n_targets(b["labels"]) for b in micro),
+                               sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                                   for b in micro)], dtype=torch.float64, device=self.device)
+        dist_mod.all_reduce_sum(counts, self.info)
+        n_global, in_tokens = float(counts[0]), int(counts[1])
+        scale = self.info.world_size / max(n_global, 1.0)  # DDP averages over ranks; undo that, divide by N
+        net = self.ddp if self.ddp is not None else self.model
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for j, b in enumerate(micro):
+            sync = self.ddp is None or j == len(micro) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with device_mod.autocast(self.device, self.autocast_dtype):
+                    outputs = net(input_ids=b["input_ids"].to(self.device),
+                                  attention_mask=b["attention_mask"].to(self.device) if "attention_mask" in b
+                                  else None, use_cache=False)
+                nll = batching.token_nll_sum(outputs.logits, b["labels"])
+                (nll * scale).backward()
+            loss_sum += nll.detach().double()
+        dist_mod.all_reduce_sum(loss_sum, self.info)
+        loss = float(loss_sum) / max(n_global, 1.0)
+        if t.clip is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, t.clip))
+        else:
+            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
+        if not math.isfinite(loss) or not math.isfinite(gnorm):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = state_mod.checkpoint_steps(self.out)
+            where = f"last good checkpoint: {state_mod.checkpoint_dir(self.out, last[-1])}" if last else \
+                "no checkpoint was written yet"
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise TrainingDivergedError(
+                f"training diverged at step {st.step + 1}: {what} became {loss if what == 'loss' else gnorm} "
+                f"({where}); lower --lr (now {self.cfg.optimizer.lr:g}) or keep --clip on")
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step runs at, before the scheduler moves it
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.position += t.batch_size
+        return loss, gnorm, in_tokens, lr
+
+    def evaluate(self) -> dict | None:
+        from muonft_cli.evaluate import evaluate_loss
+
+        if self.splits.val is None or len(self.splits.val) == 0:
+            return None
+        res = None
+        if self.info.is_main:
+            self.model.eval()
+            res = evaluate_loss(self.model, self.splits.val, self.cfg.eval.batch_size, self.device,
+                                max_batches=self.cfg.eval.max_batches, autocast_dtype=self.autocast_dtype)
+            self.model.train()
+        return dist_mod.broadcast_object(res, self.info)
+
+    def run(self) -> dict[str, Any]:
+        """Train from `state.step` to `total_steps`; save `final/` and `summary.json`; return the summary."""
+        t, st = self.cfg.train, self.state
+        self.model.train()
+        self.sink.on_start({"mode": self.mode, "optim": self.cfg.optimizer.name, "start_step": st.step,
+                            "total_steps": self.total_steps, "device": str(self.device),
+                            "world_size": self.info.world_size})
+        stop = _Stop()
+        stop.install()
+        try:
+            while st.step < self.total_steps:
+                t_start = time.perf_counter()
+                loss, gnorm, in_tokens, lr = self.train_step()
+                st.step += 1
+                st.tokens += in_tokens
+                dt = time.perf_counter() - t_start
+                record = {"step": st.step, "epoch": round(st.position / self.n_train, 4), "loss": loss,
+                          "lr": lr, "grad_norm": gnorm, "tokens": st.tokens,
+                          "tokens_per_s": in_tokens / dt if dt > 0 else 0.0, "val_loss": None, "val_ppl": None}
+                last = st.step == self.total_steps
+                if (t.eval_every and st.step % t.eval_every == 0) or last:
+                    res = self.evaluate()
+                    if res is not None:
+                        st.last_val = res
+                        record["val_loss"], record["val_ppl"] = res["loss"], res["ppl"]
+                        if t.eval_every and (st.best_val_loss is None or res["loss"] < st.best_val_loss):
+                            st.best_val_loss, st.best_step = res["loss"], st.step
+                            self.save_model("best")
+                st.recent_losses = (st.recent_losses + [loss])[-10:]
+                if self.info.is_main:
+                    rundir.append_metrics(self.out, record)
+                self.sink.on_step(record)
+                saved = bool(t.save_every) and (st.step % t.save_every == 0 or last)
+                if saved:
+                    self.save_checkpoint()  # also at the end: `--resume --steps MORE` continues from here
+                flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.device)
+                if self.info.distributed:
+                    dist_mod.all_reduce_sum(flag, self.info)
+                if float(flag) > 0 and not last:
+                    path = state_mod.checkpoint_dir(self.out, st.step) if saved else self.save_checkpoint()
+                    self.sink.on_end(self.summary(final=None))
+                    raise TrainingInterrupted(
+                        f"interrupted at step {st.step} of {self.total_steps}; checkpoint written to {path}: "
+                        f"continue with the same command plus --resume")
+        finally:
+            stop.restore()
+        final = self.save_model("final")
+        summary = self.summary(final=str(final))
+        if self.info.is_main:
+            rundir.write_summary(self.out, summary)
+        self.sink.on_end(summary)
+        return summary
+
+    def summary(self, final: str | None) -> dict[str, Any]:
+        """The run summary (see `muonft_cli.train.run`); collective (gathers the ranks' Muon counters)."""
+        st, lv = self.state, self.state.last_val or {}
+        ortho = getattr(self.optimizer, "ns_matrices_done", None)  # muonft Muon family: matrices this rank did
+        per_rank = dist_mod.all_gather_object(int(ortho), self.info) if ortho is not None else None
+        best = st.best_val_loss
+        best_ppl = None if best is None else (math.exp(best) if best < 700 else float("inf"))
+        return {
+            "out": str(self.out), "mode": self.mode, "optim": self.cfg.optimizer.name, "steps": st.step,
+            "tokens": st.tokens,
+            "train_loss": sum(st.recent_losses) / len(st.recent_losses) if st.recent_losses else None,
+            "val_loss": lv.get("loss"), "val_ppl": lv.get("ppl"),
+            "best_val_loss": best, "best_val_ppl": best_ppl, "best_step": st.best_step,
+            "final": final, "runtime_s": round(time.perf_counter() - self.t0, 3),
+            "world_size": self.info.world_size, "ortho_per_rank": per_rank,
+            "lora": self.cfg.lora.rank is not None,
+        }

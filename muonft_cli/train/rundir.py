@@ -1,0 +1,181 @@
+"""The run directory (`--out`): what is in it, when it may be reused, and the files that describe a run.
+
+Owns
+- the rules for reusing a directory: `--resume` needs a muonft run whose `config.yaml` matches the new
+  config (only `train.steps` may grow); otherwise the directory must be empty or `--overwrite` given (which
+  removes the run files listed in `RUN_FILES`, nothing else);
+- `config.yaml` (the resolved config), `tokenizer/` (a pretrain run's tokenizer), `env.json` (versions,
+  device, world size, thread count, data, batch layout), `metrics.jsonl` (one record per optimizer step,
+  appended; a resumed run drops the records after its checkpoint), `summary.json`, and the saved models
+  `final/` and `best/` with their `muonft.json` provenance.
+
+Checkpoints (`checkpoints/`) belong to `muonft_cli.train.state`. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muonft_cli import __version__
+from muonft_cli import config as config_mod
+from muonft_cli._common import atomic_write_text, read_jsonl
+from muonft_cli.config import RunConfig
+from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.train import distributed as dist_mod
+from muonft_cli.train.state import TrainerState, checkpoint_steps
+
+RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "checkpoints", "final", "best", "tokenizer",
+             "summary.json")
+# Config keys a resumed run may change: the step budget can grow; output.overwrite is a command-line choice.
+RESUME_MAY_CHANGE = ("train.steps", "output.overwrite")
+METRICS = "metrics.jsonl"
+
+
+def prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
+    """Check the output directory against resume/overwrite; return (out, checkpoint step to resume or None).
+
+    Writes nothing: bad input is raised (`UserInputError`) before a run touches the directory.
+    """
+    out = Path(cfg.output.dir).expanduser()
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise UserInputError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
+                                 f"--out of the run to continue, or drop --resume to start a new run")
+        try:
+            saved = config_mod.load_saved(out / "config.yaml")
+        except MuonftError as e:
+            raise UserInputError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
+                                 f"with --overwrite") from None
+        diffs = config_mod.diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
+        if diffs:
+            raise UserInputError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
+                                 f"resume with the same settings (only --steps may grow), or start a new run "
+                                 f"with another --out")
+        steps = checkpoint_steps(out)
+        return out, (steps[-1] if steps else None)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file: pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite:
+        what = "holds a muonft run" if (out / "config.yaml").is_file() else "is not empty"
+        raise UserInputError(f"output directory '{out}' {what}: pass --resume to continue it, --overwrite to "
+                             f"replace it, or another --out")
+    return out, None
+
+
+def versions() -> dict[str, str | None]:
+    """Python, muonft, torch and the installed versions of the libraries a run depends on."""
+    import importlib.metadata as md
+
+    v: dict[str, str | None] = {"python": platform.python_version(), "muonft": __version__,
+                                "torch": torch.__version__}
+    for pkg in ("transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+def write_run_files(out: Path, cfg: RunConfig, resume: bool, step: int, tokenizer: Any | None,
+                    env: dict[str, Any]) -> None:
+    """Start (or, on resume, reopen) the run directory: clear old run files on `--overwrite`, write
+    `config.yaml`, `tokenizer/` (when given and absent), `env.json` (`env` plus versions and seed), and reset
+    `metrics.jsonl` (on resume: keep only the records up to the checkpoint's `step`)."""
+    if not resume and out.is_dir() and cfg.output.overwrite:
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.save_yaml(cfg, out / "config.yaml")
+    if tokenizer is not None and not (out / "tokenizer").is_dir():
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    env = {"versions": versions(), "seed": cfg.train.seed, **env}
+    atomic_write_text(out / "env.json", json.dumps(env, indent=2, default=str) + "\n")
+    metrics = out / METRICS
+    if resume:
+        # a killed run may have logged steps after its last checkpoint: drop them, they will be redone
+        keep = [r for r in read_jsonl(metrics) if r.get("step", 0) <= step]
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in keep))
+    else:
+        metrics.write_text("", encoding="utf-8")
+
+
+def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    """Append one step's record to `metrics.jsonl`."""
+    with (out / METRICS).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def provenance(cfg: RunConfig, mode: str, state: TrainerState) -> dict[str, Any]:
+    """The `muonft.json` written beside a saved model: how it was trained."""
+    return {
+        "mode": mode,
+        "optimizer": cfg.optimizer.name,
+        "optimizer_settings": dataclasses.asdict(cfg.optimizer),
+        "lr": cfg.optimizer.lr,
+        "schedule": dataclasses.asdict(cfg.schedule),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "seed": cfg.train.seed,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "data": cfg.data.path,
+        "base_model": cfg.model.name_or_path,
+        "preset": cfg.model.preset,
+        "lora": dataclasses.asdict(cfg.lora) if cfg.lora.rank is not None else None,
+        "val_loss": state.last_val["loss"] if state.last_val else None,
+        "muonft_version": __version__,
+    }
+
+
+def save_model(out: Path, name: str, model: Any, tokenizer: Any, cfg: RunConfig, mode: str,
+               state: TrainerState, info: dist_mod.DistInfo) -> Path:
+    """Save the model as `out/name` (`final` or `best`) with its provenance; collective (a barrier)."""
+    from muonft_cli import models
+
+    path = out / name
+    if info.is_main:
+        models.save_model(model, tokenizer, path, provenance(cfg, mode, state), cfg.lora, cfg.lora.merge)
+    dist_mod.barrier(info)
+    return path
+
+
+def env_record(info: dist_mod.DistInfo, device: torch.device, autocast: torch.dtype | None, mode: str,
+               resumed_from: int | None, model: torch.nn.Module, trainable: list, data_info: Any,
+               steps: int, batch_size: int, local_batch: int, micro: int) -> dict[str, Any]:
+    """The run-specific part of `env.json` (key order as written)."""
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        "world_size": info.world_size,
+        "backend": info.backend,
+        "threads": torch.get_num_threads(),
+        "autocast": autocast is not None and str(autocast),
+        "mode": mode,
+        "argv": sys.argv,
+        "resumed_from_step": resumed_from,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in trainable),
+        "data": data_info if isinstance(data_info, dict) else None,
+        "total_steps": steps,
+        "batch_size": batch_size,
+        "micro_batch_size": micro,
+        "accumulation_steps": math.ceil(local_batch / micro),
+    }
