@@ -19,7 +19,7 @@ from typing import Any
 #: The optimizers `muonft pretrain` / `finetune` / `sweep` accept (`--optim`), in the order help lists them.
 OPTIMIZER_NAMES = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
 
-#: Muon's update scalings (`optimizer.scaling`); see `muonft_cli.optim.muon.update_scale` for the formulas.
+#: Muon's update scalings (`optimizer.scaling`); see `muonft_cli.optim.update.update_scale` for the formulas.
 SCALINGS = ("match_rms_adamw", "original", "none")
 
 #: Optimizer-name fragments whose implicit bias is Adam's (small max-norm): Adam and its variants, LAMB
@@ -46,8 +46,10 @@ def optimizer_family(name: str | None) -> str | None:
 
 def adamw_lr_problem(name: str, scaling: str, adamw_lr: float | None) -> str | None:
     """The one rule for `optimizer.adamw_lr`: required when a Muon-family optimizer uses a scaling whose
-    learning rates (~0.02–0.9) are not AdamW's. Returns the problem as a message, or None when fine."""
-    if adamw_lr is None and optimizer_family(name) == "muon" and scaling != "match_rms_adamw":
+    learning rates (~0.02–0.9) are not AdamW's (`original`, `none`). AdaMuon is exempt: it accepts only
+    `match_rms_adamw` and says so itself. Returns the problem as a message, or None when fine."""
+    if (adamw_lr is None and optimizer_family(name) == "muon" and name != "adamuon"
+            and scaling in ("original", "none")):
         return (f"optimizer.adamw_lr: required with optimizer.scaling={scaling} (its Muon lrs of ~0.02-0.9 would "
                 "wreck embeddings and heads); set e.g. --set optimizer.adamw_lr=3e-4, or use "
                 "scaling=match_rms_adamw (then adamw_lr defaults to lr)")

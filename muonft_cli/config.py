@@ -22,10 +22,10 @@ from typing import Any
 import yaml
 
 from muonft_cli import recipes
+from muonft_cli._common import OPTIMIZER_NAMES as OPTIMIZERS
+from muonft_cli._common import SCALINGS, adamw_lr_problem
 from muonft_cli.errors import ConfigError, UserInputError
 
-OPTIMIZERS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
-SCALINGS = ("match_rms_adamw", "original", "none")
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
 PRESETS = ("tiny", "small")
@@ -308,10 +308,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     bs, mbs = cfg.train.batch_size, cfg.train.micro_batch_size
     if isinstance(bs, int) and isinstance(mbs, int) and bs > 0 and mbs > 0 and mbs > bs:
         p.append(f"train.micro_batch_size ({mbs}) must not exceed train.batch_size ({bs})")
-    if cfg.optimizer.scaling in ("original", "none") and cfg.optimizer.name in ("muon", "muon-pe", "normuon") \
-            and cfg.optimizer.adamw_lr is None:
-        p.append(f"optimizer.adamw_lr: required with optimizer.scaling={cfg.optimizer.scaling} (its Muon lrs of "
-                 "~0.02-0.9 would wreck embeddings); set e.g. --set optimizer.adamw_lr=3e-4")
+    problem = adamw_lr_problem(cfg.optimizer.name, cfg.optimizer.scaling, cfg.optimizer.adamw_lr)
+    if problem:
+        p.append(problem)
     return p
 
 

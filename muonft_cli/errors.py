@@ -35,3 +35,9 @@ class ConfigError(UserInputError):
 
 class TrainingDivergedError(MuonftError):
     """Loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(MuonftError):
+    """SIGINT/SIGTERM stopped training after writing a checkpoint; `--resume` continues it (exit 130)."""
+
+    exit_code = 130

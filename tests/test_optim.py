@@ -20,7 +20,9 @@ from muonft_cli.optim import (
     optimizer_state_bytes,
     orthogonalize,
     polar_express_coefficients,
+    update_scale,
 )
+from muonft_cli.optim import update as U
 from _helpers_optim import matrix_with_condition, ns5_reference
 
 torch.set_num_threads(1)
@@ -262,6 +264,63 @@ def test_normuon_by_hand():
     O_hat = O_hat * O.norm() / O_hat.norm()
     W = W0.double() - lr * 0.2 * math.sqrt(100) * O_hat
     torch.testing.assert_close(P.detach().double(), W, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- pure update rules
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96), (16, 4, 3, 3), (8, 120), (120, 8)])
+@pytest.mark.parametrize("name", ["muon", "adamuon", "normuon"])
+def test_pure_update_for_one_matrix_equals_what_the_optimizer_applies(name, shape):
+    """``optim.update``'s one-matrix functions (Keller Jordan's ``muon_update`` + apply, and the AdaMuon /
+    NorMuon analogues) against the optimizer over three steps: weights and every state tensor."""
+    torch.manual_seed(13)
+    W0, grads = torch.randn(*shape), [torch.randn(*shape) for _ in range(3)]
+    P = torch.nn.Parameter(W0.clone())
+    lr, wd = 0.02, 0.1
+    opt = {"muon": Muon, "adamuon": AdaMuon, "normuon": NorMuon}[name]([P], lr=lr, weight_decay=wd, ns_dtype="fp32")
+    W, M, V, v = W0.clone(), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape[0])
+    s = update_scale("match_rms_adamw", shape[0], math.prod(shape[1:]))
+    for g in grads:
+        P.grad = g.clone()
+        opt.step()
+        if name == "muon":
+            U.apply_update_(W, U.muon_update(g, M, beta=0.95, ns_dtype="fp32"), lr, wd, s)
+        elif name == "adamuon":
+            U.apply_update_(W, U.adamuon_update(g, M, V, lr=lr, beta=0.95, ns_dtype="fp32"), lr, wd, None)
+        else:
+            U.apply_update_(W, U.normuon_update(g, M, v, beta=0.95, ns_dtype="fp32"), lr, wd, s)
+    state = opt.state[P]
+    assert torch.equal(state["momentum_buffer"], M)
+    if name == "adamuon":
+        assert torch.equal(state["second_moment"], V)
+    if name == "normuon":
+        assert torch.equal(state["row_second_moment"], v)
+    if name == "muon" and min(shape[0], math.prod(shape[1:])) <= 64 and shape[0] < math.prod(shape[1:]):
+        # wide thin matrices on CPU: the optimizer fuses decay + Q·X into one addmm_ (O is never formed)
+        torch.testing.assert_close(P.detach(), W, rtol=0, atol=2e-6)
+    else:  # the same ops on the same layout: bit-exact
+        assert torch.equal(P.detach(), W)
+
+
+def test_muon_bf16_params_on_cpu_gram_path():
+    """bf16 weights with thin (Gram-path) matrices on CPU: the fused addmm_ needs one dtype, so they take
+    the plain update (this crashed with "self and mat2 must have the same dtype")."""
+    torch.manual_seed(14)
+    shapes = [(8, 120), (120, 8), (16, 4, 3, 3), (96, 80)]
+    W0 = [0.01 * torch.randn(*s) for s in shapes]
+    grads = [torch.randn(*s) for s in shapes]
+    moved = {}
+    for dtype in (torch.bfloat16, F32):
+        ps = [torch.nn.Parameter(w.clone().to(dtype)) for w in W0]
+        opt = Muon(ps, lr=0.5, weight_decay=0.1, scaling="none", ns_dtype="fp32")
+        for p, g in zip(ps, grads):
+            p.grad = g.to(dtype)
+        opt.step()
+        assert all(p.dtype == dtype for p in ps)
+        moved[dtype] = [p.detach().float() - w for p, w in zip(ps, W0)]
+    for a, b in zip(moved[torch.bfloat16], moved[F32]):
+        assert _rel(a, b) < 2e-2
 
 
 # ----------------------------------------------------------------------------- batching, orientation

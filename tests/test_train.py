@@ -207,12 +207,12 @@ def test_resume_with_more_steps_logs_the_lr_each_step_used(assets, tmp_path, mon
     logged = [r["lr"] for r in read_metrics(out)]
     assert len(used) == len(logged) == 8
     assert logged == pytest.approx(used, rel=1e-12, abs=0)
-    # the schedule each step ran under: the 4-step run's for steps 1-4 and for step 5 (its lr was set by that
-    # run's last scheduler.step()), the 8-step run's from step 6 on
+    # the schedule each step ran under: the 4-step run's for steps 1-4, the 8-step run's from step 5 on (the
+    # resumed run re-applies its own schedule; before, step 5 ran at the 4-step schedule's final lr, 0)
     old, new = train.lr_lambda(4, warm, 0.0), train.lr_lambda(8, warm, 0.0)
-    want = [lr * old(s) for s in range(5)] + [lr * new(s) for s in range(5, 8)]
+    want = [lr * old(s) for s in range(4)] + [lr * new(s) for s in range(4, 8)]
     assert logged == pytest.approx(want, rel=1e-12, abs=0)
-    assert logged[4] != pytest.approx(lr * new(4))  # the case the bug got wrong
+    assert logged[4] > 0 and logged[4] != pytest.approx(lr * old(4))  # the cases the bug got wrong
 
 
 def test_output_dir_rules(assets, tmp_path):

@@ -1,15 +1,18 @@
-"""muonft's optimizer library: pure torch, no I/O, no imports of other muonft modules.
+"""muonft's optimizer library: pure torch, no I/O; of muonft it imports only the torch-free `_common`.
 
 * :func:`orthogonalize`, :func:`polar_express_coefficients` — NS5 / Polar Express (direct and
   Gram-space), :mod:`.orthogonalize`.
 * :class:`Muon`, :class:`AdaMuon`, :class:`NorMuon` — one optimizer object with ``kind="muon"`` and
-  ``kind="adamw"`` groups, batched and optionally distributed NS, :mod:`.muon`.
+  ``kind="adamw"`` groups that owns the state, :mod:`.muon`; the pure update rules (:func:`update_scale`,
+  ``muon_update`` and friends), :mod:`.update`; batched and optionally distributed NS, :mod:`.plan`.
 * :func:`split_params` — route every trainable parameter once, with reasons, :mod:`.routing`.
 * :func:`build_optimizer`, :func:`optimizer_state_bytes` — from an optimizer config, :mod:`.factory`.
 """
 
-from .factory import OPTIMIZER_NAMES, build_optimizer, optimizer_state_bytes
-from .muon import SCALINGS, AdaMuon, Muon, MuonFamily, NorMuon, update_scale
+from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS
+
+from .factory import build_optimizer, optimizer_state_bytes
+from .muon import AdaMuon, Muon, MuonFamily, NorMuon
 from .orthogonalize import (
     JORDAN_COEFFICIENTS,
     default_ns_dtype,
@@ -18,6 +21,7 @@ from .orthogonalize import (
     polar_express_coefficients,
 )
 from .routing import ParamSplit, Route, split_params
+from .update import update_scale
 
 __all__ = [
     "AdaMuon",

@@ -2,10 +2,11 @@
 
 Routes parameters with :func:`~.routing.split_params` and returns a single optimizer whose param groups
 carry ``kind="muon"|"adamw"`` (so LR schedulers, checkpoints and HF ``Trainer(optimizers=(opt, sched))``
-see one object).  Hyper-parameters follow the paper (REFERENCE.md): plain ``adamw`` uses betas
+see one object).  Hyper-parameters follow the Muon papers: plain ``adamw`` uses betas
 (0.9, 0.999); Muon's auxiliary AdamW group uses (0.9, 0.95) and its own lr — equal to Muon's lr under
-``match_rms_adamw`` scaling (Moonlight: the RMS match makes AdamW's lr transfer), required explicitly
-otherwise.  Weight decay applies to ≥2-D tensors only (never to norms, biases or DoRA magnitudes).
+``match_rms_adamw`` scaling ("Muon is Scalable for LLM Training": the RMS match makes AdamW's lr
+transfer), required explicitly otherwise (:func:`muonft_cli._common.adamw_lr_problem`, the rule the config
+loader checks too).  Weight decay applies to ≥2-D tensors only (never to norms, biases or DoRA magnitudes).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from muonft_cli._common import OPTIMIZER_NAMES, adamw_lr_problem
+
 from .muon import AdaMuon, Muon, NorMuon
 from .routing import ParamSplit, split_params
 
 __all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_state_bytes"]
-
-OPTIMIZER_NAMES = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
 
 
 def _opt(cfg: Any, name: str, default: Any) -> Any:
@@ -38,7 +39,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
             ``eps``, ``scaling`` ("match_rms_adamw" | "original" | "none"), ``ns_steps``, ``ns_dtype``
             ("auto" | "bf16" | "fp32"), ``adamw_lr`` (None = lr under match_rms_adamw), ``adamw_betas``
             (Muon's auxiliary group) and ``lora_a`` ("muon" | "adamw").  ``muon-pe`` is Muon with Polar
-            Express coefficients; ``adamuon`` follows seed 003 Algorithm 1 (no Nesterov, so
+            Express coefficients; ``adamuon`` follows "AdaMuon: Adaptive Muon Optimizer" (Si et al.),
+            Algorithm 1 (no Nesterov, so
             ``nesterov`` is not used by it).
 
     Returns:
@@ -70,13 +72,10 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
 
     scaling = _opt(cfg, "scaling", "match_rms_adamw")
     adamw_lr = getattr(cfg, "adamw_lr", None)
+    problem = adamw_lr_problem(name, scaling, adamw_lr)
+    if problem:
+        raise ValueError(problem)
     if adamw_lr is None:
-        if scaling != "match_rms_adamw":
-            raise ValueError(
-                f"optimizer.adamw_lr is required with optimizer.scaling={scaling!r}: Muon learning "
-                "rates for that scaling (~0.02-0.9) would wreck embeddings and heads; set e.g. "
-                "optimizer.adamw_lr=3e-4, or use scaling=match_rms_adamw (then adamw_lr defaults to lr)"
-            )
         adamw_lr = lr
     groups: list[dict[str, Any]] = []
     plain = [r.param for r in split.muon if not r.transposed]

@@ -4,8 +4,9 @@ Owns the pure math that maps a (batch of) matrices ``G = U S Vᵀ`` to an approx
 factor ``U Vᵀ``:
 
 * ``method="jordan"`` — Keller Jordan's NS5 quintic ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` and
-  ``(a, b, c) = (3.4445, −4.7750, 2.0315)`` (REFERENCE.md "Muon"; paper §2.1, App. B).  It does not
-  converge to ``UVᵀ`` but maps singular values into roughly [0.7, 1.1].
+  ``(a, b, c) = (3.4445, −4.7750, 2.0315)`` (Keller Jordan, "Muon: An optimizer for hidden layers in
+  neural networks"; paper §2.1, App. B).  It does not converge to ``UVᵀ`` but maps singular values into
+  roughly [0.7, 1.1].
 * ``method="polar_express"`` — Amsel et al., "The Polar Express" (2025/26): a different odd quintic per
   iteration, each the minimax (equioscillating) approximation of 1 on the current singular-value
   interval (optimal composition).  The coefficients are *computed* here by

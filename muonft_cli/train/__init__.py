@@ -24,7 +24,8 @@ from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train import rundir, schedule, state as state_mod
 from muonft_cli.train.batching import collate, epoch_order, global_batch, micro_batch_size, n_targets, token_nll_sum
 from muonft_cli.train.build import MODES, build_model_and_data, build_optimizer, check_inputs, set_seed, wrap_ddp
-from muonft_cli.train.loop import Loop, TrainingInterrupted
+from muonft_cli.errors import TrainingInterrupted
+from muonft_cli.train.loop import Loop
 from muonft_cli.train.rundir import RESUME_MAY_CHANGE, RUN_FILES
 from muonft_cli.train.schedule import lr_lambda, total_steps
 from muonft_cli.train.sink import NullSink, Sink

@@ -67,7 +67,6 @@ def init_from_env(device_pref: str = "auto") -> DistInfo:
         A `DistInfo`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
     if world <= 1:

@@ -27,17 +27,11 @@ from typing import Any
 import torch
 
 from muonft_cli.config import RunConfig
-from muonft_cli.errors import MuonftError, TrainingDivergedError
+from muonft_cli.errors import TrainingDivergedError, TrainingInterrupted
 from muonft_cli.models import device as device_mod
 from muonft_cli.train import batching, rundir, state as state_mod
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train.state import TrainerState
-
-
-class TrainingInterrupted(MuonftError):
-    """SIGINT/SIGTERM stopped training after writing a checkpoint; `--resume` continues it (exit 130)."""
-
-    exit_code = 130
 
 
 class _Stop:

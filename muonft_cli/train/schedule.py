@@ -34,8 +34,8 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Cal
         min_lr_ratio: final lr as a fraction of the peak lr, in [0, 1].
 
     Returns:
-        A plain function (so `LambdaLR.state_dict` stores nothing of it, and a resumed run with a larger
-        step budget uses its own schedule from its next `scheduler.step()` on).
+        A plain function (so `LambdaLR.state_dict` stores nothing of it: a resumed run with a larger step budget
+        runs on its own schedule, see `reapply`).
     """
     warmup = int(round(warmup_ratio * total_steps))
     decay = max(1, total_steps - warmup)
@@ -54,3 +54,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps: int,
     """The `LambdaLR` applying `lr_lambda(steps, warmup_ratio, min_lr_ratio)` to every param group."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps, schedule_cfg.warmup_ratio, schedule_cfg.min_lr_ratio))
+
+
+def reapply(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every param group's lr from the scheduler's own schedule at its restored step.
+
+    After `load_state_dict` the param groups hold the lr the *saved* run's schedule gave for the next step; a
+    resume with a larger `--steps` must run that step at the new schedule's lr. The expression is `LambdaLR`'s
+    own (`base_lr * lambda(last_epoch)`), so a resume with an unchanged schedule stays bit-exact.
+    """
+    for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

@@ -28,6 +28,7 @@ import torch
 from muonft_cli import __version__
 from muonft_cli.errors import MuonftError, UserInputError
 from muonft_cli.train import distributed as dist_mod
+from muonft_cli.train import schedule
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -160,5 +161,6 @@ def load_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer: tor
             params[n].copy_(t)
     optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+    schedule.reapply(scheduler)  # a larger --steps: the next step runs on the new schedule
     _set_rng_state(torch.load(d / "rng.pt", weights_only=True)["ranks"][info.rank])
     return TrainerState.from_json(saved)
