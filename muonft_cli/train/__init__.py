@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from muonft_cli import __version__
 from muonft_cli import config as config_mod
+from muonft_cli._common import set_offline
 from muonft_cli.models import device as device_mod
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.config import RunConfig
@@ -337,8 +338,8 @@ class _Trainer:
         from muonft_cli import models
 
         cfg = self.cfg
-        if cfg.model.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        if cfg.model.offline:  # --offline: the libraries' own switches, for the model and the data alike
+            set_offline()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our sink shows progress; keep stderr to one bar
@@ -506,8 +507,7 @@ class _Trainer:
 
         path = self.out / name
         if self.info.is_main:
-            models.save_model(self.model, self.tokenizer, path, self._provenance(), self.cfg.lora,
-                              self.cfg.lora.merge)
+            models.save_model(self.model, self.tokenizer, path, self._provenance(), merge=self.cfg.lora.merge)
         dist_mod.barrier(self.info)
         return path
 
