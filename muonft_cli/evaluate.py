@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from muonft_cli.models.device import autocast
+from muonft_cli.models.lora import plain_name
 from muonft_cli.train.batching import collate, n_targets, token_nll_sum
 
 
@@ -93,19 +94,13 @@ def _safe_exp(x: float) -> float:
 # --------------------------------------------------------------------------------------------- muonft eval
 
 
-def _strip_peft(name: str) -> str:
-    """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight` (names of the plain model)."""
-    name = name.replace(".base_layer.", ".")
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-
-
 def _matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every 2-D parameter (deduplicated, so tied embeddings count once), by plain-model name, on CPU fp32.
 
     LoRA-wrapped base weights (`.base_layer.`) are copied, since merging the adapter rewrites them in place;
     the others are views (no copy on CPU).
     """
-    return {_strip_peft(n): p.detach().to("cpu", torch.float32, copy=".base_layer." in n)
+    return {plain_name(n): p.detach().to("cpu", torch.float32, copy=".base_layer." in n)
             for n, p in model.named_parameters() if p.ndim == 2 and "lora_" not in n}
 
 
@@ -186,7 +181,7 @@ def lora_spectra(model: torch.nn.Module, adapter_name: str = "default") -> dict[
         B = lb[adapter_name].weight.detach().float().cpu()  # [m, r]
         r = A.shape[0]
         sv_ba = _ba_singular_values(B, A)
-        plain = _strip_peft(name + ".x")[:-2]
+        plain = plain_name(name)
         rows.append({
             "name": plain, "type": layer_type(plain), "rank": r,
             "A": {"stable_rank": stable_rank(A), "svd_entropy": svd_entropy(A)},
@@ -250,9 +245,12 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         compare: evaluate the base too (default); False for the model alone.
     """
     from muonft_cli import models
+    from muonft_cli._common import set_offline
     from muonft_cli.config import ModelConfig
     from muonft_cli.errors import UserInputError
 
+    if cfg.model.offline:  # --offline: the libraries' own switches, for the model and the data alike
+        set_offline()
     if split not in ("val", "train"):
         raise UserInputError(f"--split {split!r}: use val or train")
     ref_path = cfg.eval.reference_data

@@ -1,4 +1,5 @@
-"""models.py: resolution rules and bad-input messages, loading, presets, LoRA variants, saving + plain reload."""
+"""muonft_cli.models: resolution rules and bad-input messages, safetensors headers, loading (user errors vs our
+bugs), presets, LoRA variants and peft names, saving + plain reload."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from _helpers_models import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from muonft_cli import __version__, models
+from muonft_cli._common import OFFLINE_FLAGS
 from muonft_cli.config import LoraConfig, ModelConfig
 from muonft_cli.errors import UserInputError
 
@@ -79,36 +81,40 @@ def test_hub_id_offline_fails_fast(monkeypatch):
     assert time.perf_counter() - t < 2.0
 
 
-def test_offline_flag_sets_env(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_offline_flag_fails_fast_and_leaves_the_environment_alone(monkeypatch):
+    for k in OFFLINE_FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    t = time.perf_counter()
     with pytest.raises(UserInputError, match="hub is offline"):
         models.resolve_model("someone/not-a-local-dir-xyz", offline=True)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert time.perf_counter() - t < 2.0
+    assert not any(k in os.environ for k in OFFLINE_FLAGS)  # a query: `--offline` is set where the flag is handled
 
 
-def test_hub_unreachable(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(UserInputError, match="no such local directory, and the hub is offline"):
-        models.resolve_model("someone/not-a-local-dir-xyz")
+def test_hub_unreachable_is_one_line_pointing_to_local_paths(monkeypatch):
+    import huggingface_hub.constants
 
-
-def test_hub_reachability_probe_times_out_quickly(monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "https://10.255.255.1")  # unroutable: must give up within the timeout
+    for k in OFFLINE_FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import from the env
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     t = time.perf_counter()
-    assert models.hub_reachable(timeout=0.5) is False
-    assert time.perf_counter() - t < 3.0
+    with pytest.raises(UserInputError, match="no such local directory, and the hub is offline") as e:
+        models.resolve_model("someone/not-a-local-dir-xyz")
+    assert time.perf_counter() - t < models.HUB_TIMEOUT_S + 1.0
+    msg = str(e.value)
+    assert "--offline" in msg and "local model path" in msg and "OfflineModeIsEnabled" not in msg and "\n" not in msg
+    with pytest.raises(UserInputError, match="hub is offline"):
+        models.load_tokenizer("someone/not-a-local-dir-xyz")
 
 
 def test_hub_repo_without_config_suggests_hf(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(models, "_hub_has_config", lambda repo: False)
+    for k in OFFLINE_FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(models.source, "hub_model_files", lambda repo: frozenset({"README.md", "params.json"}))
     with pytest.raises(UserInputError, match=r"has no config.json.*'meta-llama/Llama-2-7b-hf'"):
         models.resolve_model("meta-llama/Llama-2-7b")
-    monkeypatch.setattr(models, "_hub_has_config", lambda repo: True)
+    monkeypatch.setattr(models.source, "hub_model_files", lambda repo: frozenset({"config.json"}))
     assert models.resolve_model("meta-llama/Llama-2-7b-hf").kind == "hub"
 
 
@@ -162,6 +168,24 @@ def test_truncated_and_corrupt_safetensors(base_dir, tmp_path):
         models.resolve_model(str(tmp_path / "sh"))
 
 
+def test_read_header_offsets_match_the_library(tmp_path):
+    """Every entry's bytes, read at the offset `read_header` gives, are the tensor safetensors loads."""
+    from safetensors.torch import load_file, save_file
+
+    ref = {"w": torch.randn(3, 5), "h": torch.arange(7, dtype=torch.int32), "b": torch.randn(4).bfloat16()}
+    save_file(ref, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    entries = models.read_header(tmp_path / "t.safetensors")
+    assert sorted(e.name for e in entries) == sorted(ref)
+    dtypes = {"F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16}
+    for e in entries:
+        t = torch.frombuffer(bytearray(raw[e.offset:e.offset + e.nbytes]), dtype=dtypes[e.dtype]).reshape(e.shape)
+        assert torch.equal(t, load_file(str(tmp_path / "t.safetensors"))[e.name])
+    (tmp_path / "t.safetensors").write_bytes(raw + b"\0\0")  # the library refuses it too
+    with pytest.raises(UserInputError, match="2 bytes after the tensor data"):
+        models.check_safetensors(tmp_path / "t.safetensors")
+
+
 def test_remote_code_refused(base_dir, tmp_path):
     d = _copy_dir(base_dir, tmp_path / "custom")
     cfg = json.loads((d / "config.json").read_text())
@@ -169,6 +193,55 @@ def test_remote_code_refused(base_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserInputError, match="--trust-remote-code"):
         models.load_model(ModelConfig(name_or_path=str(d)), "cpu")
+
+
+@pytest.mark.parametrize("bug", [RuntimeError, TypeError, KeyError])
+def test_our_bugs_are_not_user_errors(base_dir, monkeypatch, bug):
+    """An exception from muonft's own code propagates: it is not reported as a bad checkpoint (exit 2)."""
+    def broken(*a, **k):
+        raise bug("a bug in muonft")
+
+    monkeypatch.setattr(models.load, "_check_remote_code", broken)
+    with pytest.raises(bug, match="a bug in muonft"):
+        models.load_model(ModelConfig(name_or_path=str(base_dir)), "cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(models.load, "_tokenizer_location", broken)
+    with pytest.raises(bug, match="a bug in muonft"):
+        models.load_tokenizer(str(base_dir / "model.safetensors"))
+
+
+def _edit_config(d: Path, **kw) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kw)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unreadable_checkpoints_are_user_errors(base_dir, tmp_path):
+    """What the libraries raise for bad files is one UserInputError line (several of these were tracebacks)."""
+    def one_line(call, match):
+        with pytest.raises(UserInputError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+    load = lambda d, **kw: models.load_model(ModelConfig(name_or_path=str(d), **kw), "cpu")  # noqa: E731
+    d = _copy_dir(base_dir, tmp_path / "shapes")
+    _edit_config(d, intermediate_size=96)  # weights of another shape: transformers' RuntimeError
+    one_line(lambda: load(d), "could not load model")
+    d = _copy_dir(base_dir, tmp_path / "badvalue")
+    _edit_config(d, hidden_size="abc")  # huggingface_hub's config validation error
+    one_line(lambda: load(d), "could not load the tokenizer")  # AutoTokenizer reads config.json first
+    one_line(lambda: load(d, tokenizer=str(_tok_dir(tmp_path))), "could not load model")
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "m.gguf").write_bytes(b"GGUF" + b"\0" * 16)  # a truncated GGUF: the gguf reader's struct.error
+    one_line(lambda: load(g / "m.gguf", tokenizer=str(_tok_dir(tmp_path))), "could not load model")
+    bad = tmp_path / "bad_tokenizer.json"
+    bad.write_text('{"model": {"type": "Nope"}}')  # tokenizers' plain Exception
+    one_line(lambda: models.load_tokenizer(str(bad)), "could not load tokenizer")
+    t = tmp_path / "badtok"
+    tiny_tokenizer().save_pretrained(t)
+    (t / "tokenizer.json").write_text("{nope")
+    one_line(lambda: models.load_tokenizer(str(t)), "could not load tokenizer")
 
 
 def test_missing_tokenizer(tmp_path):
@@ -282,6 +355,37 @@ def test_gpt2_pissa_conv1d_roundtrip(tmp_path):
     torch.testing.assert_close(back(input_ids=_ids()).logits, want, atol=1e-5, rtol=1e-4)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     torch.testing.assert_close(merged(input_ids=_ids()).logits, want, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_scale_uses_peft_pattern_lookup(tmp_path):
+    """α̃ read back from a saved adapter is the scaling peft itself gave every layer, rank/alpha patterns included
+    (a pattern that is only a name's tail, like ``_proj``, matches no module for peft: no ``endswith``)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    cfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                         rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+                         alpha_pattern={"_proj": 1, "v_proj": 3}, use_rslora=True)
+    pm = get_peft_model(tiny_llama(), cfg)
+    pm.save_pretrained(tmp_path / "ad")
+    saved = json.loads((tmp_path / "ad/adapter_config.json").read_text())
+    seen = 0
+    for name, module in pm.named_modules():
+        if isinstance(getattr(module, "scaling", None), dict):
+            assert models.lora_scale(saved, name) == pytest.approx(module.scaling["default"]), name
+            seen += 1
+    assert seen == 6
+
+
+def test_plain_name_gives_the_base_models_names():
+    base = tiny_llama()
+    plain = set(base.state_dict())
+    pm = models.apply_lora(tiny_llama(), LoraConfig(rank=2))
+    wrapped = {n for n in pm.state_dict() if "lora_" not in n}
+    assert wrapped != plain and {models.plain_name(n) for n in wrapped} == plain
+    mods = {models.plain_name(n) for n, m in pm.named_modules() if hasattr(m, "base_layer")}
+    assert mods and mods <= {n for n, _ in base.named_modules()}
+    assert models.plain_name("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
 
 
 # --------------------------------------------------------------------------------------------- saving

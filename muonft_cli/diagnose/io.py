@@ -3,8 +3,9 @@
 Owns finding the 2-D weight matrices of a checkpoint and reading each one alone, so peak memory stays near
 the largest matrix (plus its work buffers) however big the model is:
 
-- safetensors (single file, HF dir, sharded HF dir via ``model.safetensors.index.json``): the 8-byte header
-  length and JSON header are parsed here and each tensor is read with ``os.pread`` into its own buffer. No
+- safetensors (single file, HF dir, sharded HF dir via ``model.safetensors.index.json``): the header comes from
+  `muonft_cli.models.safetensors.read_header` (which checks the file is complete) and each tensor is read with
+  ``os.pread`` into its own buffer, by the offsets it gives. No
   mmap — looping inside one ``safe_open`` handle keeps the mapped pages of every tensor resident (3.5 GB RSS on
   a 3 GB file), whereas ``pread`` pages only live in the kernel's page cache, not in our RSS.
 - GGUF: the header and tensor table come from the `gguf` package's ``GGUFReader`` (it memory-maps the file but
@@ -21,9 +22,7 @@ Every problem with the input is raised as `UserInputError` before any matrix is 
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,9 @@ from typing import Callable
 import torch
 
 from muonft_cli.errors import UserInputError
+from muonft_cli.models.lora import lora_scale, plain_name
+from muonft_cli.models.safetensors import TensorEntry as _StEntry
+from muonft_cli.models.safetensors import index_shards, read_header
 from muonft_cli.spectral import fused_qkv_split, layer_type, lora_part
 
 __all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "read_count", "reset_read_count"]
@@ -101,52 +103,14 @@ def _bad(msg: str) -> UserInputError:
 # ------------------------------------------------------------------------------------------ safetensors
 
 
-@dataclass
-class _StEntry:
-    path: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset in the file
-    nbytes: int
-
-
 def _read_st_header(path: Path) -> list[_StEntry]:
-    """Parse a safetensors header and check every tensor lies inside the file (truncation, corruption)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise _bad(f"{path}: not a safetensors file (shorter than its 8-byte header); re-download or re-save it")
-            (n,) = struct.unpack("<Q", head)
-            if n <= 1 or 8 + n > size or n > 100 * 2**20:
-                raise _bad(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes); "
-                           "re-download or re-save the checkpoint")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(f"{path}: corrupt safetensors header (not JSON); re-download or re-save the checkpoint") from None
-    if not isinstance(header, dict):
-        raise _bad(f"{path}: corrupt safetensors header; re-download or re-save the checkpoint")
-    start = 8 + n
-    out = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _bad(f"{path}: corrupt safetensors entry {name!r}; re-download or re-save the checkpoint") from None
-        if dt not in _ST_DTYPES:
-            raise _bad(f"{path}: tensor {name!r} has unknown dtype {dt!r}; re-save it with a current safetensors")
-        width = _ST_DTYPES[dt][1]
-        if e - b != math.prod(shape) * width or b < 0:
-            raise _bad(f"{path}: corrupt safetensors entry {name!r} (size does not match its shape); re-save it")
-        if start + e > size:
-            raise _bad(f"{path}: truncated file — tensor {name!r} ends at byte {start + e} but the file has {size}; "
-                       "re-download or re-save the checkpoint")
-        out.append(_StEntry(str(path), name, dt, shape, start + b, e - b))
-    return out
+    """The tensors of a safetensors file (`models.safetensors.read_header`: header parsed, every tensor inside the
+    file), each of a dtype diagnose can read."""
+    entries = read_header(path)
+    for e in entries:
+        if e.dtype not in _ST_DTYPES:
+            raise _bad(f"{path}: tensor {e.name!r} has unknown dtype {e.dtype!r}; re-save it with a current safetensors")
+    return entries
 
 
 def _pread(path: str, offset: int, nbytes: int) -> bytearray:
@@ -186,11 +150,7 @@ def _st_entries(path: Path) -> tuple[list[_StEntry], list[str]]:
     index = path / "model.safetensors.index.json"
     files: list[Path]
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise _bad(f"{index}: corrupt index (no weight_map); re-download or re-save the checkpoint") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        files = [path / f for f in index_shards(index)]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise _bad(f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing; "
@@ -292,18 +252,6 @@ def _open_gguf(path: Path) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------- adapters
 
 
-def _lora_scale(cfg: dict, module: str) -> float:
-    r = cfg.get("r", 8)
-    alpha = cfg.get("lora_alpha", r)
-    for pat, v in (cfg.get("rank_pattern") or {}).items():
-        if module.endswith(pat):
-            r = v
-    for pat, v in (cfg.get("alpha_pattern") or {}).items():
-        if module.endswith(pat):
-            alpha = v
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
 def _dora_merge(W0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """The weight peft's ``merge_and_unload`` writes for a DoRA layer: W' = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖.
 
@@ -318,9 +266,8 @@ def _dora_merge(W0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) 
 
 
 def _base_key(module: str) -> str:
-    """peft module path → base checkpoint parameter name: strip ``base_model.model.`` and add ``.weight``."""
-    m = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
-    return m + ".weight"
+    """peft module path → base checkpoint parameter name (`models.plain_name` + ``.weight``)."""
+    return plain_name(module) + ".weight"
 
 
 def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
@@ -355,7 +302,7 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
             continue
         A, B = ab["A"], ab["B"]  # A: (r, in), B: (out, r)
         lt = layer_type(module + ".weight")
-        scale = _lora_scale(cfg, module)
+        scale = lora_scale(cfg, module)
         specs.append(MatrixSpec(A.name, lt, A.shape, _st_loader(A), A.nbytes, role="lora_A"))
         specs.append(MatrixSpec(B.name, lt, B.shape, _st_loader(B), B.nbytes, role="lora_B"))
         shape = (B.shape[0], A.shape[1])

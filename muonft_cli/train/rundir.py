@@ -151,7 +151,7 @@ def save_model(out: Path, name: str, model: Any, tokenizer: Any, cfg: RunConfig,
 
     path = out / name
     if info.is_main:
-        models.save_model(model, tokenizer, path, provenance(cfg, mode, state), cfg.lora, cfg.lora.merge)
+        models.save_model(model, tokenizer, path, provenance(cfg, mode, state), merge=cfg.lora.merge)
     dist_mod.barrier(info)
     return path
 
