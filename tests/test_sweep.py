@@ -21,10 +21,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from muonft_cli import render
 from muonft_cli import sweep as S
 from muonft_cli.sweep import report as R
+from muonft_cli.sweep import scheduler
 from muonft_cli.cli import app
-from muonft_cli.errors import ConfigError
+from muonft_cli.errors import ConfigError, UserInputError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers_sweep import FAKE_ENGINE, fake_ppl  # noqa: E402
@@ -254,7 +256,7 @@ def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypat
     while time.time() < deadline:  # kill once some cells are done and others are mid-run
         latest = index.latest()
         st = [r["status"] for i, r in latest.items() if not i.startswith("base")]
-        if st.count("done") >= 2 and any(r["status"] == "running" and S._has_checkpoint(out / "cells" / i)
+        if st.count("done") >= 2 and any(r["status"] == "running" and S.has_checkpoint(out / "cells" / i)
                                          for i, r in latest.items()):
             break
         time.sleep(0.05)
@@ -262,7 +264,7 @@ def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypat
     proc.wait()
     latest = index.latest()
     done_before = {i for i, r in latest.items() if r["status"] == "done" and not i.startswith("base")}
-    interrupted = {i for i, r in latest.items() if r["status"] == "running" and S._has_checkpoint(out / "cells" / i)}
+    interrupted = {i for i, r in latest.items() if r["status"] == "running" and S.has_checkpoint(out / "cells" / i)}
     assert done_before and interrupted
     S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)  # waits for orphans to let go of cells
     _check_each_cell_done_once(plan, out, fake_env)
@@ -448,7 +450,7 @@ def test_report_regeneration_and_plots_through_the_cli(tmp_path):
     # fake engine: the muon-pretrained base fine-tuned with adam is mismatched: a positive gap
     row = {r["label"]: r for r in again["table1"]}
     assert row["Full-Adam"]["cols"]["muon"]["gap"] > 0
-    table = R.rich_table(again)
+    table = render.sweep_table(again)
     assert [c.header for c in table.columns][:3] == ["fine-tune", "adam (Adam-pretrained)", "muon (Muon-pretrained)"]
 
 
@@ -472,9 +474,9 @@ def test_cli_dry_run_and_bad_input(tmp_path):
 def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "sw"
     (out / "locks").mkdir(parents=True)
-    fd = S._try_lock(out / "locks" / "sweep.lock")
+    fd = scheduler._try_lock(out / "locks" / "sweep.lock")
     try:
-        with pytest.raises(S.UserInputError, match="another `muonft sweep` is running"):
+        with pytest.raises(UserInputError, match="another `muonft sweep` is running"):
             S.run_sweep(small_plan(tmp_path), out, engine=FAKE_ENGINE)
     finally:
         os.close(fd)

@@ -46,7 +46,7 @@ from muonft_cli import config as config_mod
 from muonft_cli.models import device as device_mod
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.config import RunConfig
-from muonft_cli.errors import MuonftError, TrainingDivergedError, UserInputError
+from muonft_cli.errors import MuonftError, ResumeRefusedError, TrainingDivergedError, UserInputError
 from muonft_cli.train.sink import NullSink
 
 MODES = ("pretrain", "finetune")
@@ -230,16 +230,16 @@ def _prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
     out = Path(cfg.output.dir).expanduser()
     if resume:
         if not (out / "config.yaml").is_file():
-            raise UserInputError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
+            raise ResumeRefusedError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
                                  f"--out of the run to continue, or drop --resume to start a new run")
         try:
             saved = config_mod.load_saved(out / "config.yaml")
         except MuonftError as e:
-            raise UserInputError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
+            raise ResumeRefusedError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
                                  f"with --overwrite") from None
         diffs = config_mod.diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
         if diffs:
-            raise UserInputError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
+            raise ResumeRefusedError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
                                  f"resume with the same settings (only --steps may grow), or start a new run "
                                  f"with another --out")
         steps = _ckpt_steps(out)
@@ -561,10 +561,10 @@ class _Trainer:
         d = self.out / "checkpoints" / f"step-{step:06d}"
         state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
         if state["world_size"] != self.info.world_size:
-            raise UserInputError(f"--resume: checkpoint {d.name} was written by {state['world_size']} processes, "
+            raise ResumeRefusedError(f"--resume: checkpoint {d.name} was written by {state['world_size']} processes, "
                                  f"this run has {self.info.world_size}: resume with the same process count")
         if state["n_train"] != self.n_train:
-            raise UserInputError(f"--resume: the training data now gives {self.n_train} sequences, the run had "
+            raise ResumeRefusedError(f"--resume: the training data now gives {self.n_train} sequences, the run had "
                                  f"{state['n_train']}: resume with the same data")
         weights = load_file(str(d / "model.safetensors"))
         params = dict(self.model.named_parameters())
