@@ -169,15 +169,18 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = sorted((a for a in args if a is not type(None)), key=lambda a: not _shaped_like(value, a))
-        first: list[str] = []
+        first: tuple[list[str], Any] | None = None
         for a in inner:
             sub: list[str] = []
             out = _coerce(value, a, where, sub)
             if not sub:
                 return out
-            first = first or sub
-        problems.append(first[0] if first else f"{where}: invalid value {value!r}")
-        return value
+            first = first or (sub, out)
+        if first is None:
+            problems.append(f"{where}: invalid value {value!r}")
+            return value
+        problems.extend(first[0])  # the problems of the alternative shaped like the value, and what it loaded
+        return first[1]
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
@@ -576,7 +579,10 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
     if sec.metric not in SWEEP_METRICS:
         p.append(f"sweep.metric: {sec.metric!r} is not one of {', '.join(SWEEP_METRICS)}"
                  f"{_did_you_mean(str(sec.metric), SWEEP_METRICS)}")
-    keys("sweep.per_optim", sec.per_optim, OPTIMIZER_NAMES)
+    for k in sec.per_optim if isinstance(sec.per_optim, dict) else ():
+        if k not in OPTIMIZER_NAMES:
+            p.append(f"sweep.per_optim.{k}: not an optimizer ({', '.join(OPTIMIZER_NAMES)})"
+                     f"{_did_you_mean(str(k), OPTIMIZER_NAMES)}")
     for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
         if not isinstance(values, list) or not values:
             p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
@@ -613,5 +619,6 @@ def load_sweep_section(data: Any) -> tuple[SweepSection, list[str]]:
     sec = SweepSection()
     problems: list[str] = []
     _apply_mapping(sec, data, "sweep.", problems)
-    problems.extend(q for q in _sweep_problems(sec) if q not in problems)  # type errors first, then ranges
+    typed = {q.split(":")[0] for q in problems}  # type errors first; range checks of what else loaded
+    problems.extend(q for q in _sweep_problems(sec) if q.split(":")[0] not in typed)
     return sec, problems
