@@ -328,9 +328,11 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
                   "reduction |", "|---|---|---|---|---|"]
         for r in summary["gap_reduction"]:
             rk = f" (r={r['rank']})" if r["rank"] is not None else ""
+            red = (fmt_num(r["reduction_pct"], ".0f") + " %" if r["reduction_pct"] is not None
+                   else "n/a (no gap in full FT)")
             lines.append(f"| {r['base_label']} | {OPTIM_NAMES.get(r['mismatched_optim'], r['mismatched_optim'])}{rk}"
                          f" | {r['gap_full']:+.3f} | {r['gap_lora']:+.3f} | "
-                         f"{fmt_num(r['reduction_pct'], '.0f') + ' %' if r['reduction_pct'] is not None else 'n/a (no gap in full FT)'} |")
+                         f"{red} |")
         lines.append("")
     lines += ["## Best learning rate per group", "",
               "| base | fine-tune | matched | best LR | val PPL (mean ± std) | normalised | seeds | note |",

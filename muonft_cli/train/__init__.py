@@ -231,17 +231,17 @@ def _prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
     if resume:
         if not (out / "config.yaml").is_file():
             raise ResumeRefusedError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
-                                 f"--out of the run to continue, or drop --resume to start a new run")
+                                     f"--out of the run to continue, or drop --resume to start a new run")
         try:
             saved = config_mod.load_saved(out / "config.yaml")
         except MuonftError as e:
             raise ResumeRefusedError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
-                                 f"with --overwrite") from None
+                                     f"with --overwrite") from None
         diffs = config_mod.diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
         if diffs:
             raise ResumeRefusedError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
-                                 f"resume with the same settings (only --steps may grow), or start a new run "
-                                 f"with another --out")
+                                     f"resume with the same settings (only --steps may grow), or start a new run "
+                                     f"with another --out")
         steps = _ckpt_steps(out)
         return out, (steps[-1] if steps else None)
     if out.exists() and not out.is_dir():
@@ -562,10 +562,10 @@ class _Trainer:
         state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
         if state["world_size"] != self.info.world_size:
             raise ResumeRefusedError(f"--resume: checkpoint {d.name} was written by {state['world_size']} processes, "
-                                 f"this run has {self.info.world_size}: resume with the same process count")
+                                     f"this run has {self.info.world_size}: resume with the same process count")
         if state["n_train"] != self.n_train:
             raise ResumeRefusedError(f"--resume: the training data now gives {self.n_train} sequences, the run had "
-                                 f"{state['n_train']}: resume with the same data")
+                                     f"{state['n_train']}: resume with the same data")
         weights = load_file(str(d / "model.safetensors"))
         params = dict(self.model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
