@@ -235,7 +235,7 @@ def finetune(
                common["quiet"])
 
 
-# ------------------------------------------------------------------ sweep (sweep.py, sweep_report.py)
+# ------------------------------------------------------------------ sweep (engine: sweep/)
 
 
 @app.command()
@@ -255,8 +255,7 @@ def sweep(
     """Run a resumable LR x method x optimizer x rank x seed grid; write the paper's tables and figures."""
     import json
 
-    from rich.console import Console
-
+    from muonft_cli import render
     from muonft_cli import sweep as sw
     from muonft_cli.sweep import report as rep
 
@@ -275,7 +274,7 @@ def sweep(
     if report is None:
         counts = _run(sw.run_sweep, plan, out, workers=workers, keep_weights=keep_weights,
                       retry_failed=retry_failed, threads=threads,
-                      on_event=lambda rec: (line := sw.format_event(rec)) and typer.echo(line, err=True))
+                      on_event=lambda rec: (line := render.sweep_event_line(rec)) and typer.echo(line, err=True))
         typer.echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already "
                    f"finished before this run (of {counts['total']} cells)", err=True)
     summary = _run(rep.write_report, report or out, plan)
@@ -283,7 +282,7 @@ def sweep(
         typer.echo(json.dumps({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")},
                               default=str))
     else:
-        Console().print(rep.rich_table(summary))
+        render.print_sweep_table(summary)
         typer.echo(f"summary: {report or out}/summary.md (.csv, .json); plots: "
                    f"{', '.join(summary['plots'].values()) or 'none yet'}")
 

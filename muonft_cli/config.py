@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from muonft_cli import recipes
-from muonft_cli._common import OPTIMIZER_NAMES as OPTIMIZERS
-from muonft_cli._common import SCALINGS, adamw_lr_problem
+from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS, adamw_lr_problem
 from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
@@ -168,14 +167,33 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        sub: list[str] = []
+        inner = sorted((a for a in args if a is not type(None)), key=lambda a: not _shaped_like(value, a))
+        first: tuple[list[str], Any] | None = None
         for a in inner:
+            sub: list[str] = []
             out = _coerce(value, a, where, sub)
             if not sub:
                 return out
-        problems.append(sub[0] if sub else f"{where}: invalid value {value!r}")
-        return value
+            first = first or (sub, out)
+        if first is None:
+            problems.append(f"{where}: invalid value {value!r}")
+            return value
+        problems.extend(first[0])  # the problems of the alternative shaped like the value, and what it loaded
+        return first[1]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        _, val_tp = args or (str, Any)
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}", problems) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+                            f", got {value!r}")
+            return value
+        obj = tp()
+        _apply_mapping(obj, value, f"{where}.", problems)
+        return obj
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
@@ -201,6 +219,16 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _shaped_like(value: Any, tp: Any) -> bool:
+    """Whether `value` has the container shape of annotation `tp` (a union reports that alternative's problem)."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(tp)
+    if isinstance(value, (list, tuple)):
+        return origin is list
+    return origin not in (dict, list) and not dataclasses.is_dataclass(tp)
 
 
 def _coerce_number(value: Any, tp: type, where: str, problems: list[str]) -> Any:
@@ -251,7 +279,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
             if value < 0 or (value == 0 and not allow_zero):
                 p.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
-    choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    choice("optimizer.name", cfg.optimizer.name, OPTIMIZER_NAMES)
     choice("optimizer.scaling", cfg.optimizer.scaling, SCALINGS)
     choice("optimizer.ns_dtype", cfg.optimizer.ns_dtype, ("auto", "bf16", "fp32"))
     choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
@@ -471,3 +499,129 @@ def diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
 
     walk(to_dict(a), to_dict(b), "")
     return out
+
+
+# --------------------------------------------------------------------------------- the sweep section
+# The `sweep:` section of a `muonft sweep` recipe, loaded by the same strict loader as the run config (unknown
+# key -> did-you-mean, every problem at once). Its expansion into cells lives in `muonft_cli.sweep.plan`.
+
+SWEEP_METHODS = ("full", "lora")
+SWEEP_METRICS = ("final", "best")
+
+
+@dataclass
+class SweepBaseSection:
+    """One base model: `path` (a local model or hub id) or `pretrain` (a run recipe the sweep runs first)."""
+
+    path: str | None = None
+    pretrain: dict[str, Any] | None = field(default=None, metadata={"help": "a pretrain run recipe"})
+    pretrained_with: str | None = field(default=None, metadata={"help": "the optimizer that pretrained it"})
+    label: str | None = None
+
+
+@dataclass
+class SweepSection:
+    """The `sweep:` section: the grid (bases x methods x optimizers x LRs x ranks x seeds x extra axes)."""
+
+    name: str | None = field(default=None, metadata={"help": "default: the recipe file's stem"})
+    bases: dict[str, SweepBaseSection] | None = None
+    methods: list[str] = field(default_factory=lambda: ["full", "lora"])
+    optims: list[str] = field(default_factory=lambda: ["adamw", "muon"])
+    lr: dict[str, dict[str, list[float]] | list[float]] | list[float] | None = field(
+        default=None, metadata={"help": "{method: {optim: [..]}}, {method: [..]}, or one list for all"})
+    lora_ranks: list[int] = field(default_factory=lambda: [8])
+    alpha_equals_2r: bool = field(default=True, metadata={"help": "lora.alpha = 2 x rank"})
+    seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, list[Any]] | None = field(default=None, metadata={"help": "config.key -> values"})
+    metric: str = field(default="final", metadata={"help": "final | best validation PPL of a run"})
+    reference_data: str | None = field(default=None, metadata={"help": "forgetting (default: eval.reference_data)"})
+    per_optim: dict[str, dict[str, Any]] | None = field(default=None, metadata={"help": "optim -> run overrides"})
+
+
+def _sweep_problems(sec: SweepSection) -> list[str]:
+    """The sweep section's choices, ranges, duplicates and missing learning rates (after type checks)."""
+    p: list[str] = []
+
+    def grid(where: str, values: Any, options: tuple | None = None, positive: bool = False,
+             allow_zero: bool = False) -> None:
+        if not isinstance(values, list) or not values:
+            p.append(f"{where}: expected a non-empty list, got {values!r}")
+            return
+        for i, v in enumerate(values):
+            if options is not None and v not in options:
+                p.append(f"{where}[{i}]: {v!r} is not one of {', '.join(options)}{_did_you_mean(str(v), options)}")
+            elif positive and isinstance(v, (int, float)) and (v < 0 or (v == 0 and not allow_zero)):
+                p.append(f"{where}[{i}]: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+        if len({repr(v) for v in values}) != len(values):
+            p.append(f"{where}: has duplicate values {values!r}")
+
+    def keys(where: str, mapping: Any, options: tuple) -> None:
+        for k in mapping if isinstance(mapping, dict) else ():
+            if k not in options:
+                p.append(f"unknown key '{where}.{k}'{_did_you_mean(str(k), options)}")
+
+    if not isinstance(sec.bases, dict) or not sec.bases:
+        p.append("sweep.bases: expected a mapping name -> {path: ...} or {pretrain: {...}}, e.g. "
+                 "bases: {adam: {path: runs/pre-adam/final, pretrained_with: adamw}}")
+    else:
+        for name, b in sec.bases.items():
+            if not isinstance(b, SweepBaseSection):
+                continue
+            if (b.path is None) == (b.pretrain is None):
+                p.append(f"sweep.bases.{name}: give exactly one of 'path' (an existing model) or 'pretrain' "
+                         "(a run recipe)")
+            elif b.path is not None and not b.path:
+                p.append(f"sweep.bases.{name}.path: expected a model path or hub id, got {b.path!r}")
+            if b.pretrained_with is not None and b.pretrained_with not in OPTIMIZER_NAMES:
+                p.append(f"sweep.bases.{name}.pretrained_with: {b.pretrained_with!r} is not one of "
+                         f"{', '.join(OPTIMIZER_NAMES)}{_did_you_mean(str(b.pretrained_with), OPTIMIZER_NAMES)}")
+    grid("sweep.methods", sec.methods, SWEEP_METHODS)
+    grid("sweep.optims", sec.optims, OPTIMIZER_NAMES)
+    grid("sweep.lora_ranks", sec.lora_ranks, positive=True)
+    grid("sweep.seeds", sec.seeds, positive=True, allow_zero=True)
+    if sec.metric not in SWEEP_METRICS:
+        p.append(f"sweep.metric: {sec.metric!r} is not one of {', '.join(SWEEP_METRICS)}"
+                 f"{_did_you_mean(str(sec.metric), SWEEP_METRICS)}")
+    for k in sec.per_optim if isinstance(sec.per_optim, dict) else ():
+        if k not in OPTIMIZER_NAMES:
+            p.append(f"sweep.per_optim.{k}: not an optimizer ({', '.join(OPTIMIZER_NAMES)})"
+                     f"{_did_you_mean(str(k), OPTIMIZER_NAMES)}")
+    for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
+        if not isinstance(values, list) or not values:
+            p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
+    if sec.lr is None:
+        p.append("sweep.lr: missing; give the LR grid per method and optimizer, e.g. "
+                 "lr: {full: {adamw: [1e-5, 3e-5]}, lora: {adamw: [1e-4, 3e-4]}}")
+        return p
+    keys("sweep.lr", sec.lr, SWEEP_METHODS)
+    for m in sec.methods if isinstance(sec.methods, list) else ():
+        if m not in SWEEP_METHODS:
+            continue
+        per_m = sec.lr.get(m) if isinstance(sec.lr, dict) else sec.lr
+        if per_m is None:
+            p.append(f"sweep.lr.{m}: missing; give a list of learning rates for method '{m}'")
+            continue
+        keys(f"sweep.lr.{m}", per_m, OPTIMIZER_NAMES)
+        for o in sec.optims if isinstance(sec.optims, list) else ():
+            if o not in OPTIMIZER_NAMES:
+                continue
+            values = per_m.get(o) if isinstance(per_m, dict) else per_m
+            if values is None:
+                p.append(f"sweep.lr.{m}.{o}: missing; give a list of learning rates for {m} fine-tuning with {o}")
+            else:
+                grid(f"sweep.lr.{m}.{o}", values, positive=True)
+    return p
+
+
+def load_sweep_section(data: Any) -> tuple[SweepSection, list[str]]:
+    """Load a recipe's `sweep:` mapping strictly, like the run config; returns it and every problem found.
+
+    The problems are returned rather than raised so that the sweep can report them together with those of the
+    run sections and of each cell (`muonft_cli.sweep.plan.plan_from_dict`).
+    """
+    sec = SweepSection()
+    problems: list[str] = []
+    _apply_mapping(sec, data, "sweep.", problems)
+    typed = {q.split(":")[0] for q in problems}  # type errors first; range checks of what else loaded
+    problems.extend(q for q in _sweep_problems(sec) if q.split(":")[0] not in typed)
+    return sec, problems

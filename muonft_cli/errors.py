@@ -19,6 +19,16 @@ class UserInputError(MuonftError):
     exit_code = 2
 
 
+class ResumeRefusedError(UserInputError):
+    """`--resume` refused: the run directory cannot be continued (no run there, another config, another data
+    size or process count). Exit code 2. The message always starts with `--resume: `, so the CLI's line is
+    `error: --resume: ...`; `muonft sweep` recognises exactly that line (after an exit 2 of a resume attempt)
+    as the one error after which it may restart a cell afresh with `--overwrite`."""
+
+    def __init__(self, message: str):
+        super().__init__(message if message.startswith("--resume: ") else f"--resume: {message}")
+
+
 class ConfigError(UserInputError):
     """An invalid config / recipe / override. May hold several problems, reported at once."""
 

@@ -7,7 +7,11 @@ Its validation PPL is a closed form of (lr, optimizer, method, pretraining optim
 scheduling, resumption and aggregation can be tested fast and deterministically. Environment knobs:
 FAKE_LOG (append start/done/term events), FAKE_STEP_SLEEP, FAKE_DIVERGE_LR (exit 1 "loss is NaN" at lr >= it),
 FAKE_KILL_PARENT_AT (`cell-id-substring:step`: SIGKILL the sweep process there, once), FAKE_REFERENCE (the
-reference corpus: `eval` on it reports the model's reference PPL; default builtin:shakespeare).
+reference corpus: `eval` on it reports the model's reference PPL; default builtin:shakespeare),
+FAKE_PPL_SHIFT (`substring=delta,...`: add delta to the PPL of runs whose --out contains substring),
+FAKE_RESUME_EXIT2 (a `--resume` prints `error: <this>` and exits 2, as the engine does for bad input; the
+engine's refusal to resume is an `error: --resume: ...` line). `eval` of a fine-tuned model whose weights were
+deleted fails like the engine (exit 1).
 """
 
 from __future__ import annotations
@@ -75,7 +79,11 @@ def main(argv: list[str]) -> int:
             p = Path(path) / "fake.json"
             return json.loads(p.read_text()) if p.is_file() else {"val_ppl": 28.0, "ref_ppl": 40.0}
 
-        m = info(args.model or cfg["model"]["name_or_path"])
+        model_dir = Path(args.model or cfg["model"]["name_or_path"])
+        if (model_dir / "fake.json").is_file() and not any(model_dir.glob("*.safetensors")):
+            print(f"error: no model weights in '{model_dir}'", file=sys.stderr)
+            return 1
+        m = info(model_dir)
         b = info(args.base) if args.base else None
         # the reference corpus (forgetting) when the config's data is not the fine-tuning data
         reference = os.environ.get("FAKE_REFERENCE", "builtin:shakespeare")
@@ -101,14 +109,21 @@ def main(argv: list[str]) -> int:
     else:
         pw = _pretrained_with(cfg["model"]["name_or_path"])
         final_ppl = fake_ppl(lr, optim, method, pw, seed)
+        for item in filter(None, os.environ.get("FAKE_PPL_SHIFT", "").split(",")):
+            sub, delta = item.rsplit("=", 1)
+            if sub in str(args.out):
+                final_ppl += float(delta)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
         print(f"error: '{out}' holds a different run: pass --overwrite", file=sys.stderr)
         return 2
     start = 0
     if args.resume:
+        if os.environ.get("FAKE_RESUME_EXIT2"):
+            print(f"error: {os.environ['FAKE_RESUME_EXIT2']}", file=sys.stderr)
+            return 2
         cks = sorted((out / "checkpoints").glob("step-*"))
         if not cks:
-            print(f"error: '{out}' has no checkpoint to resume", file=sys.stderr)
+            print(f"error: --resume: '{out}' has no checkpoint to resume", file=sys.stderr)
             return 2
         start = int(cks[-1].name.split("-")[1])
     elif args.overwrite and out.exists():

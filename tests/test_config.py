@@ -121,3 +121,36 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p.write_text("- just\n- a list\n")
     with pytest.raises(UserInputError, match="must hold a mapping"):
         C.resolve(p)
+
+
+# --------------------------------------------------------------------------------- the sweep section
+
+
+def test_sweep_section_loads_with_the_run_configs_strict_loader():
+    sec, problems = C.load_sweep_section({
+        "bases": {"a": {"path": "runs/a", "pretrian": {}}, "b": {"pretrain": {"model": {"preset": "tiny"}},
+                                                          "pretrained_with": "adma"}},
+        "lr": {"full": ["x", 1e-3], "lora": {"muon": 1e-3}},
+        "seeds": [0, 0],
+        "metric": "bset",
+        "lora_ranks": [0],
+        "per_optim": {"moun": {}},
+    })
+    assert "unknown key 'sweep.bases.a.pretrian' (did you mean 'pretrain'?)" in problems
+    assert "sweep.lr.full[0]: expected a number, got 'x'" in problems  # the list spelling's problem, not the dict's
+    assert "sweep.lr.lora.muon: expected a list, got 0.001" in problems  # the dict spelling's problem
+    assert any(p.startswith("sweep.bases.b.pretrained_with: 'adma' is not one of") for p in problems)
+    assert "sweep.seeds: has duplicate values [0, 0]" in problems
+    assert any(p.startswith("sweep.metric: 'bset' is not one of final, best") for p in problems)
+    assert "sweep.lora_ranks[0]: must be > 0, got 0" in problems
+    assert any(p.startswith("sweep.per_optim.moun: not an optimizer") and "(did you mean 'muon'?)" in p
+               for p in problems)
+    assert isinstance(sec.bases["a"], C.SweepBaseSection) and sec.bases["a"].path == "runs/a"
+    # defaults, and the three spellings of the LR grid load as typed
+    sec, problems = C.load_sweep_section({"bases": {"m": {"path": "p"}}, "lr": [1e-4, "3e-4"]})
+    assert problems == [] and sec.lr == [1e-4, 3e-4] and sec.methods == ["full", "lora"] and sec.seeds == [0]
+    sec, problems = C.load_sweep_section({"bases": {"m": {"path": "p"}}, "lr": {"full": [1e-4], "lora": {
+        "adamw": [1e-3], "muon": [2e-3]}}})
+    assert problems == [] and sec.lr["lora"]["muon"] == [2e-3]
+    _, problems = C.load_sweep_section({"bases": {"m": {"path": "p"}}, "lr": [1e-4], "sed": [1]})
+    assert problems == ["unknown key 'sweep.sed' (did you mean 'seeds'?)"]

@@ -21,10 +21,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from muonft_cli import render
 from muonft_cli import sweep as S
 from muonft_cli.sweep import report as R
+from muonft_cli.sweep import scheduler
 from muonft_cli.cli import app
-from muonft_cli.errors import ConfigError
+from muonft_cli.errors import ConfigError, UserInputError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers_sweep import FAKE_ENGINE, fake_ppl  # noqa: E402
@@ -254,7 +256,7 @@ def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypat
     while time.time() < deadline:  # kill once some cells are done and others are mid-run
         latest = index.latest()
         st = [r["status"] for i, r in latest.items() if not i.startswith("base")]
-        if st.count("done") >= 2 and any(r["status"] == "running" and S._has_checkpoint(out / "cells" / i)
+        if st.count("done") >= 2 and any(r["status"] == "running" and S.has_checkpoint(out / "cells" / i)
                                          for i, r in latest.items()):
             break
         time.sleep(0.05)
@@ -262,7 +264,7 @@ def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypat
     proc.wait()
     latest = index.latest()
     done_before = {i for i, r in latest.items() if r["status"] == "done" and not i.startswith("base")}
-    interrupted = {i for i, r in latest.items() if r["status"] == "running" and S._has_checkpoint(out / "cells" / i)}
+    interrupted = {i for i, r in latest.items() if r["status"] == "running" and S.has_checkpoint(out / "cells" / i)}
     assert done_before and interrupted
     S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)  # waits for orphans to let go of cells
     _check_each_cell_done_once(plan, out, fake_env)
@@ -448,7 +450,7 @@ def test_report_regeneration_and_plots_through_the_cli(tmp_path):
     # fake engine: the muon-pretrained base fine-tuned with adam is mismatched: a positive gap
     row = {r["label"]: r for r in again["table1"]}
     assert row["Full-Adam"]["cols"]["muon"]["gap"] > 0
-    table = R.rich_table(again)
+    table = render.sweep_table(again)
     assert [c.header for c in table.columns][:3] == ["fine-tune", "adam (Adam-pretrained)", "muon (Muon-pretrained)"]
 
 
@@ -472,9 +474,9 @@ def test_cli_dry_run_and_bad_input(tmp_path):
 def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "sw"
     (out / "locks").mkdir(parents=True)
-    fd = S._try_lock(out / "locks" / "sweep.lock")
+    fd = scheduler._try_lock(out / "locks" / "sweep.lock")
     try:
-        with pytest.raises(S.UserInputError, match="another `muonft sweep` is running"):
+        with pytest.raises(UserInputError, match="another `muonft sweep` is running"):
             S.run_sweep(small_plan(tmp_path), out, engine=FAKE_ENGINE)
     finally:
         os.close(fd)
@@ -564,3 +566,147 @@ def test_diagnose_recommendation_carries_a_valid_sweep_command():
         assert plan.bases["model"].family == {"adam": "adam", "muon": "muon", None: None}[fam]
         assert plan.run["data"]["path"] == "builtin:kjv"
         assert set(plan.lrs[rec["method"]][target]) == set(rec["lr_grid"])
+
+
+# ------------------------------------------------------------------------------------------------ refactor pins
+
+# (cells, sha256[:16] of the ordered (cell id, hash) list, sha256[:16] of the ordered (job id, hash) list of the
+# static jobs, base hashes), computed with the sweep code before the issue-10 split (commit ce1aba6): an
+# unchanged recipe must expand to the same cells with the same hashes, or old sweep directories re-run them.
+PINNED_PLANS = {
+    "llama2-7b-full.yaml": [48, "8782215dbbff5c93", "6a2e2c83477dd0e6", {"llama2-7b": "9a63c25391fc"}],
+    "llama2-7b-lora-muon.yaml": [48, "b030fdd917738d6d", "3a0738f931e53878", {"llama2-7b": "9a63c25391fc"}],
+    "mismatch-small.yaml": [84, "2c52b727e9611b81", "40da17592e89e95b",
+                            {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
+    "sweep-finetune.yaml": [60, "7da45a891ce66f1b", "8377e32d85fafe9a", {"model": "dc5d36813fe7"}],
+    "sweep-rank-study.yaml": [486, "8c0a67ca6ac6a558", "b1e3dd3cdd385013", {"llama2-7b": "9a63c25391fc"}],
+    "micro-axes": [288, "b812fa01ca3d4a8b", "8ec1a8a2a1854b95", {"adam": "a79f95179abc", "muon": "c61a07e24f29"}],
+    "micro-alpha": [48, "89886f59fb196ef4", "7d46145a31f4229b", {"adam": "a79f95179abc", "muon": "c61a07e24f29"}],
+}
+
+
+def _plan_fingerprint(plan: S.SweepPlan) -> list:
+    import hashlib
+
+    from muonft_cli.sweep.jobs import static_jobs
+
+    def digest(pairs):
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+    return [len(plan.cells), digest([(c.id, c.hash) for c in plan.cells]),
+            digest([(j.id, j.hash) for j in static_jobs(plan, Path("/x"))]), {n: b.hash for n, b in plan.bases.items()}]
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_PLANS))
+def test_plans_expand_to_the_cells_and_hashes_of_before_the_split(name):
+    if name == "micro-axes":
+        plan = S.plan_from_dict(micro_recipe(
+            lora_ranks=[4, 8], axes={"schedule.warmup_ratio": [0.0, 0.1], "train.batch_size": [8, 16]},
+            per_optim={"muon": {"optimizer": {"adamw_lr": 3e-4}}}))
+    elif name == "micro-alpha":
+        rec = micro_recipe(alpha_equals_2r=False)
+        rec["lora"] = {"alpha": 4}
+        rec["data"]["split_seed"] = 1
+        plan = S.plan_from_dict(rec)
+    else:
+        plan = S.load_plan(ROOT / "recipes" / name)
+    assert _plan_fingerprint(plan) == PINNED_PLANS[name]
+
+
+def test_every_shipped_sweep_recipe_is_pinned():
+    shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml") if "sweep" in yaml.safe_load(p.read_text())}
+    assert shipped == {n for n in PINNED_PLANS if n.endswith(".yaml")}
+
+
+# ------------------------------------------------------------------------------------------------ bug fixes
+
+
+def test_full_weights_are_pruned_only_once_every_seed_of_the_group_finished(tmp_path, fake_env, monkeypatch):
+    """Bug: pruning used the best LR over the seeds done so far; a later seed moved the best LR back to a
+    pruned one, whose forgetting evaluation then failed for lack of model.safetensors."""
+    # workers=1 runs lr 1e-3 (s0, s1), then lr 3e-3 s0 (shifted to look best), then s1 (shifted far up)
+    monkeypatch.setenv("FAKE_PPL_SHIFT", "lr0.003-s0=-5,lr0.003-s1=20")
+    rec = micro_recipe(seeds=[0, 1], methods=["full"], optims=["adamw"], lr={"full": [1e-3, 3e-3]},
+                       bases={"adam": {"path": str(tmp_path / "nobase"), "pretrained_with": "adamw"}})
+    plan = S.plan_from_dict(rec)
+    out = tmp_path / "sw"
+    counts = S.run_sweep(plan, out, workers=1, engine=FAKE_ENGINE, poll_s=0.05)
+    assert counts["done"] == 4
+    latest = S.SweepIndex(out / S.INDEX).latest()
+    (group,) = {c.group for c in plan.cells}
+    assert S.best_lrs(plan, latest)[group] == 1e-3
+    for c in plan.cells:
+        final = out / "cells" / c.id / "final"
+        assert (final / "model.safetensors").exists() == (c.lr == 1e-3), c.id
+        assert (final / "WEIGHTS_DELETED").exists() == (c.lr != 1e-3), c.id
+        assert not (out / "cells" / c.id / "checkpoints").exists()
+    evals = {i: r for i, r in latest.items() if i.startswith("ref:")}
+    assert set(evals) == {f"ref:{c.id}" for c in plan.cells if c.lr == 1e-3}
+    assert all(r["status"] == "done" for r in evals.values()), evals
+
+
+@pytest.mark.parametrize("message, refused", [
+    ("--resume: the config differs from the run in 'x' (train.seq_len: 32 -> 64): resume with the same "
+     "settings (only --steps may grow), or start a new run with another --out", True),
+    ("data path 'corpus.txt' does not exist: pass a builtin:NAME, a local file or a hub dataset", False),
+])
+def test_only_a_refused_resume_restarts_a_cell_afresh(tmp_path, fake_env, monkeypatch, message, refused):
+    """Bug: any exit 2 of a resume attempt restarted the cell with --overwrite, deleting its checkpoint."""
+    monkeypatch.setenv("FAKE_RESUME_EXIT2", message)
+    rec = micro_recipe(seeds=[0], methods=["lora"], optims=["adamw"], lr={"lora": [3e-3]}, reference_data=None,
+                       bases={"adam": {"path": str(tmp_path / "nobase"), "pretrained_with": "adamw"}})
+    plan = S.plan_from_dict(rec)
+    (cell,) = plan.cells
+    out = tmp_path / "sw"
+    ck = out / "cells" / cell.id / "checkpoints" / "step-000004"  # an interrupted run with a checkpoint
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text('{"step": 4}')
+    counts = S.run_sweep(plan, out, engine=FAKE_ENGINE, keep_weights=True, poll_s=0.05)
+    records = [r for r in S.SweepIndex(out / S.INDEX).records() if r["id"] == cell.id]
+    starts = [e for e in fake_log(fake_env) if e["event"] == "start" and Path(e["out"]).name == cell.id]
+    if refused:  # the engine's refusal: start afresh
+        assert counts["done"] == 1 and records[-1]["status"] == "done"
+        assert any("resume refused, restarting" in (r.get("note") or "") for r in records)
+        assert [s["resume"] for s in starts] == [False]
+    else:  # any other bad input: the cell fails and keeps its checkpoint for a fixed re-run
+        assert counts["failed"] == 1 and records[-1]["status"] == "failed"
+        assert records[-1]["returncode"] == 2 and "corpus.txt" in records[-1]["error"]
+        assert not any(r.get("note") for r in records) and starts == []
+        assert (ck / "state.json").exists()
+
+
+def test_the_finetune_cli_reports_a_refused_resume_as_the_sweep_expects(tmp_path):
+    from muonft_cli.errors import ResumeRefusedError, UserInputError
+    from muonft_cli.sweep.jobs import resume_refused
+
+    assert str(ResumeRefusedError("no run there")) == "--resume: no run there"
+    assert isinstance(ResumeRefusedError("x"), UserInputError) and ResumeRefusedError.exit_code == 2
+    res = CliRunner().invoke(app, ["finetune", "--model", str(tmp_path / "m"), "--data", "builtin:kjv",
+                                   "--out", str(tmp_path / "empty"), "--resume"])
+    assert res.exit_code == 2, res.output
+    err = tmp_path / "err"
+    err.write_text("=== attempt 1\n" + res.output)
+    assert resume_refused(err, 2) and not resume_refused(err, 1)
+    err.write_text("=== attempt 1\n" + res.output + "\nerror: data path 'x' does not exist\n")
+    assert not resume_refused(err, 2)
+    # only this attempt's part of the appended-to log counts (an earlier attempt's refusal does not)
+    err.write_text("=== attempt 1\n" + res.output)
+    offset = err.stat().st_size
+    with open(err, "a") as fh:
+        fh.write("=== attempt 2\nTraceback (most recent call last):\nSystemExit: 2\n")
+    assert resume_refused(err, 2) and not resume_refused(err, 2, offset)
+
+
+def test_gpus_are_counted_by_torch_without_nvidia_smi(monkeypatch):
+    """Bug: with nvidia-smi not on PATH the sweep counted 0 GPUs, so every worker saw every GPU."""
+    import shutil
+    import types
+
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=types.SimpleNamespace(device_count=lambda: 2)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert scheduler._count_gpus() == 2
+    gpus = scheduler._count_gpus()
+    assert [scheduler.worker_env(w, 2, gpus)["CUDA_VISIBLE_DEVICES"] for w in range(3)] == ["0", "1", "0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert scheduler._count_gpus() == 0

@@ -1,4 +1,4 @@
-"""Aggregation, tables and plots of a `muonft sweep` (what `muonft sweep --report DIR` re-runs).
+"""Aggregation and tables of a `muonft sweep` (what `muonft sweep --report DIR` re-runs).
 
 Owns the paper's reporting method ("Can Muon Fine-tune Adam-Pretrained Models?", Qu et al. 2026):
 - per (base model, method, optimizer[, rank, extra axes]): the best learning rate by mean validation PPL over
@@ -11,7 +11,8 @@ Owns the paper's reporting method ("Can Muon Fine-tune Adam-Pretrained Models?",
   PPL at the best LR vs the base model's;
 - figures: PPL vs LR (Fig. 4: solid = matched pretraining, dashed = mismatched; dark = full, light = LoRA),
   validation curves of the best runs (Fig. 3), best PPL vs rank (Fig. 5).
-Outputs `summary.md`, `summary.csv`, `summary.json` and PNGs in the sweep directory.
+Outputs `summary.md`, `summary.csv`, `summary.json` and the PNGs of `muonft_cli.sweep.plots` in the sweep
+directory. The terminal table is `muonft_cli.render.sweep_table`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from muonft_cli.sweep import (INDEX, SweepIndex, SweepPlan, base_eval_id, cell_ppl, load_saved_plan, optim_family,
-                               split_seeds)
+from muonft_cli._common import atomic_write_text, optimizer_family, read_jsonl
+from muonft_cli.sweep.index import INDEX, SweepIndex
+from muonft_cli.sweep.jobs import base_eval_id
+from muonft_cli.sweep.labels import OPTIM_NAMES, base_header, fmt_gap, fmt_num, fmt_pm, label
+from muonft_cli.sweep.plan import SweepPlan, load_saved_plan, split_seeds
+from muonft_cli.sweep.plots import PLOTS, plot_ppl_vs_lr, plot_ppl_vs_rank, plot_val_curves
+from muonft_cli.sweep.policy import cell_ppl
 
-OPTIM_NAMES = {"adamw": "Adam", "muon": "Muon", "muon-pe": "Muon-PE", "adamuon": "AdaMuon", "normuon": "NorMuon"}
-FAMILY_NAMES = {"adam": "Adam", "muon": "Muon"}
-PLOTS = {"lr": "ppl_vs_lr.png", "curves": "val_curves.png", "rank": "ppl_vs_rank.png"}
 
 
 def _num(x: Any) -> float | None:
@@ -60,32 +63,13 @@ def eval_ppl(rec: dict | None, hash_: str | None = None) -> float | None:
     return _find(rec.get("eval") or {}, ("data.model.ppl",))
 
 
-def label(method: str, optim: str, rank: int | None = None, axes: Iterable = ()) -> str:
-    """Row label in the paper's style: `Full-Muon`, `LoRA-Adam (r=8)`."""
-    s = f"{'Full' if method == 'full' else 'LoRA'}-{OPTIM_NAMES.get(optim, optim)}"
-    extra = [f"r={rank}"] if rank is not None else []
-    extra += [f"{k.split('.')[-1]}={v}" for k, v in axes]
-    return s + (f" ({', '.join(extra)})" if extra else "")
-
-
 # ------------------------------------------------------------------------------------------------ collect
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a run's metrics.jsonl (torn lines skipped)."""
-    out = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    """Records of a run's metrics.jsonl (a torn last line of a killed run is dropped; a resumed run rewrites
+    the file whole)."""
+    return read_jsonl(path)
 
 
 def val_curve(path: Path) -> list[tuple[int, float]]:
@@ -178,7 +162,7 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
     for key, g in groups.items():
         base, method, optim, rank, axes = key
         b = bases.get(base, {})
-        fam = optim_family(b["pretrained_with"]) if b.get("pretrained_with") else None
+        fam = optimizer_family(b["pretrained_with"]) if b.get("pretrained_with") else None
         per_lr: dict[float, list[dict]] = {}
         for c in g["cells"]:
             per_lr.setdefault(float(c["lr"]), []).append(c)
@@ -209,7 +193,7 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
             curve.append(pt)
         eligible = [p for p in curve if p["mean"] is not None and p["n_failed"] == 0]
         row = {"base": base, "base_label": b.get("label", base), "pretrained_with": b.get("pretrained_with"),
-               "matched": (optim_family(optim) == fam) if fam else None, "method": method, "optim": optim,
+               "matched": (optimizer_family(optim) == fam) if fam else None, "method": method, "optim": optim,
                "rank": rank, "axes": [list(a) for a in axes], "label": label(method, optim, rank, axes),
                "curve": curve, "best_lr": None, "ppl_mean": None, "ppl_std": None, "n_seeds": 0,
                "normalised": None, "normalised_std": None, "edge": None, "ref_ppl_mean": None,
@@ -296,7 +280,7 @@ def _table1(groups: list[dict], bases: dict[str, dict]) -> tuple[list[dict], lis
                               "gap_full": fcol["gap"], "gap_lora": col["gap"], "reduction_pct": red})
     order = {"full": 0, "lora": 1}
     ordered = sorted(rows.values(), key=lambda r: (order[r["method"]], r["rank"] or 0, str(r["axes"]),
-                                                   -int(optim_family(r["optim"]) == "muon"), r["optim"]))
+                                                   -int(optimizer_family(r["optim"]) == "muon"), r["optim"]))
     return ordered, reduction
 
 
@@ -312,24 +296,6 @@ def _rank_study(groups: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ render
-
-
-def _f(x: float | None, fmt: str = ".3f") -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-def _pm(m: float | None, s: float | None, fmt: str = ".3f") -> str:
-    return "—" if m is None else f"{m:{fmt}} ± {s or 0:{fmt}}"
-
-
-def _gap(g: float | None) -> str:
-    return "" if g is None else f" ({'+' if g >= 0 else '−'}{abs(g):.3f})".replace("0.", ".", 1)
-
-
-def base_header(name: str, b: dict) -> str:
-    """Column header: `adam (Adam-pretrained)`."""
-    w, lab = b.get("pretrained_with"), str(b.get("label", name))
-    return lab + (f" ({FAMILY_NAMES[optim_family(w)]}-pretrained)" if w and "pretrained" not in lab else "")
 
 
 def to_markdown(summary: dict, title: str = "sweep") -> str:
@@ -351,7 +317,7 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
         for n in names:
             col = row["cols"].get(n)
             cells.append("—" if col is None or col["value"] is None else
-                         f"{col['value']:.3f}{_gap(col['gap'])}")
+                         f"{col['value']:.3f}{fmt_gap(col['gap'])}")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines.append("")
     if norm:
@@ -362,9 +328,11 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
                   "reduction |", "|---|---|---|---|---|"]
         for r in summary["gap_reduction"]:
             rk = f" (r={r['rank']})" if r["rank"] is not None else ""
+            red = (fmt_num(r["reduction_pct"], ".0f") + " %" if r["reduction_pct"] is not None
+                   else "n/a (no gap in full FT)")
             lines.append(f"| {r['base_label']} | {OPTIM_NAMES.get(r['mismatched_optim'], r['mismatched_optim'])}{rk}"
                          f" | {r['gap_full']:+.3f} | {r['gap_lora']:+.3f} | "
-                         f"{_f(r['reduction_pct'], '.0f') + ' %' if r['reduction_pct'] is not None else 'n/a (no gap in full FT)'} |")
+                         f"{red} |")
         lines.append("")
     lines += ["## Best learning rate per group", "",
               "| base | fine-tune | matched | best LR | val PPL (mean ± std) | normalised | seeds | note |",
@@ -372,8 +340,8 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
     for g in summary["groups"]:
         m = {True: "yes", False: "no", None: "?"}[g["matched"]]
         note = f"best LR at the {g['edge']} edge" if g["edge"] else ""
-        lines.append(f"| {g['base_label']} | {g['label']} | {m} | {_f(g['best_lr'], 'g')} | "
-                     f"{_pm(g['ppl_mean'], g['ppl_std'], '.2f')} | {_pm(g['normalised'], g['normalised_std'])} | "
+        lines.append(f"| {g['base_label']} | {g['label']} | {m} | {fmt_num(g['best_lr'], 'g')} | "
+                     f"{fmt_pm(g['ppl_mean'], g['ppl_std'], '.2f')} | {fmt_pm(g['normalised'], g['normalised_std'])} | "
                      f"{g['n_seeds']} | {note} |")
     lines.append("")
     if summary["rank_study"]:
@@ -381,7 +349,7 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
                   "|---|---|---|---|---|"]
         for r in summary["rank_study"]:
             lines.append(f"| {r['base_label']} | {OPTIM_NAMES.get(r['optim'], r['optim'])} | {r['rank']} | "
-                         f"{_f(r['best_lr'], 'g')} | {_pm(r['ppl_mean'], r['ppl_std'], '.2f')} |")
+                         f"{fmt_num(r['best_lr'], 'g')} | {fmt_pm(r['ppl_mean'], r['ppl_std'], '.2f')} |")
         lines.append("")
     if any(g["ref_ppl_mean"] is not None for g in summary["groups"]):
         lines += ["## Forgetting — reference-set PPL at the best LR", "",
@@ -392,8 +360,8 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
                 continue
             bref = bases.get(g["base"], {}).get("ref_ppl")
             ch = "—" if g["forgetting"] is None else f"{100 * g['forgetting']:+.1f} %"
-            lines.append(f"| {g['base_label']} | {g['label']} | {_pm(g['ref_ppl_mean'], g['ref_ppl_std'], '.2f')} | "
-                         f"{_f(bref, '.2f')} | {ch} |")
+            lines.append(f"| {g['base_label']} | {g['label']} | {fmt_pm(g['ref_ppl_mean'], g['ref_ppl_std'], '.2f')} | "
+                         f"{fmt_num(bref, '.2f')} | {ch} |")
         lines.append("")
     if summary["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in summary["warnings"]] + [""]
@@ -422,168 +390,6 @@ def to_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
-def rich_table(summary: dict):
-    """A rich Table of Table 1 (for the terminal)."""
-    from rich.table import Table
-
-    bases = summary["bases"]
-    t = Table(title="best " + ("val PPL / base PPL" if summary["normalised"] else "val PPL")
-              + " over the LR sweep (mean over seeds; gap to matched in parentheses)")
-    t.add_column("fine-tune")
-    for n in bases:
-        t.add_column(base_header(n, bases[n]), justify="right")
-    t.add_column("best LRs", justify="right")
-    for row in summary["table1"]:
-        vals = []
-        for n in bases:
-            col = row["cols"].get(n)
-            vals.append("—" if col is None or col["value"] is None else
-                        f"{col['value']:.3f} ± {col['std'] or 0:.3f}{_gap(col['gap'])}")
-        lrs = " / ".join(_f(row["cols"][n]["best_lr"], "g") if n in row["cols"] else "—" for n in bases)
-        t.add_row(row["label"], *vals, lrs)
-    return t
-
-
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def _colours(optim: str, method: str, rank_pos: float = 0.0) -> str:
-    """Dark shade for full, light for LoRA (lighter with rank position in [0, 1]); a hue per optimizer."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["Blues" if optim_family(optim) == "adam" else "Oranges"]
-    if optim not in ("adamw", "muon"):
-        cmap = matplotlib.colormaps["Greens" if optim_family(optim) == "muon" else "Purples"]
-    return matplotlib.colors.to_hex(cmap(0.9 if method == "full" else 0.55 - 0.2 * rank_pos))
-
-
-def _style(g: dict) -> str:
-    return {True: "-", False: "--", None: ":"}[g["matched"]]
-
-
-def _panels(n: int, height: float):
-    """A headless (Agg) figure with `n` side-by-side panels: (fig, axes row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axs = plt.subplots(1, max(1, n), figsize=(5.2 * max(1, n), height), squeeze=False)
-    return fig, axs[0]
-
-
-def _save(fig, path: Path, title: str | None = None) -> Path:
-    """Title, lay out, write the PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
-    """Fig. 4: PPL vs LR, one panel per fine-tuning optimizer; solid matched / dashed mismatched pretraining,
-    dark full / light LoRA; shaded ± std over seeds; the best LR of each curve marked."""
-    groups = [g for g in summary["groups"] if any(p["mean"] is not None for p in g["curve"])]
-    optims = list(dict.fromkeys(g["optim"] for g in summary["groups"]))
-    ranks = sorted({g["rank"] for g in groups if g["rank"] is not None})
-    norm = summary["normalised"]
-    fig, axes = _panels(len(optims), 4.2)
-    best_all = [g["normalised"] if norm else g["ppl_mean"] for g in groups if g["ppl_mean"] is not None]
-    for ax, optim in zip(axes, optims):
-        for g in [g for g in groups if g["optim"] == optim]:
-            b = summary["bases"].get(g["base"], {})
-            pts = [p for p in g["curve"] if p["mean"] is not None and (p["norm_mean"] is not None or not norm)]
-            xs = [p["lr"] for p in pts]
-            ys = [p["norm_mean"] if norm else p["mean"] for p in pts]
-            sd = [(p["norm_std"] if norm else p["std"]) or 0 for p in pts]
-            rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
-            col = _colours(optim, g["method"], rp)
-            rank_txt = f" r={g['rank']}" if g["rank"] is not None and len(ranks) > 1 else ""
-            name = f"{'Full' if g['method'] == 'full' else 'LoRA'}{rank_txt}, {base_header(g['base'], b)}"
-            name += "".join(f", {k.split('.')[-1]}={v}" for k, v in g["axes"])
-            ax.plot(xs, ys, _style(g), color=col, marker="o", ms=3.5, lw=2.0, label=name)
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=col,
-                            alpha=0.15, lw=0)
-            failed = [p["lr"] for p in g["curve"] if p["n_failed"]]
-            best_y = g["normalised"] if norm else g["ppl_mean"]
-            if g["best_lr"] is not None and best_y is not None:
-                ax.plot([g["best_lr"]], [best_y], marker="*", ms=12, color=col, mec="black", mew=0.6)
-            if failed:
-                ax.plot(failed, [ax.get_ylim()[1]] * len(failed), "x", color=col, ms=7)
-        ax.set_xscale("log")
-        ax.set_title(f"fine-tuned with {OPTIM_NAMES.get(optim, optim)}")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("val PPL / base PPL" if norm else "validation PPL")
-        if best_all:  # every curve's optimum visible; diverged / far-off LRs may leave the top
-            lo, hi = min(best_all), max(best_all)
-            ax.set_ylim(lo - 0.05 * abs(lo), max(hi * 1.25, lo * 1.3))
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path, "PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, "
-                            "light: LoRA; ★ best LR, × diverged")
-
-
-def plot_val_curves(summary: dict, path: Path) -> Path:
-    """Fig. 3: validation PPL vs step of each group's best-LR runs (mean over seeds), one panel per base."""
-    names = list(summary["bases"])
-    ranks = sorted({g["rank"] for g in summary["groups"] if g["rank"] is not None})
-    fig, axes = _panels(len(names), 4.0)
-    for ax, name in zip(axes, names):
-        b = summary["bases"][name]
-        scale = b["ppl"] if summary["normalised"] else 1.0
-        ymin, ymax = [], []
-        for g in [g for g in summary["groups"] if g["base"] == name and g["best_curve"]]:
-            rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
-            xs = [s for s, _ in g["best_curve"]]
-            ys = [v / scale for _, v in g["best_curve"]]
-            ymin.append(min(ys))
-            ymax.append(max(ys))
-            ax.plot(xs, ys, _style(g), color=_colours(g["optim"], g["method"], rp), lw=2,
-                    label=f"{g['label']} (lr {g['best_lr']:g})")
-        ax.set_title(base_header(name, b))
-        ax.set_xlabel("step")
-        ax.set_ylabel("val PPL / base PPL" if summary["normalised"] else "validation PPL")
-        if ymin:  # log scale: the base model (step 0) and the fine-tuned ends fit one panel
-            from matplotlib.ticker import FormatStrFormatter
-
-            ax.set_yscale("log")
-            ax.set_ylim(min(ymin) * 0.95, max(ymax) * 1.05)
-            for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis_fmt(FormatStrFormatter("%.3g"))
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    return _save(fig, path, "validation curves of the best-LR runs (mean over seeds; step 0 = the base model)")
-
-
-def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
-    """Fig. 5: best (normalised) PPL vs LoRA rank per optimizer, ± std, one panel per base."""
-    names = list(summary["bases"])
-    fig, axes = _panels(len(names), 4.0)
-    for ax, name in zip(axes, names):
-        b = summary["bases"][name]
-        rows = [r for r in summary["rank_study"] if r["base"] == name and r["ppl_mean"] is not None]
-        for key in dict.fromkeys((r["optim"], str(r["axes"])) for r in rows):
-            rr = sorted([r for r in rows if (r["optim"], str(r["axes"])) == key], key=lambda r: r["rank"])
-            norm = summary["normalised"] and all(r["normalised"] is not None for r in rr)
-            ax.errorbar([r["rank"] for r in rr], [r["normalised"] if norm else r["ppl_mean"] for r in rr],
-                        yerr=[(r["normalised_std"] if norm else r["ppl_std"]) or 0 for r in rr], marker="o", capsize=3,
-                        color=_colours(key[0], "full"), label=f"LoRA-{OPTIM_NAMES.get(key[0], key[0])}")
-        ax.set_xscale("log", base=2)
-        ranks = sorted({r["rank"] for r in rows})
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_title(base_header(name, b))
-        ax.set_xlabel("LoRA rank (alpha = 2r)")
-        ax.set_ylabel("best val PPL / base PPL" if summary["normalised"] else "best validation PPL")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
-
 
 # ------------------------------------------------------------------------------------------------ report
 
@@ -607,14 +413,8 @@ def write_report(out: str | Path, plan: SweepPlan | None = None) -> dict:
             summary["plots"]["val_curves"] = str(plot_val_curves(summary, out / PLOTS["curves"]))
         if summary["rank_study"]:
             summary["plots"]["ppl_vs_rank"] = str(plot_ppl_vs_rank(summary, out / PLOTS["rank"]))
-    _atomic_write(out / "summary.md", to_markdown(summary, title=f"muonft sweep: {plan.name}"))
-    _atomic_write(out / "summary.csv", to_csv(summary))
+    atomic_write_text(out / "summary.md", to_markdown(summary, title=f"muonft sweep: {plan.name}"))
+    atomic_write_text(out / "summary.csv", to_csv(summary))
     slim = {**summary, "groups": [{k: v for k, v in g.items()} for g in summary["groups"]]}
-    _atomic_write(out / "summary.json", json.dumps(slim, indent=1, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(slim, indent=1, default=str))
     return summary
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

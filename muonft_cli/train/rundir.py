@@ -29,7 +29,7 @@ from muonft_cli import __version__
 from muonft_cli import config as config_mod
 from muonft_cli._common import atomic_write_text, read_jsonl
 from muonft_cli.config import RunConfig
-from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.errors import MuonftError, ResumeRefusedError, UserInputError
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train.state import TrainerState, checkpoint_steps
 
@@ -48,18 +48,18 @@ def prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
     out = Path(cfg.output.dir).expanduser()
     if resume:
         if not (out / "config.yaml").is_file():
-            raise UserInputError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
-                                 f"--out of the run to continue, or drop --resume to start a new run")
+            raise ResumeRefusedError(f"--resume: '{out}' is not a muonft run directory (no config.yaml): pass the "
+                                     f"--out of the run to continue, or drop --resume to start a new run")
         try:
             saved = config_mod.load_saved(out / "config.yaml")
         except MuonftError as e:
-            raise UserInputError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
-                                 f"with --overwrite") from None
+            raise ResumeRefusedError(f"--resume: the config.yaml in '{out}' cannot be read ({e}): start a new run "
+                                     f"with --overwrite") from None
         diffs = config_mod.diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
         if diffs:
-            raise UserInputError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
-                                 f"resume with the same settings (only --steps may grow), or start a new run "
-                                 f"with another --out")
+            raise ResumeRefusedError(f"--resume: the config differs from the run in '{out}' ({'; '.join(diffs)}): "
+                                     f"resume with the same settings (only --steps may grow), or start a new run "
+                                     f"with another --out")
         steps = checkpoint_steps(out)
         return out, (steps[-1] if steps else None)
     if out.exists() and not out.is_dir():

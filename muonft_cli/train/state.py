@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from muonft_cli import __version__
-from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.errors import MuonftError, ResumeRefusedError
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train import schedule
 
@@ -146,11 +146,11 @@ def load_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer: tor
     d = checkpoint_dir(out, step)
     saved = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
     if saved["world_size"] != info.world_size:
-        raise UserInputError(f"--resume: checkpoint {d.name} was written by {saved['world_size']} processes, "
-                             f"this run has {info.world_size}: resume with the same process count")
+        raise ResumeRefusedError(f"--resume: checkpoint {d.name} was written by {saved['world_size']} processes, "
+                                 f"this run has {info.world_size}: resume with the same process count")
     if saved["n_train"] != n_train:
-        raise UserInputError(f"--resume: the training data now gives {n_train} sequences, the run had "
-                             f"{saved['n_train']}: resume with the same data")
+        raise ResumeRefusedError(f"--resume: the training data now gives {n_train} sequences, the run had "
+                                 f"{saved['n_train']}: resume with the same data")
     weights = load_file(str(d / "model.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
