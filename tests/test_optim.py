@@ -23,8 +23,6 @@ from muonft_cli.optim import (
 )
 from _helpers_optim import matrix_with_condition, ns5_reference
 
-torch.set_num_threads(1)
-
 F32 = torch.float32
 
 
