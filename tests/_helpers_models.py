@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 64
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_llama(tie: bool = False):

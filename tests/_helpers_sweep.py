@@ -5,13 +5,15 @@ run directory like the engine's (config.yaml, metrics.jsonl, checkpoints/step-NN
 summary JSON line, checkpoints and exits 143 on SIGTERM, and resumes from its last checkpoint with `--resume`.
 Its validation PPL is a closed form of (lr, optimizer, method, pretraining optimizer, seed), so the sweep's
 scheduling, resumption and aggregation can be tested fast and deterministically. Environment knobs:
-FAKE_LOG (append start/done/term events), FAKE_STEP_SLEEP, FAKE_DIVERGE_LR (exit 1 "loss is NaN" at lr >= it),
-FAKE_KILL_PARENT_AT (`cell-id-substring:step`: SIGKILL the sweep process there, once), FAKE_REFERENCE (the
-reference corpus: `eval` on it reports the model's reference PPL; default builtin:shakespeare),
-FAKE_PPL_SHIFT (`substring=delta,...`: add delta to the PPL of runs whose --out contains substring),
-FAKE_RESUME_EXIT2 (a `--resume` prints `error: <this>` and exits 2, as the engine does for bad input; the
-engine's refusal to resume is an `error: --resume: ...` line). `eval` of a fine-tuned model whose weights were
-deleted fails like the engine (exit 1).
+FAKE_LOG (append start/done/term/held events), FAKE_DIVERGE_LR (exit 1 "loss is NaN" at lr >= it),
+FAKE_KILL_PARENT_AT (`cell-id-substring:step`: SIGKILL the sweep process there, once), FAKE_HOLD_AT
+(`cell-id-substring:step`: after that step's checkpoint, log a "held" event and wait until SIGTERM ends the run,
+so a test can act on a known state instead of racing the clock), FAKE_REFERENCE (the reference corpus: `eval` on
+it reports the model's reference PPL; default builtin:shakespeare), FAKE_PPL_SHIFT (`substring=delta,...`: add
+delta to the PPL of runs whose --out contains substring), FAKE_RESUME_EXIT2 (a `--resume` prints
+`error: <this>` and exits 2, as the engine does for bad input; the engine's refusal to resume is an
+`error: --resume: ...` line). `eval` of a fine-tuned model whose weights were deleted fails like the engine
+(exit 1).
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     kill = os.environ.get("FAKE_KILL_PARENT_AT", "")
+    hold = os.environ.get("FAKE_HOLD_AT", "")
     diverge = float(os.environ.get("FAKE_DIVERGE_LR", "inf"))
-    sleep = float(os.environ.get("FAKE_STEP_SLEEP", "0"))
     base_ppl = 28.0 if mode == "finetune" else 500.0
 
     def val(step: int) -> float:
@@ -162,7 +164,6 @@ def main(argv: list[str]) -> int:
         if not kept:
             fh.write(json.dumps({"step": 0, "val_loss": math.log(val(0)), "val_ppl": val(0)}) + "\n")
         for step in range(start + 1, steps + 1):
-            time.sleep(sleep)
             if lr >= diverge and step == 3:
                 print("error: loss is NaN at step 3; the last good checkpoint is kept", file=sys.stderr)
                 return 1
@@ -174,6 +175,10 @@ def main(argv: list[str]) -> int:
             state["step"] = step
             if step % 2 == 0:
                 checkpoint()
+            if hold and hold.split(":")[0] in str(out) and step == int(hold.split(":")[1]):
+                checkpoint()
+                _log("held", out, step=step)
+                time.sleep(600)  # until SIGTERM (on_term exits); the bound only ends a hang
             if kill and kill.split(":")[0] in str(out) and step == int(kill.split(":")[1]):
                 marker = out / ".killed_parent"
                 if not marker.exists():

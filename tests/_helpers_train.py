@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-# Tiny matmuls: one thread is faster than two, and far faster when the cores are shared (as on CI boxes).
-torch.set_num_threads(1)
-
-from _helpers_models import save_tiny, tiny_llama  # noqa: E402
+from _helpers_models import save_tiny, tiny_llama
 
 WORDS = [f"w{i}" for i in range(4, 64)]
 

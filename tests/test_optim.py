@@ -25,8 +25,6 @@ from muonft_cli.optim import (
 from muonft_cli.optim import update as U
 from _helpers_optim import matrix_with_condition, ns5_reference
 
-torch.set_num_threads(1)
-
 F32 = torch.float32
 
 

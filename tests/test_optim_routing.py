@@ -12,8 +12,6 @@ from _helpers_optim import tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_
 from muonft_cli.optim import Muon, build_optimizer, split_params
 from muonft_cli.optim import routing
 
-torch.set_num_threads(1)
-
 # Independent expectations written from each architecture's layout, not from the router's rules.
 LLAMA_MUON = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 GPT2_MUON = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")

@@ -27,9 +27,7 @@ from muonft_cli.sweep import report as R
 from muonft_cli.sweep import scheduler
 from muonft_cli.cli import app
 from muonft_cli.errors import ConfigError, UserInputError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_sweep import FAKE_ENGINE, fake_ppl  # noqa: E402
+from _helpers_sweep import fake_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_RECIPES = [ROOT / "recipes" / n for n in ("mismatch-small.yaml", "llama2-7b-lora-muon.yaml",
@@ -68,6 +66,16 @@ def write_recipe(tmp_path: Path, data: dict) -> Path:
 
 def fake_log(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Wait until `condition()` holds (a state the fake engine reaches and then keeps); the timeout only bounds a
+    hang, and a sweep process that exits first fails the test at once."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the sweep exited ({proc.returncode}) before the awaited state"
+        assert time.monotonic() < deadline, f"no {condition.__name__} state after {timeout_s:g} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -164,7 +172,7 @@ def small_plan(tmp_path: Path, **over) -> S.SweepPlan:
     return S.plan_from_dict(rec)
 
 
-def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path, fake_env, monkeypatch):
+def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path, fake_env, monkeypatch, fake_engine):
     monkeypatch.setenv("FAKE_DIVERGE_LR", "0.01")  # lr 1e-2 cells "diverge to NaN" and exit 1
     rec = micro_recipe(seeds=[0])
     rec["sweep"]["bases"].pop("adam")
@@ -172,7 +180,7 @@ def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path
     plan = S.plan_from_dict(rec)
     out = tmp_path / "sw"
     events = []
-    counts = S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, on_event=events.append, poll_s=0.05)
+    counts = S.run_sweep(plan, out, workers=2, engine=fake_engine, on_event=events.append, poll_s=0.05)
     n_fail = sum(c.lr >= 0.01 for c in plan.cells)
     assert n_fail == 3 and counts == {"total": 8, "skipped": 0, "done": 5, "failed": 3}
     latest = S.SweepIndex(out / S.INDEX).latest()
@@ -212,23 +220,23 @@ def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path
     assert not (out / "cells" / "muon-full-adamw-lr0.003-s0" / "final" / "model.safetensors").exists()
     assert (out / "bases" / "muon" / "final" / "model.safetensors").exists()
     # a second run skips everything (failed cells are kept as failed unless retry_failed)
-    counts = S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)
+    counts = S.run_sweep(plan, out, workers=2, engine=fake_engine, poll_s=0.05)
     assert counts["skipped"] == 8 and len([e for e in fake_log(fake_env) if e["event"] == "start"]) == 9
     # --keep-weights keeps every full model
     out2 = tmp_path / "sw2"
     monkeypatch.delenv("FAKE_DIVERGE_LR")
     rec = micro_recipe(seeds=[0], methods=["full"], optims=["adamw"], reference_data=None,
                        bases={"a": {"path": str(tmp_path / "nobase")}})
-    S.run_sweep(S.plan_from_dict(rec), out2, engine=FAKE_ENGINE, keep_weights=True, poll_s=0.05)
+    S.run_sweep(S.plan_from_dict(rec), out2, engine=fake_engine, keep_weights=True, poll_s=0.05)
     assert all((d / "final" / "model.safetensors").exists() and (d / "checkpoints").exists()
                for d in (out2 / "cells").iterdir())
 
 
-def _sweep_script(tmp_path: Path, plan_path: Path, out: Path, workers: int = 2) -> list[str]:
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            "from _helpers_sweep import FAKE_ENGINE; from muonft_cli import sweep as S;"
+def _sweep_script(plan_path: Path, out: Path, engine: list[str], workers: int = 2) -> list[str]:
+    """`run_sweep` in a process of its own (the tests kill it); the engine command is passed in as a literal."""
+    code = ("from muonft_cli import sweep as S;"
             f"S.run_sweep(S.load_plan({str(plan_path)!r}), {str(out)!r}, workers={workers}, "
-            "engine=FAKE_ENGINE, poll_s=0.05)")
+            f"engine={list(engine)!r}, poll_s=0.05)")
     return [sys.executable, "-c", code]
 
 
@@ -243,30 +251,29 @@ def _check_each_cell_done_once(plan: S.SweepPlan, out: Path, log: Path) -> None:
         assert steps == list(range(0, 7)), (c.id, steps)
 
 
-def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypatch):
-    monkeypatch.setenv("FAKE_STEP_SLEEP", "0.15")
+def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypatch, fake_engine):
+    monkeypatch.setenv("FAKE_HOLD_AT", "-muon-lr:4")  # the muon cells stop at step 4, checkpointed, until SIGTERM
     plan_path = write_recipe(tmp_path, micro_recipe(seeds=[0], methods=["lora"], optims=["adamw", "muon"],
                                                     lr={"lora": [3e-3, 1e-2]}, reference_data=None,
                                                     bases={"adam": {"path": str(tmp_path / "nobase")}}))
     plan = S.load_plan(plan_path)
     out = tmp_path / "sw"
-    proc = subprocess.Popen(_sweep_script(tmp_path, plan_path, out), env=os.environ.copy())
+    proc = subprocess.Popen(_sweep_script(plan_path, out, fake_engine), env=os.environ.copy())
     index = S.SweepIndex(out / S.INDEX)
-    deadline = time.time() + 60
-    while time.time() < deadline:  # kill once some cells are done and others are mid-run
-        latest = index.latest()
-        st = [r["status"] for i, r in latest.items() if not i.startswith("base")]
-        if st.count("done") >= 2 and any(r["status"] == "running" and S.has_checkpoint(out / "cells" / i)
-                                         for i, r in latest.items()):
-            break
-        time.sleep(0.05)
+
+    def settled() -> bool:  # the adamw cells are done and both workers hold a muon cell mid-run
+        st = [r["status"] for i, r in index.latest().items() if not i.startswith("base")]
+        return st.count("done") == 2 and sum(e["event"] == "held" for e in fake_log(fake_env)) == 2
+
+    wait_for(settled, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = index.latest()
     done_before = {i for i, r in latest.items() if r["status"] == "done" and not i.startswith("base")}
     interrupted = {i for i, r in latest.items() if r["status"] == "running" and S.has_checkpoint(out / "cells" / i)}
     assert done_before and interrupted
-    S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)  # waits for orphans to let go of cells
+    monkeypatch.delenv("FAKE_HOLD_AT")
+    S.run_sweep(plan, out, workers=2, engine=fake_engine, poll_s=0.05)  # waits for orphans to let go of cells
     _check_each_cell_done_once(plan, out, fake_env)
     log = fake_log(fake_env)
     for i in done_before:  # finished cells were not started again
@@ -277,7 +284,7 @@ def test_resume_after_sigkill_of_the_sweep_process(tmp_path, fake_env, monkeypat
     assert interrupted <= terms  # orphaned cells got SIGTERM (PR_SET_PDEATHSIG), checkpointed and exited
 
 
-def test_resume_after_crash_mid_cell(tmp_path, fake_env, monkeypatch):
+def test_resume_after_crash_mid_cell(tmp_path, fake_env, monkeypatch, fake_engine):
     """The sweep dies in the middle of a cell (the cell itself kills it at step 4); a restart resumes that cell."""
     target = "adam-lora-r8-muon-lr0.003-s0"
     monkeypatch.setenv("FAKE_KILL_PARENT_AT", f"{target}:4")
@@ -286,11 +293,10 @@ def test_resume_after_crash_mid_cell(tmp_path, fake_env, monkeypatch):
                                                         "path": str(tmp_path / "nobase"), "pretrained_with": "adamw"}}))
     plan = S.load_plan(plan_path)
     out = tmp_path / "sw"
-    proc = subprocess.run(_sweep_script(tmp_path, plan_path, out, workers=1), env=os.environ.copy(), timeout=120)
+    proc = subprocess.run(_sweep_script(plan_path, out, fake_engine, workers=1), env=os.environ.copy(), timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert S.SweepIndex(out / S.INDEX).latest()[target]["status"] == "running"
-    time.sleep(0.3)
-    counts = S.run_sweep(plan, out, workers=1, engine=FAKE_ENGINE, poll_s=0.05)
+    counts = S.run_sweep(plan, out, workers=1, engine=fake_engine, poll_s=0.05)
     assert counts["done"] == len(plan.cells) == 2
     _check_each_cell_done_once(plan, out, fake_env)
     starts = [e for e in fake_log(fake_env) if e["event"] == "start" and Path(e["out"]).name == target]
@@ -471,13 +477,13 @@ def test_cli_dry_run_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "not a sweep directory" in res.output
 
 
-def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
+def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path, fake_engine):
     out = tmp_path / "sw"
     (out / "locks").mkdir(parents=True)
     fd = scheduler._try_lock(out / "locks" / "sweep.lock")
     try:
         with pytest.raises(UserInputError, match="another `muonft sweep` is running"):
-            S.run_sweep(small_plan(tmp_path), out, engine=FAKE_ENGINE)
+            S.run_sweep(small_plan(tmp_path), out, engine=fake_engine)
     finally:
         os.close(fd)
 
@@ -491,7 +497,7 @@ def test_worker_env_divides_threads_and_assigns_gpus(monkeypatch):
     assert [S.worker_env(i, 3, gpus=2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["2", "5", "2"]
 
 
-def test_fixed_split_evaluates_each_base_once(tmp_path, fake_env):
+def test_fixed_split_evaluates_each_base_once(tmp_path, fake_env, fake_engine):
     """`data.split_seed` fixes the validation split: each base is evaluated once (not once per seed) and every
     seed's cells are normalised by that one evaluation."""
     rec = micro_recipe(seeds=[0, 1, 2], methods=["lora"], optims=["muon"])
@@ -501,7 +507,7 @@ def test_fixed_split_evaluates_each_base_once(tmp_path, fake_env):
     plan = S.plan_from_dict(rec)
     assert S.split_seeds(plan) == {0: 0, 1: 0, 2: 0}
     out = tmp_path / "sw"
-    S.run_sweep(plan, out, workers=2, engine=FAKE_ENGINE, poll_s=0.05)
+    S.run_sweep(plan, out, workers=2, engine=fake_engine, poll_s=0.05)
     latest = S.SweepIndex(out / S.INDEX).latest()
     assert sorted(i for i in latest if i.startswith("base_")) == ["base_eval:muon:s0", "base_ref:muon:s0"]
     summary = R.write_report(out, plan)
@@ -621,7 +627,8 @@ def test_every_shipped_sweep_recipe_is_pinned():
 # ------------------------------------------------------------------------------------------------ bug fixes
 
 
-def test_full_weights_are_pruned_only_once_every_seed_of_the_group_finished(tmp_path, fake_env, monkeypatch):
+def test_full_weights_are_pruned_only_once_every_seed_of_the_group_finished(tmp_path, fake_env, fake_engine,
+                                                                            monkeypatch):
     """Bug: pruning used the best LR over the seeds done so far; a later seed moved the best LR back to a
     pruned one, whose forgetting evaluation then failed for lack of model.safetensors."""
     # workers=1 runs lr 1e-3 (s0, s1), then lr 3e-3 s0 (shifted to look best), then s1 (shifted far up)
@@ -630,7 +637,7 @@ def test_full_weights_are_pruned_only_once_every_seed_of_the_group_finished(tmp_
                        bases={"adam": {"path": str(tmp_path / "nobase"), "pretrained_with": "adamw"}})
     plan = S.plan_from_dict(rec)
     out = tmp_path / "sw"
-    counts = S.run_sweep(plan, out, workers=1, engine=FAKE_ENGINE, poll_s=0.05)
+    counts = S.run_sweep(plan, out, workers=1, engine=fake_engine, poll_s=0.05)
     assert counts["done"] == 4
     latest = S.SweepIndex(out / S.INDEX).latest()
     (group,) = {c.group for c in plan.cells}
@@ -650,7 +657,7 @@ def test_full_weights_are_pruned_only_once_every_seed_of_the_group_finished(tmp_
      "settings (only --steps may grow), or start a new run with another --out", True),
     ("data path 'corpus.txt' does not exist: pass a builtin:NAME, a local file or a hub dataset", False),
 ])
-def test_only_a_refused_resume_restarts_a_cell_afresh(tmp_path, fake_env, monkeypatch, message, refused):
+def test_only_a_refused_resume_restarts_a_cell_afresh(tmp_path, fake_env, fake_engine, monkeypatch, message, refused):
     """Bug: any exit 2 of a resume attempt restarted the cell with --overwrite, deleting its checkpoint."""
     monkeypatch.setenv("FAKE_RESUME_EXIT2", message)
     rec = micro_recipe(seeds=[0], methods=["lora"], optims=["adamw"], lr={"lora": [3e-3]}, reference_data=None,
@@ -661,7 +668,7 @@ def test_only_a_refused_resume_restarts_a_cell_afresh(tmp_path, fake_env, monkey
     ck = out / "cells" / cell.id / "checkpoints" / "step-000004"  # an interrupted run with a checkpoint
     ck.mkdir(parents=True)
     (ck / "state.json").write_text('{"step": 4}')
-    counts = S.run_sweep(plan, out, engine=FAKE_ENGINE, keep_weights=True, poll_s=0.05)
+    counts = S.run_sweep(plan, out, engine=fake_engine, keep_weights=True, poll_s=0.05)
     records = [r for r in S.SweepIndex(out / S.INDEX).records() if r["id"] == cell.id]
     starts = [e for e in fake_log(fake_env) if e["event"] == "start" and Path(e["out"]).name == cell.id]
     if refused:  # the engine's refusal: start afresh

