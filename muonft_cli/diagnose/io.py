@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,7 @@ def _open_gguf(path: Path) -> Checkpoint:
 
     try:
         reader = GGUFReader(str(path), "r")
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error on bad files
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:  # what gguf raises on bad files
         raise _bad(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]}); "
                    "re-download or re-convert it") from None
     size = path.stat().st_size
