@@ -3,7 +3,7 @@
 Owns: the optimizer names muonft trains with and the family of any optimizer name (matched vs mismatched),
 Muon's update scalings and the rule that makes `optimizer.adamw_lr` required, the label value the loss
 ignores, atomic file writes, JSON-lines reading, the first line of an exception for one-line messages, and
-the Hugging Face offline flags. Nothing here imports torch, transformers or anything heavy, so the CLI and
+the Hugging Face offline flags, and the plain model name of a peft parameter. Nothing here imports torch, transformers or anything heavy, so the CLI and
 the config loader can use it without slowing `muonft --help`.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,23 @@ def adamw_lr_problem(name: str, scaling: str, adamw_lr: float | None) -> str | N
                 "wreck embeddings and heads); set e.g. --set optimizer.adamw_lr=3e-4, or use "
                 "scaling=match_rms_adamw (then adamw_lr defaults to lr)")
     return None
+
+
+# ------------------------------------------------------------------------------------------ peft names
+
+_PEFT_PREFIX = "base_model.model."
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+
+
+def plain_name(name: str) -> str:
+    """The plain model's name of a peft parameter or module name: the ``base_model.model.`` prefix and every
+    ``.base_layer`` segment removed.
+
+    ``base_model.model.x.q_proj.base_layer.weight`` → ``x.q_proj.weight``; ``base_model.model.x.q_proj`` →
+    ``x.q_proj``; names without peft wrappers are returned unchanged. LoRA's own names (``.lora_A.``) are kept.
+    """
+    name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    return _BASE_LAYER.sub("", name)
 
 
 # ------------------------------------------------------------------------------------------------ labels

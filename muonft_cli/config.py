@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from muonft_cli import recipes
-from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS, adamw_lr_problem
+from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS, adamw_lr_problem, atomic_write_text, first_line
 from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
@@ -381,7 +381,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(recipes.read_text(str(path)) if ref else p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserInputError(f"config file '{path}' is not valid YAML ({first}): fix the syntax") from None
     if data is None:
         return {}
@@ -473,10 +473,7 @@ def resolve(
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(p)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_saved(path: str | Path) -> RunConfig:

@@ -23,6 +23,8 @@ from functools import lru_cache
 
 import torch
 
+from muonft_cli._common import plain_name
+
 __all__ = [
     "LAYER_TYPES",
     "HIDDEN_TYPES",
@@ -321,8 +323,7 @@ def lora_part(name: str) -> str | None:
 
 def _module_path(name: str) -> str:
     """Strip the parameter suffix and peft wrappers: ``base_model.model.x.q_proj.lora_A.default.weight`` → ``x.q_proj``."""
-    s = _LORA_RE.sub("", name)
-    s = re.sub(r"\.base_layer(?=\.|$)", "", s)
+    s = _LORA_RE.sub("", plain_name(name))
     s = re.sub(r"\.(weight|bias|qweight|scales|kernel)$", "", s)
     return s
 

@@ -10,29 +10,15 @@ module's α̃, with peft's own `rank_pattern` / `alpha_pattern` lookup).
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any
 
 import torch
 
+from muonft_cli._common import plain_name  # noqa: F401  (re-exported: its home is _common, torch-free)
 from muonft_cli.errors import UserInputError
 
 # ------------------------------------------------------------------------------------------ peft names
-
-_PEFT_PREFIX = "base_model.model."
-_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
-
-
-def plain_name(name: str) -> str:
-    """The plain model's name of a peft parameter or module name: the ``base_model.model.`` prefix and every
-    ``.base_layer`` segment removed.
-
-    ``base_model.model.x.q_proj.base_layer.weight`` → ``x.q_proj.weight``; ``base_model.model.x.q_proj`` →
-    ``x.q_proj``; names without peft wrappers are returned unchanged. LoRA's own names (``.lora_A.``) are kept.
-    """
-    name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-    return _BASE_LAYER.sub("", name)
 
 
 def lora_scale(adapter_config: dict, module: str) -> float:
