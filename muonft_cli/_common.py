@@ -2,13 +2,15 @@
 
 Owns: the optimizer names muonft trains with and the family of any optimizer name (matched vs mismatched),
 Muon's update scalings and the rule that makes `optimizer.adamw_lr` required, the label value the loss
-ignores, atomic file writes, JSON-lines reading, the first line of an exception for one-line messages, and
-the Hugging Face offline flags, and the plain model name of a peft parameter. Nothing here imports torch, transformers or anything heavy, so the CLI and
+ignores, atomic file writes, JSON-lines reading, the first line of an exception for one-line messages, the
+Hugging Face offline flags, the plain model name of a peft parameter, and the location of a file inside an
+installed package (`package_path`). Nothing here imports torch, transformers or anything heavy, so the CLI and
 the config loader can use it without slowing `muonft --help`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -173,3 +175,15 @@ def looks_local(spec: str) -> bool:
     """Whether a model or data spec is meant as a local path rather than a hub id: it starts like a path
     (``/``, ``./``, ``../``, ``~``) or is ``.`` / ``..``. Callers add their own file-suffix checks."""
     return spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or spec in (".", "..")
+
+
+def package_path(package: str, relpath: str) -> tuple[bool, Path | None]:
+    """Where `relpath` lies inside the installed package `package`, found with `importlib.util.find_spec`
+    (the package is never imported): (installed, the existing absolute path or None)."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / relpath
+        if path.exists():
+            return True, path.resolve()
+    return bool(locations), None

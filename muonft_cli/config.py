@@ -53,6 +53,9 @@ class DataConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "hold-out fraction of documents"})
     text_field: str | None = field(default=None, metadata={"help": "column holding plain text (auto if None)"})
     max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+    max_dropped_fraction: float = field(default=0.1, metadata={"help": "largest share of records that may "
+                                                                       "lack the text fields (dropped) before "
+                                                                       "it is an error"})
     split_seed: int | None = field(default=None, metadata={"help": "seed of the validation hold-out "
                                                                    "(default: train.seed)"})
 
@@ -318,6 +321,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     positive("model.vocab_size", cfg.model.vocab_size)
     if cfg.data.max_documents is not None:
         positive("data.max_documents", cfg.data.max_documents)
+    if isinstance(cfg.data.max_dropped_fraction, float) and not 0 <= cfg.data.max_dropped_fraction <= 1:
+        p.append(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
     if cfg.train.steps is not None:
         positive("train.steps", cfg.train.steps)
     if cfg.train.epochs is not None:

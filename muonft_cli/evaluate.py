@@ -293,20 +293,23 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
 
     report: dict[str, Any] = {
         "model": src.path, "model_kind": src.kind,
-        "base": (base_src.path if base_src else (models.resolve_model(src.base, cfg.model.offline).path
-                                                   if is_adapter and src.base and not base else None)),
+        "base": (base_src.path if base_src else (models.model_source(model).path  # the base load_model found
+                                                   if is_adapter and not base else None)),
         "device": str(device), "seq_len": cfg.data.seq_len, "batch_size": bs, "max_batches": mb,
         "seed": cfg.train.seed, "data": None, "forgetting": None, "distance": None, "lora_spectra": None,
     }
     if cfg.data.path:
         ds, info, used = _eval_dataset(cfg.data, tokenizer, cfg.train.seed, split)
         report["data"] = {"source": info.get("source", cfg.data.path), "split": used, "sequences": len(ds),
-                          **both(ds)}
+                          "rows_dropped": info.get("rows_dropped", 0), "drop_reasons": info.get("drop_reasons", {}),
+                          "rows_read": info.get("rows_read", 0), **both(ds)}
     if ref_path:
         rcfg = copy.deepcopy(cfg.data)
         rcfg.path = ref_path
         ds, info, used = _eval_dataset(rcfg, tokenizer, cfg.train.seed, split)
         report["forgetting"] = {"source": info.get("source", ref_path), "split": used, "sequences": len(ds),
+                                "rows_dropped": info.get("rows_dropped", 0),
+                                "drop_reasons": info.get("drop_reasons", {}), "rows_read": info.get("rows_read", 0),
                                 **both(ds)}
     if is_adapter:
         report["lora_spectra"] = lora_spectra(model)

@@ -110,9 +110,17 @@ def eval_tables(report: dict[str, Any]):
 
 
 def print_eval(report: dict[str, Any]) -> None:
-    """Print the `muonft eval` tables (`eval_tables`) on stdout: they are the command's output."""
+    """Print the `muonft eval` tables (`eval_tables`) on stdout: they are the command's output; a line on stderr
+    for each data set whose records were dropped (no text fields)."""
     from rich.console import Console
 
+    from muonft_cli.data.documents import drop_note
+
+    for key in ("data", "forgetting"):
+        r = report.get(key) or {}
+        note = drop_note(r.get("rows_read", 0), r.get("drop_reasons") or {}, f"'{r.get('source')}'")
+        if note:
+            print(note, file=sys.stderr)
     Console().print(eval_tables(report))
 
 

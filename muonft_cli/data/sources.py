@@ -17,14 +17,13 @@ Nothing here imports torch; `datasets` is imported only when a dataset is opened
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muonft_cli._common import first_line, hub_offline, looks_local
+from muonft_cli._common import first_line, hub_offline, looks_local, package_path
 from muonft_cli.errors import UserInputError
 
 TEXT_EXTS = (".txt",)
@@ -89,17 +88,14 @@ def _builtin_path(name: str) -> Path:
         known = ", ".join(f"builtin:{k}" for k in sorted(BUILTINS))
         raise UserInputError(f"unknown builtin corpus 'builtin:{name}': the known ones are {known}")
     b = BUILTINS[name]
-    spec = importlib.util.find_spec(b.package)  # locates without importing the package
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
+    installed, path = package_path(b.package, b.relpath)  # locates without importing the package
+    if not installed:
         raise UserInputError(f"builtin:{name} needs the '{b.package}' package, which is not installed: "
                              f"run `{b.install}`")
-    for loc in locations:
-        path = Path(loc) / b.relpath
-        if path.exists():
-            return path
-    raise UserInputError(f"builtin:{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
-                         f"`{b.install}`")
+    if path is None:
+        raise UserInputError(f"builtin:{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
+                             f"`{b.install}`")
+    return path
 
 
 def resolve(spec: str) -> Source:

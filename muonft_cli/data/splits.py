@@ -106,8 +106,9 @@ def build_splits(data_cfg: Any, tokenizer: Any, seed: int, only: str | None = No
     Returns:
         `Splits` with `TokenDataset`s of `seq_len`-long items and `info`: source, kind, val_source ("split" |
         "holdout" | "none"), seq_len, n_docs_train/val, tokens_train/val (non-padding tokens in the sequences),
-        target_tokens_train/val, sequences_train/val, val_docs (names, up to 20), and for instruction data
-        truncated/dropped counts.
+        target_tokens_train/val, sequences_train/val, val_docs (names, up to 20), rows_read / rows_dropped /
+        drop_reasons (records of record files and datasets without the text fields: `documents.drop_note`), and
+        for instruction data truncated/dropped counts (examples cut or left without a target by --seq-len).
 
     Raises:
         UserInputError: bad source (see `load_documents`), or train/val data shorter than one sequence.
@@ -129,7 +130,8 @@ def build_splits(data_cfg: Any, tokenizer: Any, seed: int, only: str | None = No
         val_source = "holdout" if va_idx else "none"
     info: dict[str, Any] = {"source": docs.source, "kind": docs.kind, "val_source": val_source,
                             "seq_len": seq_len, "n_docs_train": len(train), "n_docs_val": len(val) if val else 0,
-                            "val_docs": val_names[:20]}
+                            "val_docs": val_names[:20], "rows_read": docs.rows_read,
+                            "rows_dropped": docs.rows_dropped, "drop_reasons": docs.drop_reasons}
     fix_val = ("a smaller --seq-len" if val_source == "split" else "a smaller --seq-len or a larger --val-fraction")
     want_train = only != "val" or val is None
     if only == "train":

@@ -4,8 +4,9 @@ The package re-exports the API callers use (``from muonft_cli import models; mod
 part lives in its own module:
 
 - `source`: `resolve_model` turns `--model` into a `ModelSource` (local HF dir, sharded dir, `.gguf` file,
-  `.safetensors` file beside a config.json, peft adapter dir, or hub id) or one `UserInputError` line; the hub
-  look-up `hub_model_files`.
+  `.safetensors` file beside a config.json, peft adapter dir, `builtin:NAME` packaged model, or hub id) or one
+  `UserInputError` line; `adapter_base` (an adapter's recorded base, or where it looked); the hub look-up
+  `hub_model_files`.
 - `safetensors`: the one safetensors header reader (`read_header`) and completeness check
   (`check_safetensors`), shared with `muonft diagnose`.
 - `load`: `load_model` / `load_tokenizer` (fp32 weights, safetensors or GGUF only, adapters onto their base),
@@ -40,9 +41,13 @@ from muonft_cli.models.lora import (
 from muonft_cli.models.safetensors import TensorEntry, check_safetensors, index_shards, read_header
 from muonft_cli.models.save import model_provenance, save_model
 from muonft_cli.models.source import (
+    BUILTIN_MODELS,
     HUB_TIMEOUT_S,
     PROVENANCE_FILE,
+    BuiltinModel,
     ModelSource,
+    adapter_base,
+    builtin_model_path,
     hub_model_files,
     looks_like_hub_id,
     resolve_model,
@@ -55,5 +60,6 @@ __all__ = [
     "apply_lora", "default_lora_targets", "initial_adapter_state", "lora_scale", "plain_name",
     "TensorEntry", "check_safetensors", "index_shards", "read_header",
     "model_provenance", "save_model",
-    "HUB_TIMEOUT_S", "PROVENANCE_FILE", "ModelSource", "hub_model_files", "looks_like_hub_id", "resolve_model",
+    "BUILTIN_MODELS", "BuiltinModel", "HUB_TIMEOUT_S", "PROVENANCE_FILE", "ModelSource", "adapter_base",
+    "builtin_model_path", "hub_model_files", "looks_like_hub_id", "resolve_model",
 ]

@@ -22,7 +22,7 @@ import torch
 
 from muonft_cli._common import first_line, hub_offline, looks_local
 from muonft_cli.errors import UserInputError
-from muonft_cli.models.source import ModelSource, hub_model_files, looks_like_hub_id, resolve_model
+from muonft_cli.models.source import ModelSource, adapter_base, hub_model_files, looks_like_hub_id, resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -212,7 +212,7 @@ def load_tokenizer(name_or_path: str, offline: bool = False, trust_remote_code: 
     src = resolve_model(name_or_path, offline)
     loc = _tokenizer_location(src)
     if loc is None and src.kind == "adapter" and src.base:
-        loc = _tokenizer_location(resolve_model(src.base, offline))
+        loc = _tokenizer_location(adapter_base(src, offline=offline))
     if loc is None:
         raise UserInputError(f"'{name_or_path}' has no tokenizer files: pass --tokenizer PATH")
     return _auto_tokenizer(loc[0], what, _TOKENIZER_FIX, trust_remote_code, local_files_only=offline, **loc[1])
@@ -254,7 +254,8 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     Args:
         model_cfg: `config.ModelConfig` (name_or_path, tokenizer, trust_remote_code, offline).
         device: target device.
-        base: for an adapter folder, the base model to load it onto (default: the base the adapter records).
+        base: for an adapter folder, the base model to load it onto (default: the base the adapter records;
+            gone from there, one `UserInputError` line says where it looked and to pass `--base`).
         is_trainable: for an adapter folder, load its weights trainable (continue training it).
 
     Returns:
@@ -267,13 +268,7 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     src = resolve_model(model_cfg.name_or_path, offline)
     base_src = None
     if src.kind == "adapter":
-        base_name = base or src.base
-        if not base_name:
-            raise UserInputError(f"adapter '{src.name}' records no base model: pass --base PATH")
-        base_src = resolve_model(base_name, offline)
-        if base_src.kind == "adapter":
-            raise UserInputError(f"base '{base_name}' of adapter '{src.name}' is itself an adapter: pass the "
-                                 "full base model with --base")
+        base_src = adapter_base(src, base, offline)
     # tokenizer first: cheap, and a missing tokenizer should fail before a long model load
     if getattr(model_cfg, "tokenizer", None):
         tokenizer = load_tokenizer(model_cfg.tokenizer, offline, trust)

@@ -26,7 +26,9 @@ from muonft_cli.models.source import PROVENANCE_FILE, ModelSource
 
 
 def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
-    """Facts about a model to record in `muonft.json`: base model, architecture, parameter counts."""
+    """Facts about a model to record in `muonft.json`: base model (`base_model`: its absolute, resolved path or
+    hub id; `base_model_as_given`: the string it was passed as; `base_gguf_file` for a GGUF base, the
+    `gguf_file=` that loads it), architecture, parameter counts."""
     m = _unwrap(model)
     src = model_source(m)
     base = m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -34,11 +36,14 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     out: dict[str, Any] = {
         "base_model": src.describe() if src else None,
+        "base_model_as_given": src.name if src else None,
         "architecture": type(base).__name__,
         "model_type": getattr(getattr(base, "config", None), "model_type", None),
         "params": total,
         "trainable_params": trainable,
     }
+    if src is not None and src.kind == "gguf":
+        out["base_gguf_file"] = Path(src.path).name  # load with from_pretrained(its folder, gguf_file=this)
     lora = getattr(m, "_muonft_lora", None)
     if lora:
         out["lora"] = dict(lora)
@@ -116,7 +121,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
     """Write a model directory atomically (temp dir + rename; an existing `out_dir` is replaced).
 
     - peft model → adapter (`adapter_config.json` + `adapter_model.safetensors`) that loads with plain
-      `PeftModel.from_pretrained(original_base, out_dir)`; PiSSA/OLoRA adapters are converted to a rank-2r plain
+      `PeftModel.from_pretrained(original_base, out_dir)` (and, for a HF-folder or hub base, with
+      `AutoPeftModelForCausalLM.from_pretrained(out_dir)` from any directory: `base_model_name_or_path` is the
+      base's absolute path); PiSSA/OLoRA adapters are converted to a rank-2r plain
       LoRA on the original base (peft's `path_initial_model_for_weight_conversion`). With `merge`, also
       `out_dir/merged/`, the full merged model (built on a copy; the training model is untouched).
     - any other model → a full HF directory (safetensors) that loads with `AutoModelForCausalLM.from_pretrained`.
@@ -145,8 +152,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
     tmp.mkdir()
     facts = model_provenance(model)
     info: dict[str, Any] = {**facts, **(provenance or {})}
-    if info.get("base_model") is None:
+    if facts["base_model"] is not None:  # the resolved base, not the string typed (relative to some cwd)
         info["base_model"] = facts["base_model"]
+        info["base_model_as_given"] = facts["base_model_as_given"]
     info["muonft_version"] = __version__
     # which optimizer pretrained the weights (as far as known) and which fine-tuned them: `optimizer` is this
     # run's. Older muonft.json files lack these fields; a missing or None one means unknown.

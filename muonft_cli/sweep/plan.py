@@ -87,8 +87,26 @@ class SweepPlan:
     cells: list[Cell]
 
 
+#: Run-config keys added after sweeps were first written, with their defaults: at the default they are left out
+#: of config hashes, so a sweep written before the key existed still resumes.
+_HASH_OMITS_AT_DEFAULT = {("data", "max_dropped_fraction"): 0.1}
+
+
+def _omit_new_defaults(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_omit_new_defaults(x) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: _omit_new_defaults(v) for k, v in obj.items()}
+    for (section, key), default in _HASH_OMITS_AT_DEFAULT.items():
+        sec = out.get(section)
+        if isinstance(sec, dict) and key in sec and sec[key] == default:
+            out[section] = {k: v for k, v in sec.items() if k != key}
+    return out
+
+
 def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(_omit_new_defaults(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_hash(obj: Any) -> str:

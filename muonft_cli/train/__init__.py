@@ -23,7 +23,8 @@ from muonft_cli.config import RunConfig
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train import rundir, schedule, state as state_mod
 from muonft_cli.train.batching import collate, epoch_order, global_batch, micro_batch_size, n_targets, token_nll_sum
-from muonft_cli.train.build import MODES, build_model_and_data, build_optimizer, check_inputs, set_seed, wrap_ddp
+from muonft_cli.train.build import (MODES, build_model_and_data, build_optimizer, check_inputs, data_notice, set_seed,
+                                   wrap_ddp)
 from muonft_cli.errors import TrainingInterrupted
 from muonft_cli.train.loop import Loop
 from muonft_cli.train.rundir import RESUME_MAY_CHANGE, RUN_FILES
@@ -91,6 +92,8 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
                                env)
     dist_mod.barrier(info)
     loop.ddp = wrap_ddp(built.model, info, device)
+    if (note := data_notice(built.splits)) is not None:
+        loop.sink.on_message(note)
     if resume:
         loop.sink.on_message(f"resuming {out} at step {loop.state.step} of {steps}" if ckpt_step is not None
                              else f"{out} has no checkpoint yet: starting it from step 0")

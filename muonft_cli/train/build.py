@@ -105,6 +105,14 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
     return built
 
 
+def data_notice(splits: Any) -> str | None:
+    """The line to show when the data layer dropped records without the text fields (None when none were)."""
+    from muonft_cli.data.documents import drop_note
+
+    info = getattr(splits, "info", None) or {}
+    return drop_note(info.get("rows_read", 0), info.get("drop_reasons") or {}, f"'{info.get('source')}'")
+
+
 def _pretrain_tokenizer(cfg: RunConfig, out: Path, resume: bool) -> Any:
     """The run's saved tokenizer on resume, else `--tokenizer`, else a BPE trained on the training documents."""
     saved = out / "tokenizer"

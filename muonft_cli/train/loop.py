@@ -234,4 +234,5 @@ class Loop:
             "final": final, "runtime_s": round(time.perf_counter() - self.t0, 3),
             "world_size": self.info.world_size, "ortho_per_rank": per_rank,
             "lora": self.cfg.lora.rank is not None,
+            "data_rows_dropped": (getattr(self.splits, "info", None) or {}).get("rows_dropped", 0),
         }
