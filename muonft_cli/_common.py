@@ -2,10 +2,11 @@
 
 Owns: the optimizer names muonft trains with and the family of any optimizer name (matched vs mismatched),
 Muon's update scalings and the rule that makes `optimizer.adamw_lr` required, the label value the loss
-ignores, atomic file writes, JSON-lines reading, the first line of an exception for one-line messages, the
-Hugging Face offline flags, the plain model name of a peft parameter, and the location of a file inside an
-installed package (`package_path`). Nothing here imports torch, transformers or anything heavy, so the CLI and
-the config loader can use it without slowing `muonft --help`.
+ignores, atomic file writes, output-directory checks and locks (`unwritable_dir_problem`, `try_lock`),
+JSON-lines reading, the first line of an exception for one-line messages, the Hugging Face offline flags, the
+plain model name of a peft parameter, and the location of a file inside an installed package (`package_path`).
+Nothing here imports torch, transformers or anything heavy, so the CLI and the config loader can use it without
+slowing `muonft --help`.
 """
 
 from __future__ import annotations
@@ -103,6 +104,56 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def unwritable_dir_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be used as an output directory (it is a file, sits under a file, or its nearest
+    existing folder is not writable), or None when it is (or can be created as) a writable directory. Creates
+    nothing; the caller words the error (e.g. "--out ...: pass a writable directory")."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"'{path}' is a file"
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"'{p}' is a file, not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"'{p}' is not writable"
+    return None
+
+
+def try_lock(path: str | Path, note: str | None = None) -> int | None:
+    """Take an exclusive, non-blocking `flock` on `path` (created, with its folder, when absent); return the
+    open file descriptor that holds it (close it to release), or None when another process holds it.
+
+    The kernel drops a `flock` when its holder dies (even on SIGKILL), so a lock left by a dead process is
+    never stale: the next caller simply gets it. `note` (e.g. who holds it) replaces the file's text once the
+    lock is held. Should the file be removed and re-created while we waited, we lock the new one. Raises
+    `OSError` when the file cannot be created.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as it let go: lock the one now at `path`
+    if note is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note.encode("utf-8"), 0)
+    return fd
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -106,10 +106,9 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     cfg = _run(cfgmod.resolve, config, flags, overrides, base)
 
     from muonft_cli import train
-    from muonft_cli.render import RichSink
-    from muonft_cli.train.sink import NullSink
+    from muonft_cli.render import NoticeSink, RichSink
 
-    sink = NullSink() if quiet else RichSink()
+    sink = NoticeSink() if quiet else RichSink()
     summary = _run(train.run, cfg, mode, sink=sink, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -147,7 +146,9 @@ _TRAIN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("weight_decay", Optional[float], _O(None, "--weight-decay")),
     ("clip", Optional[float], _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off.")),
     ("eval_every", Optional[int], _O(None, "--eval-every", help="Validate every N steps (0 = only at the end).")),
-    ("save_every", Optional[int], _O(None, "--save-every", help="Checkpoint every N steps (0 = off).")),
+    ("save_every", Optional[int], _O(None, "--save-every", help="Checkpoint every N steps (0 = off; default: "
+                                                  "every 10 % of the steps and every "
+                                                  "train.save_every_minutes, 10).")),
     ("keep_last", Optional[int], _O(None, "--keep-last", help="Checkpoints to keep.")),
     ("dtype", Optional[str], _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU).")),
     ("offline", bool, _O(False, "--offline", help="Never contact the hub.")),
@@ -158,7 +159,7 @@ _TRAIN_OPTIONS: list[tuple[str, Any, Any]] = [
     ("config", Optional[str], _O(None, "--config", help="YAML recipe: a file or recipe:NAME (`muonft recipes`).")),
     ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
     ("as_json", bool, _O(False, "--json", help="Print one JSON summary line on stdout.")),
-    ("quiet", bool, _O(False, "--quiet", help="No progress bar.")),
+    ("quiet", bool, _O(False, "--quiet", help="No progress bar (one-line notices still on stderr).")),
 ]
 
 

@@ -110,7 +110,12 @@ class TrainConfig:
     seed: int = 0
     clip: float | None = field(default=1.0, metadata={"help": "grad-norm clip on raw grads; null = off"})
     eval_every: int = 50
-    save_every: int = 0
+    save_every: int | None = field(default=None, metadata={
+        "help": "checkpoint every N steps; null = auto (every 10 % of the steps, and every save_every_minutes); "
+                "0 = off"})
+    save_every_minutes: float = field(default=10.0, metadata={
+        "help": "with save_every auto (null): also checkpoint when this many minutes passed since the last "
+                "checkpoint; 0 = off"})
     keep_last: int = 2
     gradient_checkpointing: bool = False
     device: str = "auto"
@@ -334,6 +339,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         positive("train.clip", cfg.train.clip)
     positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
     positive("train.save_every", cfg.train.save_every, allow_zero=True)
+    positive("train.save_every_minutes", cfg.train.save_every_minutes, allow_zero=True)
     positive("train.keep_last", cfg.train.keep_last)
     positive("eval.batch_size", cfg.eval.batch_size)
     if cfg.eval.max_batches is not None:

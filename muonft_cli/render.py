@@ -60,6 +60,22 @@ class RichSink:
             self.progress = None
 
 
+class NoticeSink:
+    """`--quiet`: no progress bar, only the one-line notices (resume point, nothing to do), on stderr."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ eval
 
 

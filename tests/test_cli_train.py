@@ -198,3 +198,105 @@ def test_pretrain_needs_a_model_shape(small, tmp_path):
     _one_line_error(r, 2, "--preset")
     r = invoke("pretrain", "--model", small["model"], "--data", small["corpus"], "--out", tmp_path / "p")
     assert r.exit_code == 2  # pretrain has no --model option
+
+
+# ------------------------------------------------------------------- issue 11: the run directory is safe
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_says_nothing_to_do(small, tmp_path):
+    """Issue 11.1 through the CLI: exit 0, one line on stderr, the saved summary on stdout, nothing rewritten;
+    a smaller --steps is refused (exit 2) and nothing is touched."""
+    out = tmp_path / "run"
+    r = _ft(small, out, "--steps", 3, "--json")
+    assert r.exit_code == 0, r.output
+    first, before = one_json_line(r.stdout), _files(out)
+    r = invoke("finetune", "--out", out, "--resume", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert one_json_line(r.stdout) == first
+    assert r.stderr.strip() == (f"{out} already finished 3 steps; nothing to do (pass a larger --steps to "
+                                f"continue training)")
+    _one_line_error(invoke("finetune", "--out", out, "--resume", "--steps", 2, "--quiet"), 2,
+                    "already done 3 steps", "--steps 2")
+    assert _files(out) == before
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(small, tmp_path):
+    """Issue 11.3: a killed run with no checkpoint restarted from step 0 without a word under --quiet."""
+    out = tmp_path / "run"
+    assert _ft(small, out, "--steps", 2, "--save-every", 0).exit_code == 0
+    import shutil
+
+    shutil.rmtree(out / "final")  # as a run killed before its end leaves it
+    (out / "summary.json").unlink()
+    r = invoke("finetune", "--out", out, "--resume", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert f"{out} has no checkpoint: starting over from step 0" in r.stderr
+    assert one_json_line(r.stdout)["steps"] == 2
+
+
+def test_a_second_run_into_a_held_directory_is_refused(small, tmp_path):
+    """Issue 11.2: two runs into one --out both ran, interleaving their files. The holder's `.lock` refuses
+    the second at once (exit 2, naming pid and host) and nothing in the directory changes."""
+    from muonft_cli._common import try_lock
+
+    out = tmp_path / "run"
+    assert _ft(small, out).exit_code == 0
+    assert not (out / ".lock").exists()  # released (and removed) when the run ended
+    fd = try_lock(out / ".lock", note="pid 4242 on host elsewhere\n")
+    assert fd is not None
+    try:
+        before = _files(out)
+        for args in (["--resume", "--steps", 3], ["--overwrite"]):
+            _one_line_error(_ft(small, out, *args), 2, "in use by another run", "pid 4242 on host elsewhere")
+        assert _files(out) == before
+        fresh = tmp_path / "fresh"
+        fd2 = try_lock(fresh / ".lock", note="pid 4243 on host elsewhere\n")
+        _one_line_error(_ft(small, fresh), 2, "pid 4243")
+        os.close(fd2)
+        assert set(_files(fresh)) == {".lock"}  # the refused run wrote nothing
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(small, tmp_path):
+    """flock is dropped by the kernel when its holder dies (even SIGKILL): the next run just takes it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from muonft_cli._common import try_lock; "
+        f"fd = try_lock({str(out / '.lock')!r}, note='pid 1 on host gone\\n'); print(fd is not None, flush=True); "
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "True"
+    _one_line_error(_ft(small, out), 2, "pid 1 on host gone")
+    holder.kill()
+    holder.wait()
+    r = _ft(small, out, "--json")
+    assert r.exit_code == 0, r.output
+    assert one_json_line(r.stdout)["steps"] == 1
+
+
+@pytest.mark.parametrize("kind", ["proc", "under-a-file", "read-only"])
+@pytest.mark.parametrize("mode", ["finetune", "pretrain"])
+def test_unwritable_out_is_one_line_before_any_work(small, tmp_path, kind, mode):
+    """Issue 11.8: an unwritable --out gave a traceback (exit 1) after loading everything. Now: exit 2, one
+    line naming --out, before the model or data is touched (the model and data given here do not exist)."""
+    if kind == "proc":
+        out = Path("/proc/muonft-x/run")
+    elif kind == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "run"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "run"
+    what = ["--model", tmp_path / "no-such-model"] if mode == "finetune" else ["--preset", "tiny"]
+    r = invoke(mode, *what, "--data", tmp_path / "no-such-data", "--out", out, "--quiet")
+    _one_line_error(r, 2, "--out", str(out))
+    assert not out.exists()

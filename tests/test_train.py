@@ -23,7 +23,7 @@ from _helpers_train import (
 
 from muonft_cli import config as cfgmod
 from muonft_cli import train
-from muonft_cli.errors import TrainingDivergedError, UserInputError
+from muonft_cli.errors import ResumeRefusedError, TrainingDivergedError, UserInputError
 from muonft_cli.train.sink import NullSink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,3 +280,131 @@ def test_ddp_two_processes_match_one(assets, tmp_path):
     assert all(abs(c - total / 2) <= total * 0.1 for c in s2["ortho_per_rank"])
     env_json = json.loads((tmp_path / "two" / "env.json").read_text())
     assert env_json["world_size"] == 2 and env_json["backend"] == "gloo"
+
+
+# ------------------------------------------------------------------------- checkpoint cadence, signals
+
+
+def _ckpts(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+def test_default_checkpoints_every_tenth_of_the_run(assets, tmp_path):
+    """Issue 11.3: the default (save_every: null = auto) checkpoints every ceil(steps / 10) steps, so a killed
+    run can resume; before, the default was 0 (no checkpoint at all)."""
+    out = tmp_path / "run"
+    cfg = make_cfg(out, assets["corpus"], model=assets["model"], **{"train.steps": 10, "train.keep_last": 20})
+    assert cfg.train.save_every is None and cfg.train.save_every_minutes == 10
+    train.run(cfg, "finetune")
+    assert _ckpts(out) == list(range(1, 11))
+    out2 = tmp_path / "kept"
+    train.run(make_cfg(out2, assets["corpus"], model=assets["model"], **{"train.steps": 10}), "finetune")
+    assert _ckpts(out2) == [9, 10]  # --keep-last (2) keeps disk flat
+
+
+class _Clock:
+    """A fake clock for the loop (seconds); a sink that moves it forward at chosen steps."""
+
+    def __init__(self, jumps: dict[int, float]) -> None:
+        self.now, self.jumps = 0.0, jumps
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_start(self, info): ...
+
+    def on_message(self, text): ...
+
+    def on_end(self, summary): ...
+
+    def on_step(self, record):
+        self.now += self.jumps.get(record["step"], 0.0)
+
+
+@pytest.mark.parametrize("save_every,want", [(None, [2, 4, 5, 6, 8, 10, 12, 14, 16, 18, 20]),
+                                              (4, [4, 8, 12, 16, 20])])
+def test_time_based_checkpoints(assets, tmp_path, monkeypatch, save_every, want):
+    """Issue 11.3: with the auto default, a checkpoint is also written when train.save_every_minutes passed
+    since the last one (here: 11 minutes pass during step 5); an explicit --save-every N means exactly N."""
+    from muonft_cli.train import loop as loop_mod
+
+    clock = _Clock({5: 11 * 60.0})
+    monkeypatch.setattr(loop_mod, "clock", clock)
+    out = tmp_path / "run"
+    cfg = make_cfg(out, assets["corpus"], model=assets["model"], **{
+        "train.steps": 20, "train.keep_last": 50, "train.eval_every": 0, "train.save_every": save_every})
+    train.run(cfg, "finetune", sink=clock)
+    assert _ckpts(out) == want
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+class _Notes(NullSink):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def on_message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+def test_resume_of_a_finished_run_is_a_no_op_and_steps_never_shrink(assets, tmp_path):
+    """Issue 11.1: `--resume` on a finished run retrained its last steps; a smaller --steps replaced final/
+    with a shorter run. Now: nothing to do (the saved summary, said on the sink), or refused; nothing touched."""
+    out = tmp_path / "run"
+    kw = dict(model=assets["model"], **{"train.steps": 6, "train.save_every": 4})
+    first = train.run(make_cfg(out, assets["corpus"], **kw), "finetune")
+    before = _snapshot(out)
+    notes = _Notes()
+    again = train.run(make_cfg(out, assets["corpus"], **kw), "finetune", sink=notes, resume=True)
+    assert again == json.loads((out / "summary.json").read_text()) and again["steps"] == 6
+    assert again["final"] == first["final"]
+    assert notes.messages == [f"{out} already finished 6 steps; nothing to do (pass a larger --steps to "
+                              f"continue training)"]
+    assert _snapshot(out) == before
+    with pytest.raises(UserInputError, match="already done 6 steps.*--steps 5") as e:
+        train.run(make_cfg(out, assets["corpus"], **{**kw, "train.steps": 5}), "finetune", resume=True)
+    assert not isinstance(e.value, ResumeRefusedError)  # a sweep answers that one with --overwrite
+    assert _snapshot(out) == before
+    grown = train.run(make_cfg(out, assets["corpus"], **{**kw, "train.steps": 8}), "finetune", resume=True)
+    assert grown["steps"] == 8 and [r["step"] for r in read_metrics(out)] == list(range(1, 9))
+
+
+def test_interrupted_run_refuses_fewer_steps_than_its_checkpoint(assets, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(model=assets["model"], **{"train.steps": 8, "train.save_every": 3})
+    with pytest.raises(train.TrainingInterrupted):
+        train.run(make_cfg(out, assets["corpus"], **kw), "finetune", sink=_KillAt(4))
+    before = _snapshot(out)
+    with pytest.raises(UserInputError, match="already done 4 steps"):
+        train.run(make_cfg(out, assets["corpus"], **{**kw, "train.steps": 3}), "finetune", resume=True)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["mid-run", "last step"])
+def test_signal_during_validation_stops_it(assets, tmp_path, monkeypatch, where):
+    """Issue 11.7: SIGTERM during a validation pass was ignored until the pass ended (and at the last step,
+    altogether). Now it stops validation before the next batch, checkpoints the step and exits interrupted."""
+    from muonft_cli import evaluate as eval_mod
+
+    calls = {"n": 0}
+    real = eval_mod.collate
+
+    def signalling(dataset, idx):  # validation's batch function: SIGTERM while fetching its 2nd batch
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(dataset, idx)
+
+    monkeypatch.setattr(eval_mod, "collate", signalling)
+    out, steps = tmp_path / "run", 6 if where == "mid-run" else 3
+    kw = dict(model=assets["model"], **{"train.steps": steps, "train.eval_every": 3 if where == "mid-run" else 0,
+                                        "eval.batch_size": 1, "train.save_every": 0})
+    with pytest.raises(train.TrainingInterrupted, match="at step 3 .*during validation.*step-000003"):
+        train.run(make_cfg(out, assets["corpus"], **kw), "finetune")
+    assert calls["n"] == 2  # no batch after the signal
+    assert _ckpts(out) == [3] and not (out / "final").exists()
+    monkeypatch.setattr(eval_mod, "collate", real)
+    s = train.run(make_cfg(out, assets["corpus"], **kw), "finetune", resume=True)
+    assert s["steps"] == steps and s["val_loss"] is not None and (out / "final").is_dir()

@@ -114,6 +114,16 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(_canon(obj).encode()).hexdigest()[:12]
 
 
+def _cadence_free(cfg: dict) -> dict:
+    """A complete run config as hashed: checkpoint cadence does not change a result, so the auto default
+    (`save_every: null`, `save_every_minutes`) hashes as the old default `save_every: 0` (old sweeps resume)."""
+    train = dict(cfg.get("train") or {})
+    train.pop("save_every_minutes", None)
+    if "save_every" in train and train["save_every"] is None:
+        train["save_every"] = 0
+    return {**cfg, "train": train}
+
+
 def _fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -160,7 +170,7 @@ def _base_spec(name: str, b: C.SweepBaseSection, problems: list[str]) -> BaseSpe
         if pcfg.data.path is None:
             problems.append(f"{where}.pretrain.data.path: missing (the pretraining corpus)")
         with_ = with_ or pcfg.optimizer.name
-        spec_hash = config_hash({k: v for k, v in C.to_dict(pcfg).items() if k != "output"})
+        spec_hash = config_hash(_cadence_free({k: v for k, v in C.to_dict(pcfg).items() if k != "output"}))
     else:
         spec_hash = config_hash({"path": b.path})
     return BaseSpec(name=name, path=b.path, pretrain=b.pretrain, pretrained_with=with_, label=str(b.label or name),
@@ -214,7 +224,7 @@ def _expand(plan_args: dict, run: dict, per_optim: dict, problems: list[str]) ->
                 problems.extend(f"cell {b.name}/{m}/{o}: {p}" for p in e.problems)
                 continue
         cells.append(Cell(id=cell_id(b.name, m, o, lr, r, s, ax), base=b.name, method=m, optim=o, lr=lr, rank=r,
-                          seed=s, axes=ax, config=cfg, hash=config_hash(C.merge_dicts(defaults, cfg))))
+                          seed=s, axes=ax, config=cfg, hash=config_hash(_cadence_free(C.merge_dicts(defaults, cfg)))))
     return cells
 
 

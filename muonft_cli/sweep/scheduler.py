@@ -9,7 +9,6 @@ evaluations to add are decisions of `muonft_cli.sweep.policy`, called after each
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 import yaml
 
 from muonft_cli._common import atomic_write_text
+from muonft_cli._common import try_lock as _try_lock
 from muonft_cli.errors import UserInputError
 from muonft_cli.sweep import policy
 from muonft_cli.sweep.index import INDEX, SweepIndex, status_of
@@ -283,17 +283,6 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
     except Exception:
         pass
     os.setpgrp()  # own process group: a Ctrl-C at the terminal goes to the sweep, which stops cells itself
-
-
-def _try_lock(path: Path) -> int | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def worker_env(worker: int, workers: int, gpus: int, threads: int | None = None) -> dict[str, str]:

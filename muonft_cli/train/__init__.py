@@ -17,6 +17,7 @@ The names below are the public API; the engine never prints.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from muonft_cli.config import RunConfig
@@ -47,7 +48,9 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
         mode: "pretrain" (fresh model from a preset/config, tokenizer trained or given) or "finetune"
             (model loaded with `models.load_model`; LoRA via `models.apply_lora` when `lora.rank` is set).
         sink: progress receiver (the `sink.Sink` protocol, e.g. `NullSink`); None = silent.
-        resume: continue the run in `cfg.output.dir` from its last checkpoint.
+        resume: continue the run in `cfg.output.dir` from its last checkpoint (from step 0, said on the sink,
+            when it has none); a finished run resumed without a larger `train.steps` is left untouched and its
+            saved summary returned.
 
     Returns:
         The summary dict: out, mode, optim, steps, tokens, train_loss (mean of the last <= 10 steps),
@@ -55,17 +58,35 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
         ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon).
 
     Raises:
-        UserInputError: bad input, before anything is written.
+        UserInputError: bad input, before anything is written (an unwritable `--out`, one that another run
+            holds (its `.lock`), a `--resume` with a `--steps` below the steps already done).
         TrainingDivergedError: loss became NaN/inf (the last good checkpoint is kept).
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
+    import os
+
     check_inputs(cfg, mode)
-    out, ckpt_step = rundir.prepare_out_dir(cfg, resume)
-    info = dist_mod.init_from_env(cfg.train.device)
+    sink = sink or NullSink()
+    out = Path(cfg.output.dir).expanduser()
+    rundir.check_writable(out)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 locks (and writes)
+        created = rundir.first_missing(out)
+        lock = rundir.lock_out_dir(out), created
     try:
-        return _assemble(cfg, mode, sink or NullSink(), info, out, resume, ckpt_step).run()
+        where = rundir.prepare_out_dir(cfg, resume)
+        if where.finished is not None:
+            sink.on_message(f"{out} already finished {where.finished['steps']} steps; nothing to do (pass a "
+                            f"larger --steps to continue training)")
+            return where.finished
+        info = dist_mod.init_from_env(cfg.train.device)
+        try:
+            return _assemble(cfg, mode, sink, info, out, resume, where.ckpt_step).run()
+        finally:
+            dist_mod.cleanup(info)
     finally:
-        dist_mod.cleanup(info)
+        if lock is not None:
+            rundir.unlock_out_dir(out, *lock)
 
 
 def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out: Any, resume: bool,
@@ -96,5 +117,5 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
         loop.sink.on_message(note)
     if resume:
         loop.sink.on_message(f"resuming {out} at step {loop.state.step} of {steps}" if ckpt_step is not None
-                             else f"{out} has no checkpoint yet: starting it from step 0")
+                             else f"{out} has no checkpoint: starting over from step 0")
     return loop

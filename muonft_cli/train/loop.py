@@ -8,9 +8,11 @@ Owns
 - the step record logged to `metrics.jsonl` and the sink; its `lr` is the one the step used (read from the
   optimizer before `scheduler.step()`);
 - validation every `train.eval_every` steps and at the end (`evaluate.evaluate_loss`), keeping `best/`;
-- checkpoints every `train.save_every` steps and at the end; SIGINT/SIGTERM → checkpoint, then
-  `TrainingInterrupted`; NaN/inf loss or gradient norm → `TrainingDivergedError` (the last good checkpoint
-  is kept);
+- checkpoints every `train.save_every` steps and at the end; by default (`save_every: null`, "auto") every
+  10 % of the run (ceil(steps / 10), at least 1) and whenever `train.save_every_minutes` passed since the
+  last one, whichever comes first; SIGINT/SIGTERM (checked between steps and between validation batches) →
+  checkpoint of the last finished step, then `TrainingInterrupted`; NaN/inf loss or gradient norm →
+  `TrainingDivergedError` (the last good checkpoint is kept);
 - the run summary.
 """
 
@@ -34,11 +36,43 @@ from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train.state import TrainerState
 
 
+#: The loop's clock for time-based checkpoints (seconds; tests replace it).
+clock = time.monotonic
+
+
+def save_interval(save_every: int | None, total_steps: int) -> int:
+    """Steps between checkpoints: `save_every` as given (0 = none), or for "auto" (None) every 10 % of the run."""
+    if save_every is not None:
+        return save_every
+    return max(1, math.ceil(total_steps / 10))
+
+
+class _ValidationStopped(Exception):
+    """A signal arrived during validation (raised between its batches)."""
+
+
+class _Stoppable:
+    """A validation dataset that stops its pass when the stop flag is set: `evaluate_loss` reads it one batch
+    of samples at a time, so a SIGINT/SIGTERM ends validation before the next batch."""
+
+    def __init__(self, dataset: Any, stop: _Stop) -> None:
+        self.dataset, self.stop = dataset, stop
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        if self.stop.signum is not None:
+            raise _ValidationStopped
+        return self.dataset[i]
+
+
 class _Stop:
-    """Signal flag set by SIGINT/SIGTERM; checked between optimizer steps."""
+    """Signal flag set by SIGINT/SIGTERM; checked between optimizer steps and between validation batches."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.during_validation = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -152,7 +186,9 @@ class Loop:
         st.position += t.batch_size
         return loss, gnorm, in_tokens, lr
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, stop: _Stop | None = None) -> dict | None:
+        """Validation loss on rank 0 (broadcast); None without a validation split, or when `stop` was set
+        during the pass (then `stop.during_validation` is True)."""
         from muonft_cli.evaluate import evaluate_loss
 
         if self.splits.val is None or len(self.splits.val) == 0:
@@ -160,8 +196,12 @@ class Loop:
         res = None
         if self.info.is_main:
             self.model.eval()
-            res = evaluate_loss(self.model, self.splits.val, self.cfg.eval.batch_size, self.device,
-                                max_batches=self.cfg.eval.max_batches, autocast_dtype=self.autocast_dtype)
+            data = self.splits.val if stop is None else _Stoppable(self.splits.val, stop)
+            try:
+                res = evaluate_loss(self.model, data, self.cfg.eval.batch_size, self.device,
+                                    max_batches=self.cfg.eval.max_batches, autocast_dtype=self.autocast_dtype)
+            except _ValidationStopped:
+                stop.during_validation = True
             self.model.train()
         return dist_mod.broadcast_object(res, self.info)
 
@@ -174,8 +214,13 @@ class Loop:
                             "world_size": self.info.world_size})
         stop = _Stop()
         stop.install()
+        every = save_interval(t.save_every, self.total_steps)
+        minutes = t.save_every_minutes if t.save_every is None else 0  # an explicit --save-every N is exactly N
+        last_save = clock()
+        ran = False
         try:
             while st.step < self.total_steps:
+                ran = True
                 t_start = time.perf_counter()
                 loss, gnorm, in_tokens, lr = self.train_step()
                 st.step += 1
@@ -186,7 +231,7 @@ class Loop:
                           "tokens_per_s": in_tokens / dt if dt > 0 else 0.0, "val_loss": None, "val_ppl": None}
                 last = st.step == self.total_steps
                 if (t.eval_every and st.step % t.eval_every == 0) or last:
-                    res = self.evaluate()
+                    res = self.evaluate(stop)
                     if res is not None:
                         st.last_val = res
                         record["val_loss"], record["val_ppl"] = res["loss"], res["ppl"]
@@ -197,18 +242,31 @@ class Loop:
                 if self.info.is_main:
                     rundir.append_metrics(self.out, record)
                 self.sink.on_step(record)
-                saved = bool(t.save_every) and (st.step % t.save_every == 0 or last)
-                if saved:
+                due = bool(every) and (st.step % every == 0 or last)
+                if not due and minutes and self.info.is_main:
+                    due = clock() - last_save >= minutes * 60
+                if self.info.distributed and minutes:  # rank 0's clock decides for every rank
+                    due = bool(dist_mod.broadcast_object(due, self.info))
+                if due:
                     self.save_checkpoint()  # also at the end: `--resume --steps MORE` continues from here
-                flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.device)
+                    last_save = clock()
+                flag = torch.tensor([1.0 if stop.signum is not None else 0.0, float(stop.during_validation)],
+                                    device=self.device)
                 if self.info.distributed:
                     dist_mod.all_reduce_sum(flag, self.info)
-                if float(flag) > 0 and not last:
-                    path = state_mod.checkpoint_dir(self.out, st.step) if saved else self.save_checkpoint()
+                # a signal during the last step's validation stops too: the run is not finished without it
+                if float(flag[0]) > 0 and (not last or float(flag[1]) > 0):
+                    path = state_mod.checkpoint_dir(self.out, st.step) if due else self.save_checkpoint()
                     self.sink.on_end(self.summary(final=None))
+                    during = " (during validation)" if stop.during_validation else ""
                     raise TrainingInterrupted(
-                        f"interrupted at step {st.step} of {self.total_steps}; checkpoint written to {path}: "
-                        f"continue with the same command plus --resume")
+                        f"interrupted at step {st.step} of {self.total_steps}{during}; checkpoint written to "
+                        f"{path}: continue with the same command plus --resume")
+            if not ran and st.step == self.total_steps:
+                # resumed at its last step (stopped during the final validation): validate, then finish
+                res = self.evaluate()
+                if res is not None:
+                    st.last_val = res
         finally:
             stop.restore()
         final = self.save_model("final")

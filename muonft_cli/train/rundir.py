@@ -2,8 +2,12 @@
 
 Owns
 - the rules for reusing a directory: `--resume` needs a muonft run whose `config.yaml` matches the new
-  config (only `train.steps` may grow); otherwise the directory must be empty or `--overwrite` given (which
+  config (only `train.steps` may grow, never below the steps already done; a finished run resumed without a
+  larger `--steps` is left as it is); otherwise the directory must be empty or `--overwrite` given (which
   removes the run files listed in `RUN_FILES`, nothing else);
+- the directory lock `.lock` (`lock_out_dir`): a `flock` held for the whole run by rank 0, so a second run
+  into the same `--out` is refused at once; it names its holder (pid, host). The kernel drops a `flock` when
+  its holder dies, so a lock left by a killed run is taken over without any staleness check;
 - `config.yaml` (the resolved config), `tokenizer/` (a pretrain run's tokenizer), `env.json` (versions,
   device, world size, thread count, data, batch layout), `metrics.jsonl` (one record per optimizer step,
   appended; a resumed run drops the records after its checkpoint), `summary.json`, and the saved models
@@ -17,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
+import socket
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +33,7 @@ import torch
 
 from muonft_cli import __version__
 from muonft_cli import config as config_mod
-from muonft_cli._common import atomic_write_text, read_jsonl
+from muonft_cli._common import atomic_write_text, read_jsonl, try_lock, unwritable_dir_problem
 from muonft_cli.config import RunConfig
 from muonft_cli.errors import MuonftError, ResumeRefusedError, UserInputError
 from muonft_cli.train import distributed as dist_mod
@@ -36,12 +42,82 @@ from muonft_cli.train.state import TrainerState, checkpoint_steps
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "checkpoints", "final", "best", "tokenizer",
              "summary.json")
 # Config keys a resumed run may change: the step budget can grow; output.overwrite is a command-line choice.
-RESUME_MAY_CHANGE = ("train.steps", "output.overwrite")
+# Checkpoint cadence does not change the result, so it may change too (old runs saved `save_every: 0`).
+RESUME_MAY_CHANGE = ("train.steps", "output.overwrite", "train.save_every", "train.save_every_minutes",
+                     "train.keep_last")
 METRICS = "metrics.jsonl"
+LOCK = ".lock"
 
 
-def prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
-    """Check the output directory against resume/overwrite; return (out, checkpoint step to resume or None).
+@dataclasses.dataclass
+class OutDir:
+    """What `prepare_out_dir` found: the directory, the checkpoint step to resume (None: none), and, for a
+    finished run resumed without a larger `--steps`, its `summary.json` (nothing to do)."""
+
+    path: Path
+    ckpt_step: int | None = None
+    finished: dict[str, Any] | None = None
+
+
+def check_writable(out: Path) -> None:
+    """Bad input unless `out` is (or can be created as) a directory this process can write; creates nothing."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file: pass a directory path")
+    problem = unwritable_dir_problem(out)
+    if problem:
+        raise UserInputError(f"--out '{out}' cannot be written ({problem}): pass a writable directory as --out")
+
+
+def lock_out_dir(out: Path) -> int:
+    """Create `out` if needed and take its `.lock` (the holder's pid and host written into it); return the
+    file descriptor (`unlock_out_dir` releases it). Bad input when another run holds it or `out` cannot be
+    written."""
+
+    try:
+        fd = try_lock(out / LOCK, note=f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    except OSError as e:
+        raise UserInputError(f"cannot write to --out '{out}' ({e.strerror or e}): pass a writable directory "
+                             f"as --out") from None
+    if fd is None:
+        try:
+            holder = (out / LOCK).read_text(encoding="utf-8", errors="replace").strip() or "an unknown process"
+        except OSError:
+            holder = "an unknown process"
+        raise UserInputError(f"output directory '{out}' is in use by another run ({holder}): wait for it to "
+                             f"finish or stop it, or pass another --out")
+    return fd
+
+
+def first_missing(out: Path) -> Path | None:
+    """The outermost folder of `out` (itself included) that does not exist yet, or None when `out` exists."""
+    top = None
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    return top
+
+
+def unlock_out_dir(out: Path, fd: int, created: Path | None) -> None:
+    """Remove `.lock` (still holding it) and release it; remove the folders this run created (`created`: the
+    outermost, from `first_missing`) when they are empty, so a run refused before writing leaves no trace."""
+    try:
+        (out / LOCK).unlink()
+    except OSError:
+        pass
+    os.close(fd)
+    p = out.absolute()
+    while created is not None:
+        try:
+            p.rmdir()  # only when empty
+        except OSError:
+            break
+        if p == created:
+            break
+        p = p.parent
+
+
+def prepare_out_dir(cfg: RunConfig, resume: bool) -> OutDir:
+    """Check the output directory against resume/overwrite; return what to do with it (`OutDir`).
 
     Writes nothing: bad input is raised (`UserInputError`) before a run touches the directory.
     """
@@ -61,14 +137,36 @@ def prepare_out_dir(cfg: RunConfig, resume: bool) -> tuple[Path, int | None]:
                                      f"resume with the same settings (only --steps may grow), or start a new run "
                                      f"with another --out")
         steps = checkpoint_steps(out)
-        return out, (steps[-1] if steps else None)
+        ckpt = steps[-1] if steps else None
+        finished = finished_summary(out)
+        done = max(ckpt or 0, finished["steps"] if finished else 0)
+        want = cfg.train.steps
+        if want is not None and want < done:
+            # not a ResumeRefusedError: a sweep would answer that with --overwrite, losing the steps done
+            raise UserInputError(f"--resume: the run in '{out}' has already done {done} steps, more than "
+                                 f"--steps {want}: --steps may only grow (pass --steps {done} or more), or start "
+                                 f"a new run with another --out")
+        if finished is not None and (want is None or want <= finished["steps"]):
+            return OutDir(out, ckpt, finished)
+        return OutDir(out, ckpt)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out '{out}' is a file: pass a directory path")
-    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite:
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not cfg.output.overwrite:
         what = "holds a muonft run" if (out / "config.yaml").is_file() else "is not empty"
         raise UserInputError(f"output directory '{out}' {what}: pass --resume to continue it, --overwrite to "
                              f"replace it, or another --out")
-    return out, None
+    return OutDir(out)
+
+
+def finished_summary(out: Path) -> dict[str, Any] | None:
+    """The `summary.json` of a run that finished (it and `final/` exist, with a step count), else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (out / "final").is_dir() or not isinstance(summary, dict) or not isinstance(summary.get("steps"), int):
+        return None
+    return summary
 
 
 def versions() -> dict[str, str | None]:
