@@ -142,7 +142,7 @@ def _base_spec(name: str, b: C.SweepBaseSection, problems: list[str]) -> BaseSpe
         if pcfg.data.path is None:
             problems.append(f"{where}.pretrain.data.path: missing (the pretraining corpus)")
         with_ = with_ or pcfg.optimizer.name
-        spec_hash = config_hash({k: v for k, v in C.to_dict(pcfg).items() if k != "output"})
+        spec_hash = config_hash({k: v for k, v in C.stable_view(C.to_dict(pcfg)).items() if k != "output"})
     else:
         spec_hash = config_hash({"path": b.path})
     return BaseSpec(name=name, path=b.path, pretrain=b.pretrain, pretrained_with=with_, label=str(b.label or name),
@@ -196,7 +196,8 @@ def _expand(plan_args: dict, run: dict, per_optim: dict, problems: list[str]) ->
                 problems.extend(f"cell {b.name}/{m}/{o}: {p}" for p in e.problems)
                 continue
         cells.append(Cell(id=cell_id(b.name, m, o, lr, r, s, ax), base=b.name, method=m, optim=o, lr=lr, rank=r,
-                          seed=s, axes=ax, config=cfg, hash=config_hash(C.merge_dicts(defaults, cfg))))
+                          seed=s, axes=ax, config=cfg,
+                          hash=config_hash(C.stable_view(C.merge_dicts(defaults, cfg)))))
     return cells
 
 

@@ -59,6 +59,10 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     check_inputs(cfg, mode)
+    if cfg.train.threads is not None:  # --threads: CPU threads of this run (None: torch's default)
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     out, ckpt_step = rundir.prepare_out_dir(cfg, resume)
     info = dist_mod.init_from_env(cfg.train.device)
     try:

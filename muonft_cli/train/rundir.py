@@ -36,7 +36,7 @@ from muonft_cli.train.state import TrainerState, checkpoint_steps
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "checkpoints", "final", "best", "tokenizer",
              "summary.json")
 # Config keys a resumed run may change: the step budget can grow; output.overwrite is a command-line choice.
-RESUME_MAY_CHANGE = ("train.steps", "output.overwrite")
+RESUME_MAY_CHANGE = ("train.steps", "output.overwrite", "train.threads")
 METRICS = "metrics.jsonl"
 
 
