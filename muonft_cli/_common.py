@@ -3,10 +3,10 @@
 Owns: the optimizer names muonft trains with and the family of any optimizer name (matched vs mismatched),
 Muon's update scalings and the rule that makes `optimizer.adamw_lr` required, the label value the loss
 ignores, atomic file writes, output-directory checks and locks (`unwritable_dir_problem`, `try_lock`),
-JSON-lines reading, the first line of an exception for one-line messages, the Hugging Face offline flags, the
-plain model name of a peft parameter, and the location of a file inside an installed package (`package_path`).
-Nothing here imports torch, transformers or anything heavy, so the CLI and the config loader can use it without
-slowing `muonft --help`.
+JSON-lines reading, strict JSON for `--json` output (`json_dumps`), the first line of an exception for one-line
+messages, the Hugging Face offline flags, the plain model name of a peft parameter, and the location of a file
+inside an installed package (`package_path`). Nothing here imports torch, transformers or anything heavy, so the
+CLI and the config loader can use it without slowing `muonft --help`.
 """
 
 from __future__ import annotations
@@ -180,6 +180,36 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+# ---------------------------------------------------------------------------------------- strict JSON
+
+
+def _finite(obj: Any, path: str, bad: list[str]) -> Any:
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            bad.append(path or "value")
+            return None
+        return obj
+    if isinstance(obj, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
+    return obj
+
+
+def json_dumps(obj: Any, status: bool = True) -> str:
+    """`obj` as strict JSON for a `--json` output: NaN and ±Infinity (which `json.dumps` writes and JSON
+    parsers reject) become null. With `status` and a dict, a `"status"` key is added: `"ok"` when every number
+    was finite, else `"non_finite"` with `"non_finite": [key paths]` naming the values that were nulled (e.g.
+    `val_ppl`); an existing `status` is kept. Values JSON cannot hold (paths) are written as strings."""
+    bad: list[str] = []
+    clean = _finite(obj, "", bad)
+    if status and isinstance(clean, dict):
+        clean.setdefault("status", "non_finite" if bad else "ok")
+        if bad:
+            clean["non_finite"] = bad
+    return json.dumps(clean, default=str, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------- messages

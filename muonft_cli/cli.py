@@ -2,7 +2,9 @@
 
 torch / transformers are imported inside the commands (through the engine modules), so `muonft --help`
 and `muonft --version` stay instant. Domain errors from the engine (`muonft_cli.errors`) become one line
-on stderr and an exit code (2: bad input, 1: failure during work) here, and only here.
+on stderr and an exit code (2: bad input, 1: failure during work) here, and only here. Every `--json` document
+goes through `_common.json_dumps` (strict JSON: no NaN/Infinity, a status field); a stdout pipe closed by its
+reader (`muonft ... | head`) ends the command quietly with exit 0 (`_App`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,48 @@ import typer
 from muonft_cli import __version__
 from muonft_cli.errors import MuonftError
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The Typer app, ending quietly (exit 0) when stdout is a pipe closed early (`muonft ... | head`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        was_devnull = _stdout_is_devnull()
+        try:
+            return super().__call__(*args, **kwargs)
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            raise SystemExit(0) from None
+        except SystemExit as e:
+            # a broken stdout pipe becomes exit 1 in the libraries: typer (its vendored click) wraps stdout in
+            # click's PacifyFlushWrapper, rich (help, tables) points stdout at /dev/null itself
+            if e.code == 1 and (type(sys.stdout).__name__ == "PacifyFlushWrapper"
+                                or (_stdout_is_devnull() and not was_devnull)):
+                _stdout_to_devnull()
+                raise SystemExit(0) from None
+            raise
+
+
+def _stdout_is_devnull() -> bool:
+    import os
+
+    try:
+        return os.path.samestat(os.fstat(sys.__stdout__.fileno()), os.stat(os.devnull))
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def _stdout_to_devnull() -> None:
+    """The usual recipe for a closed stdout: point fd 1 at /dev/null so the interpreter's last flush is silent."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+app = _App(
     name="muonft",
     help="Fine-tune pretrained models with Muon without falling into the optimizer-mismatch trap.",
     no_args_is_help=True,
@@ -76,6 +119,45 @@ def _err(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _json(obj: Any, status: bool = True) -> None:
+    """Print one strict-JSON document on stdout (never NaN/Infinity: null, and a status field; `_common`)."""
+    from muonft_cli._common import json_dumps
+
+    typer.echo(json_dumps(obj, status=status))
+
+
+def _quiet_libraries() -> None:
+    """`--quiet`: also silence the libraries' own bars and notices (call before the engine imports them): tqdm
+    bars (transformers' GGUF dequantisation), huggingface_hub's download bars, transformers' bars, and peft's
+    "Could not find a config file" warning (it cannot check a local GGUF base's vocabulary; harmless)."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when imported: the engine imports it after this
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    warnings.filterwarnings("ignore", message="Could not find a config file")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _cpu_dtype_note(cfg: Any) -> None:
+    """`--dtype bf16` is bf16 autocast on CUDA only: say so when this run will compute on the CPU."""
+    if cfg.model.dtype != "bf16":
+        return
+    dev = str(cfg.train.device or "auto").strip().lower()
+    if dev == "auto":
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        typer.echo("note: --dtype bf16 only affects CUDA runs; this CPU run computes in fp32", err=True)
+
+
 # ------------------------------------------------------------ pretrain / finetune (engine: muonft_cli.train)
 
 _PRETRAIN_BASE = {"optimizer": {"lr": 1e-3}}
@@ -84,7 +166,6 @@ _PRETRAIN_BASE = {"optimizer": {"lr": 1e-3}}
 def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], overrides: Optional[list[str]],
                resume: bool, as_json: bool, quiet: bool) -> None:
     """Shared body of `pretrain` / `finetune`: flags -> config -> train.run -> print."""
-    import json
     import os
     from pathlib import Path
 
@@ -100,10 +181,10 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
         recipe_mbs = (_run(cfgmod.read_yaml, config).get("train") or {}).get("micro_batch_size") if config else None
         if recipe_mbs is None and not any(o.startswith("train.micro_batch_size=") for o in overrides or []):
             flags["train.micro_batch_size"] = min(bs, cfgmod.TrainConfig().micro_batch_size)
-    if flags.get("train.clip") == 0:
-        flags["train.clip"] = None
-        overrides = list(overrides or []) + ["train.clip=null"]
-    cfg = _run(cfgmod.resolve, config, flags, overrides, base)
+    cfg = _run(cfgmod.resolve, config, flags, overrides, base, command=mode)  # --clip 0 = off: config's rule
+    if quiet:
+        _quiet_libraries()
+    _cpu_dtype_note(cfg)
 
     from muonft_cli import train
     from muonft_cli.render import NoticeSink, RichSink
@@ -113,7 +194,7 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
-        typer.echo(json.dumps(summary))
+        _json(summary)
     elif not quiet:
         val = f"  val loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}" \
             if summary.get("val_loss") is not None else ""
@@ -128,57 +209,121 @@ def _split_targets(value: Optional[str]) -> Optional[list[str]]:
 _O = typer.Option
 
 
-# Options shared by `pretrain` and `finetune` (declared once; `_train_options` adds them to both signatures).
-_TRAIN_OPTIONS: list[tuple[str, Any, Any]] = [
-    ("data", Optional[str], _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset.")),
-    ("out", Optional[str], _O(None, "--out", help="Run directory.")),
-    ("optim", Optional[str], _O(None, "--optim", help="adamw | muon | muon-pe | adamuon | normuon.")),
-    ("lr", Optional[float], _O(None, "--lr", help="Peak learning rate (pretrain's default 1e-3).")),
-    ("steps", Optional[int], _O(None, "--steps", help="Optimizer steps.")),
-    ("epochs", Optional[float], _O(None, "--epochs", help="Epochs (instead of --steps; default 1).")),
-    ("batch_size", Optional[int], _O(None, "--batch-size", help="Global batch, in sequences.")),
-    ("micro_batch_size", Optional[int], _O(None, "--micro-batch-size", help="Sequences per forward pass.")),
-    ("seq_len", Optional[int], _O(None, "--seq-len", help="Tokens per sequence.")),
-    ("val_fraction", Optional[float], _O(None, "--val-fraction", help="Held-out fraction of documents.")),
-    ("seed", Optional[int], _O(None, "--seed")),
-    ("warmup_ratio", Optional[float], _O(None, "--warmup-ratio", help="Linear warmup fraction (default 0.03).")),
-    ("min_lr_ratio", Optional[float], _O(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr.")),
-    ("weight_decay", Optional[float], _O(None, "--weight-decay")),
-    ("clip", Optional[float], _O(None, "--clip", help="Gradient-norm clip on raw gradients; 0 = off.")),
-    ("eval_every", Optional[int], _O(None, "--eval-every", help="Validate every N steps (0 = only at the end).")),
-    ("save_every", Optional[int], _O(None, "--save-every", help="Checkpoint every N steps (0 = off; default: "
-                                                  "every 10 % of the steps and every "
-                                                  "train.save_every_minutes, 10).")),
-    ("keep_last", Optional[int], _O(None, "--keep-last", help="Checkpoints to keep.")),
-    ("dtype", Optional[str], _O(None, "--dtype", help="fp32 | bf16 (bf16 autocast on GPU).")),
-    ("offline", bool, _O(False, "--offline", help="Never contact the hub.")),
-    ("trust_remote_code", bool, _O(False, "--trust-remote-code")),
-    ("gradient_checkpointing", bool, _O(False, "--gradient-checkpointing")),
-    ("resume", bool, _O(False, "--resume", help="Continue the run in --out from its last checkpoint.")),
-    ("overwrite", bool, _O(False, "--overwrite", help="Replace a run already in --out.")),
-    ("config", Optional[str], _O(None, "--config", help="YAML recipe: a file or recipe:NAME (`muonft recipes`).")),
-    ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
-    ("as_json", bool, _O(False, "--json", help="Print one JSON summary line on stdout.")),
-    ("quiet", bool, _O(False, "--quiet", help="No progress bar (one-line notices still on stderr).")),
-]
+def _flag(decls: str, help: str, default: Optional[bool] = None) -> Any:
+    """A boolean option as a flag (no `<bool>` metavar). `--x/--no-x` flags default to None ("not given"), so a
+    recipe's `true` stays unless `--no-x` is passed; their default is shown as off."""
+    return _O(default, decls, help=help, metavar="", show_default="off" if "/" in decls else False)
 
 
-def _train_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """Give a command `fn(own options..., **common)` the `_TRAIN_OPTIONS` too (Typer reads `__signature__`)."""
-    import functools
-    import inspect
+def _fmt(value: Any) -> str:
+    """A default as --help shows it: 1e-4 rather than 0.0001."""
+    if isinstance(value, float) and value and abs(value) <= 1e-3:
+        mantissa, exp = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exp)}"
+    return repr(value) if isinstance(value, float) else str(value)
 
-    sig = inspect.signature(fn, eval_str=True)
-    kw_only = inspect.Parameter.KEYWORD_ONLY
-    own = [p.replace(kind=kw_only) for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(name, kw_only, default=opt, annotation=typ) for name, typ, opt in _TRAIN_OPTIONS]
 
-    @functools.wraps(fn)
-    def command(**kw: Any) -> None:
-        fn(**kw)
+def _default(key: str, mode: str) -> str:
+    """The default of config `key` (`section.name`) for `mode`, from the config dataclasses themselves (and
+    pretrain's own base), so --help cannot drift from what runs."""
+    from muonft_cli import config as cfgmod
 
-    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-    return command
+    section, name = key.split(".")
+    base = (_PRETRAIN_BASE if mode == "pretrain" else {}).get(section, {})
+    return _fmt(base[name] if name in base else getattr(getattr(cfgmod.RunConfig(), section), name))
+
+
+# Options shared by `pretrain` and `finetune` (declared once; `_train_options` adds them to both signatures,
+# each with its own command's defaults in --help).
+def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
+    def d(key: str) -> str:
+        return _default(key, mode)
+
+    return [
+        ("data", Optional[str], _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset.")),
+        ("out", Optional[str], _O(None, "--out", help="Run directory.")),
+        ("optim", Optional[str], _O(None, "--optim", show_default=d("optimizer.name"),
+                                    help="adamw | muon | muon-pe | adamuon | normuon. The default, adamw, is the "
+                                         "matched choice for Adam-pretrained bases (most public ones); see "
+                                         "`muonft diagnose` for how a checkpoint was pretrained.")),
+        ("lr", Optional[float], _O(None, "--lr", show_default=d("optimizer.lr"),
+                                   help="Peak learning rate.")),
+        ("steps", Optional[int], _O(None, "--steps", show_default="one epoch",
+                                    help="Optimizer steps (instead of --epochs).")),
+        ("epochs", Optional[float], _O(None, "--epochs", show_default="1", help="Epochs (instead of --steps).")),
+        ("batch_size", Optional[int], _O(None, "--batch-size", show_default=d("train.batch_size"),
+                                         help="Global batch, in sequences.")),
+        ("micro_batch_size", Optional[int], _O(None, "--micro-batch-size",
+                                               show_default=f"{d('train.micro_batch_size')}, at most --batch-size",
+                                               help="Sequences per forward pass (gradient accumulation).")),
+        ("seq_len", Optional[int], _O(None, "--seq-len", show_default=d("data.seq_len"),
+                                      help="Tokens per sequence (>= 2).")),
+        ("val_fraction", Optional[float], _O(None, "--val-fraction", show_default=d("data.val_fraction"),
+                                             help="Held-out fraction of documents.")),
+        ("seed", Optional[int], _O(None, "--seed", show_default=d("train.seed"),
+                                   help="Seed of the initialisation, data order and dropout, and of the "
+                                        "validation hold-out (unless data.split_seed is set).")),
+        ("warmup_ratio", Optional[float], _O(None, "--warmup-ratio", show_default=d("schedule.warmup_ratio"),
+                                             help="Linear warmup, as a fraction of the steps.")),
+        ("min_lr_ratio", Optional[float], _O(None, "--min-lr-ratio", show_default=d("schedule.min_lr_ratio"),
+                                             help="Cosine floor as a fraction of --lr.")),
+        ("weight_decay", Optional[float], _O(None, "--weight-decay", show_default=d("optimizer.weight_decay"),
+                                             help="Decoupled weight decay (lr x wd x W each step), for every "
+                                                  "optimizer.")),
+        ("clip", Optional[float], _O(None, "--clip", show_default=d("train.clip"),
+                                     help="Gradient-norm clip on raw gradients; 0 = off (so is "
+                                          "--set train.clip=0 or null).")),
+        ("eval_every", Optional[int], _O(None, "--eval-every", show_default=d("train.eval_every"),
+                                         help="Validate every N steps (0 = only at the end).")),
+        ("save_every", Optional[int], _O(None, "--save-every", show_default="every 10 % of the steps and every "
+                                         "train.save_every_minutes (10)", help="Checkpoint every N steps (0 = off).")),
+        ("keep_last", Optional[int], _O(None, "--keep-last", show_default=d("train.keep_last"),
+                                        help="Checkpoints to keep.")),
+        ("dtype", Optional[str], _O(None, "--dtype", show_default=d("model.dtype"),
+                                    help="fp32 | bf16. bf16 is autocast on CUDA only; a CPU run computes in fp32.")),
+        ("device", Optional[str], _O(None, "--device", show_default=d("train.device"),
+                                     help="auto | cpu | cuda[:N] (auto: CUDA when present).")),
+        ("threads", Optional[int], _O(None, "--threads", show_default="torch's default",
+                                      help="CPU threads for this run (torch.set_num_threads).")),
+        ("offline", Optional[bool], _flag("--offline/--no-offline", "Never contact the hub.")),
+        ("trust_remote_code", Optional[bool], _flag(
+            "--trust-remote-code/--no-trust-remote-code",
+            "Run the modeling code a hub checkpoint ships (its .py files): only for models you trust.")),
+        ("gradient_checkpointing", Optional[bool], _flag(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            "Recompute activations in the backward pass: less memory, slower steps.")),
+        ("resume", bool, _flag("--resume", "Continue the run in --out from its last checkpoint.", False)),
+        ("overwrite", Optional[bool], _flag("--overwrite/--no-overwrite", "Replace a run already in --out.")),
+        ("config", Optional[str], _O(None, "--config", help="YAML recipe: a file or recipe:NAME (`muonft recipes`).")),
+        ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
+        ("as_json", bool, _flag("--json", "Print one JSON summary line on stdout.", False)),
+        ("quiet", bool, _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False)),
+    ]
+
+
+def _train_options(mode: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command `fn(own options..., **common)` the shared train options too, with `mode`'s defaults in
+    --help (Typer reads `__signature__`)."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        import functools
+        import inspect
+
+        sig = inspect.signature(fn, eval_str=True)
+        kw_only = inspect.Parameter.KEYWORD_ONLY
+        own = [p.replace(kind=kw_only) for p in sig.parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(name, kw_only, default=opt, annotation=typ)
+                 for name, typ, opt in _train_option_list(mode)]
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> None:
+            fn(**kw)
+
+        command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        return command
+
+    return decorate
 
 
 def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
@@ -191,19 +336,20 @@ def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
         "schedule.warmup_ratio": kw["warmup_ratio"], "schedule.min_lr_ratio": kw["min_lr_ratio"],
         "optimizer.weight_decay": kw["weight_decay"], "train.clip": kw["clip"],
         "train.eval_every": kw["eval_every"], "train.save_every": kw["save_every"],
-        "train.keep_last": kw["keep_last"], "output.overwrite": kw["overwrite"] or None,
-        "model.tokenizer": kw["tokenizer"], "model.dtype": kw["dtype"], "model.offline": kw["offline"] or None,
-        "model.trust_remote_code": kw["trust_remote_code"] or None,
-        "train.gradient_checkpointing": kw["gradient_checkpointing"] or None,
+        "train.keep_last": kw["keep_last"], "output.overwrite": kw["overwrite"],
+        "model.tokenizer": kw["tokenizer"], "model.dtype": kw["dtype"], "model.offline": kw["offline"],
+        "model.trust_remote_code": kw["trust_remote_code"], "train.device": kw["device"],
+        "train.threads": kw["threads"], "train.gradient_checkpointing": kw["gradient_checkpointing"],
     }
 
 
 @app.command()
-@_train_options
+@_train_options("pretrain")
 def pretrain(
     preset: Optional[str] = _O(None, "--preset", help="Model shape: tiny | small (Llama family, CPU-sized)."),
     model_config: Optional[str] = _O(None, "--model-config", help="A transformers config.json to build."),
-    vocab_size: Optional[int] = _O(None, "--vocab-size", help="BPE vocabulary when training a tokenizer."),
+    vocab_size: Optional[int] = _O(None, "--vocab-size", show_default=_default("model.vocab_size", "pretrain"),
+                                   help="BPE vocabulary when training a tokenizer."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Use this tokenizer instead of training a BPE."),
     **common: Any,
 ) -> None:
@@ -215,15 +361,19 @@ def pretrain(
 
 
 @app.command()
-@_train_options
+@_train_options("finetune")
 def finetune(
     model: Optional[str] = _O(None, "--model", help="Local HF dir, .gguf file, run's final/ dir, or hub id."),
-    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (absent = full fine-tuning)."),
-    lora_alpha: Optional[float] = _O(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)."),
-    lora_dropout: Optional[float] = _O(None, "--lora-dropout"),
-    lora_targets: Optional[str] = _O(None, "--lora-targets", help="Comma-separated module names."),
-    lora_variant: Optional[str] = _O(None, "--lora-variant", help="lora | rslora | dora | pissa | olora."),
-    merge: bool = _O(False, "--merge", help="Also write the merged model."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", show_default="full fine-tuning",
+                                  help="LoRA rank (absent = full fine-tuning)."),
+    lora_alpha: Optional[float] = _O(None, "--lora-alpha", show_default="2 x rank", help="LoRA alpha."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout", show_default=_default("lora.dropout", "finetune"),
+                                       help="Dropout on the LoRA branch's input, in [0, 1)."),
+    lora_targets: Optional[str] = _O(None, "--lora-targets", show_default="every linear layer but embeddings/head",
+                                     help="Comma-separated module names."),
+    lora_variant: Optional[str] = _O(None, "--lora-variant", show_default=_default("lora.variant", "finetune"),
+                                     help="lora | rslora | dora | pissa | olora."),
+    merge: Optional[bool] = _flag("--merge/--no-merge", "Also write the merged model (LoRA runs)."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
     **common: Any,
 ) -> None:
@@ -231,7 +381,7 @@ def finetune(
     flags = _common_flags({"model": model, "tokenizer": tokenizer, **common})
     flags.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                   "lora.targets": _split_targets(lora_targets), "lora.variant": lora_variant,
-                  "lora.merge": merge or None})
+                  "lora.merge": merge})
     _train_cmd("finetune", flags, common["config"], common["set_"], common["resume"], common["as_json"],
                common["quiet"])
 
@@ -246,15 +396,14 @@ def sweep(
     out: Optional[str] = _O(None, "--out", help="Sweep directory (run the same command again to resume)."),
     workers: int = _O(1, "--workers", help="Cells run in parallel (CPU threads divided; one GPU each)."),
     threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
-    dry_run: bool = _O(False, "--dry-run", help="Print the cells and exit."),
-    keep_weights: bool = _O(False, "--keep-weights", help="Keep checkpoints and non-best full-model weights."),
-    retry_failed: bool = _O(False, "--retry-failed", help="Run failed cells again."),
+    dry_run: bool = _flag("--dry-run", "Print the cells and exit.", False),
+    keep_weights: bool = _flag("--keep-weights", "Keep checkpoints and non-best full-model weights.", False),
+    retry_failed: bool = _flag("--retry-failed", "Run failed cells again.", False),
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value (run keys or sweep.*), repeatable."),
     report: Optional[str] = _O(None, "--report", help="Only re-aggregate and re-plot this sweep directory."),
-    as_json: bool = _O(False, "--json", help="Print the summary as one JSON line on stdout."),
+    as_json: bool = _flag("--json", "Print the summary as one JSON line on stdout.", False),
 ) -> None:
     """Run a resumable LR x method x optimizer x rank x seed grid; write the paper's tables and figures."""
-    import json
 
     from muonft_cli import render
     from muonft_cli import sweep as sw
@@ -268,7 +417,10 @@ def sweep(
     if dry_run:
         rows = sw.describe_cells(plan)
         for r in rows:
-            typer.echo(json.dumps(r) if as_json else f"{r['id']}  {r['hash']}")
+            if as_json:
+                _json(r, status=False)
+            else:
+                typer.echo(f"{r['id']}  {r['hash']}")
         if not as_json:
             typer.echo(f"{len(rows)} cells, {len(plan.bases)} base model(s)", err=True)
         return
@@ -280,8 +432,7 @@ def sweep(
                    f"finished before this run (of {counts['total']} cells)", err=True)
     summary = _run(rep.write_report, report or out, plan)
     if as_json:
-        typer.echo(json.dumps({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")},
-                              default=str))
+        _json({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")})
     else:
         render.print_sweep_table(summary)
         typer.echo(f"summary: {report or out}/summary.md (.csv, .json); plots: "
@@ -298,33 +449,39 @@ def eval_(
     data: Optional[str] = _O(None, "--data", help="Perplexity on this dataset's validation split."),
     base: Optional[str] = _O(None, "--base", help="Base model: comparisons, weight distance (and an adapter's base)."),
     reference_data: Optional[str] = _O(None, "--reference-data", help="Forgetting: ppl of model and base here."),
-    seq_len: Optional[int] = _O(None, "--seq-len", help="Tokens per packed sequence."),
-    batch_size: Optional[int] = _O(None, "--batch-size", help="Sequences per forward pass."),
-    max_batches: Optional[int] = _O(None, "--max-batches", help="Evaluate only this many batches per set."),
-    val_fraction: Optional[float] = _O(None, "--val-fraction", help="Hold-out fraction (as in training)."),
-    seed: Optional[int] = _O(None, "--seed", help="Hold-out seed (as in training)."),
+    seq_len: Optional[int] = _O(None, "--seq-len", show_default=_default("data.seq_len", "eval"),
+                                help="Tokens per packed sequence (>= 2)."),
+    batch_size: Optional[int] = _O(None, "--batch-size", show_default=_default("eval.batch_size", "eval"),
+                                   help="Sequences per forward pass."),
+    max_batches: Optional[int] = _O(None, "--max-batches", show_default="all",
+                                    help="Evaluate only this many batches per set."),
+    val_fraction: Optional[float] = _O(None, "--val-fraction", show_default=_default("data.val_fraction", "eval"),
+                                       help="Hold-out fraction (as in training)."),
+    seed: Optional[int] = _O(None, "--seed", show_default=_default("train.seed", "eval"),
+                             help="Hold-out seed (as in training)."),
     split: str = _O("val", "--split", help="val | train"),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
-    device: Optional[str] = _O(None, "--device", help="auto | cpu | cuda[:N]"),
-    offline: bool = _O(False, "--offline", help="Never contact the hub (sets HF_HUB_OFFLINE=1)."),
-    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow model code from the checkpoint."),
+    device: Optional[str] = _O(None, "--device", show_default=_default("train.device", "eval"),
+                               help="auto | cpu | cuda[:N]"),
+    offline: Optional[bool] = _flag("--offline/--no-offline", "Never contact the hub (sets HF_HUB_OFFLINE=1)."),
+    trust_remote_code: Optional[bool] = _flag(
+        "--trust-remote-code/--no-trust-remote-code",
+        "Run the modeling code a hub checkpoint ships (its .py files): only for models you trust."),
     config: Optional[str] = _O(None, "--config", help="YAML recipe."),
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
-    model_only: bool = _O(False, "--model-only", help="The model alone: skip every base comparison (an "
-                          "adapter's base included)."),
-    as_json: bool = _O(False, "--json", help="Print the report as one JSON document on stdout."),
+    model_only: bool = _flag("--model-only", "The model alone: skip every base comparison (an adapter's base "
+                             "included).", False),
+    as_json: bool = _flag("--json", "Print the report as one JSON document on stdout.", False),
 ) -> None:
     """Perplexity, forgetting, weight distance from the base and LoRA spectra of a model or adapter."""
-    import json
-
     from muonft_cli import config as cfgmod
 
     flags = {"model.name_or_path": model, "data.path": data, "eval.reference_data": reference_data,
              "data.seq_len": seq_len, "eval.batch_size": batch_size, "eval.max_batches": max_batches,
              "data.val_fraction": val_fraction, "train.seed": seed, "model.tokenizer": tokenizer,
-             "train.device": device, "model.offline": offline or None,
-             "model.trust_remote_code": trust_remote_code or None}
+             "train.device": device, "model.offline": offline, "model.trust_remote_code": trust_remote_code}
     cfg = _run(cfgmod.resolve, config, flags, set_ or [])
+    _cpu_dtype_note(cfg)
 
     from transformers.utils import logging as hf_logging
 
@@ -333,7 +490,7 @@ def eval_(
     hf_logging.disable_progress_bar()
     report = _run(evaluate.run_eval, cfg, base=base, split=split, compare=not model_only)
     if as_json:
-        typer.echo(json.dumps(report, default=str))
+        _json(report)
     else:
         from muonft_cli import render
 
@@ -347,24 +504,25 @@ def eval_(
 def diagnose(
     path: str = typer.Argument(..., help="HF model dir, .safetensors, .gguf, or LoRA adapter dir."),
     base: Optional[str] = _O(None, "--base", help="For an adapter: its base model (adds merged-weight spectra)."),
-    exact: bool = _O(False, "--exact", help="Exact fp64 spectra for every matrix."),
-    fast: bool = _O(False, "--fast", help="Lanczos estimates (with error bounds) for every large matrix."),
+    exact: bool = _flag("--exact", "Exact fp64 spectra for every matrix.", False),
+    fast: bool = _flag("--fast", "Lanczos estimates (with error bounds) for every large matrix.", False),
     target_optim: str = _O("muon", "--target-optim", help="Optimizer you will fine-tune with."),
     data: str = _O("builtin:kjv", "--data", help="Dataset for the recommended finetune command."),
-    per_matrix: bool = _O(False, "--per-matrix", help="Also list every matrix."),
-    workers: Optional[int] = _O(None, "--workers", help="Matrices analysed concurrently."),
-    as_json: bool = _O(False, "--json", help="One JSON document on stdout, nothing else."),
-    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+    per_matrix: bool = _flag("--per-matrix", "Also list every matrix.", False),
+    workers: Optional[int] = _O(None, "--workers", show_default="chosen from the cores",
+                                help="Matrices analysed concurrently."),
+    as_json: bool = _flag("--json", "One JSON document on stdout, nothing else.", False),
+    quiet: bool = _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False),
 ) -> None:
     """Guess how a checkpoint was pretrained (Adam or Muon) from its spectra, and recommend how to fine-tune."""
-    import json
-
     if exact and fast:
         _err("--exact and --fast exclude each other; pass one (default: chosen per matrix by size)")
     from muonft_cli import diagnose as diag
     from muonft_cli.render import DiagnoseProgressBar, render_diagnose
 
     mode = "exact" if exact else "fast" if fast else "auto"
+    if quiet:
+        _quiet_libraries()
     bar = None if quiet else DiagnoseProgressBar()
     try:
         report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
@@ -373,7 +531,7 @@ def diagnose(
         if bar:
             bar.stop()
     if as_json:
-        typer.echo(json.dumps(report))
+        _json(report)
     else:
         render_diagnose(report)
 
@@ -391,18 +549,16 @@ app.add_typer(recipes_app, name="recipes")
 @recipes_app.callback()
 def recipes(
     ctx: typer.Context,
-    as_json: bool = _O(False, "--json", help="Print the list as one JSON document on stdout."),
+    as_json: bool = _flag("--json", "Print the list as one JSON document on stdout.", False),
 ) -> None:
     """List the shipped recipes, one line each (`muonft recipes show NAME`, `muonft recipes copy NAME`)."""
     if ctx.invoked_subcommand is not None:
         return
-    import json
-
     from muonft_cli import recipes as rc
 
     rows = _run(rc.list_recipes)
     if as_json:
-        typer.echo(json.dumps(rows))
+        _json(rows, status=False)
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -423,7 +579,7 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name (with or with
 def recipes_copy(
     name: str = typer.Argument(..., help="Recipe name (with or without .yaml)."),
     dest: Optional[str] = typer.Argument(None, help="File or existing folder to write (default ./NAME.yaml)."),
-    force: bool = _O(False, "--force", help="Overwrite an existing file."),
+    force: bool = _flag("--force", "Overwrite an existing file.", False),
 ) -> None:
     """Write a shipped recipe to a file, to edit and pass as --config FILE."""
     from muonft_cli import recipes as rc

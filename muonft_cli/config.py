@@ -39,7 +39,7 @@ class ModelConfig:
     preset: str | None = field(default=None, metadata={"help": "pretrain: tiny | small Llama config"})
     model_config: str | None = field(default=None, metadata={"help": "pretrain: path to a config.json"})
     vocab_size: int = field(default=4096, metadata={"help": "pretrain: BPE vocabulary size when training one"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on GPU)"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on CUDA; CPU runs stay fp32)"})
     trust_remote_code: bool = False
     offline: bool = field(default=False, metadata={"help": "never contact the hub (sets HF_HUB_OFFLINE=1)"})
 
@@ -49,7 +49,7 @@ class DataConfig:
     """Training/validation text."""
 
     path: str | None = field(default=None, metadata={"help": "builtin:NAME, local file/folder, or hub dataset"})
-    seq_len: int = 256
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence (>= 2: N tokens give N-1 targets)"})
     val_fraction: float = field(default=0.05, metadata={"help": "hold-out fraction of documents"})
     text_field: str | None = field(default=None, metadata={"help": "column holding plain text (auto if None)"})
     max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
@@ -108,7 +108,7 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "global batch, in sequences"})
     micro_batch_size: int = 8
     seed: int = 0
-    clip: float | None = field(default=1.0, metadata={"help": "grad-norm clip on raw grads; null = off"})
+    clip: float | None = field(default=1.0, metadata={"help": "grad-norm clip on raw grads; 0 or null = off"})
     eval_every: int = 50
     save_every: int | None = field(default=None, metadata={
         "help": "checkpoint every N steps; null = auto (every 10 % of the steps, and every save_every_minutes); "
@@ -118,7 +118,9 @@ class TrainConfig:
                 "checkpoint; 0 = off"})
     keep_last: int = 2
     gradient_checkpointing: bool = False
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads); null = "
+                                                                "torch's default"})
 
 
 @dataclass
@@ -322,7 +324,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
             p.append(f"{where}: must be in [0, 1], got {value}")
     if cfg.data.val_fraction == 1:
         p.append("data.val_fraction: 1 leaves no training data; use a fraction below 1 (e.g. 0.05)")
-    positive("data.seq_len", cfg.data.seq_len)
+    if isinstance(cfg.data.seq_len, int) and cfg.data.seq_len < 2:
+        p.append(f"data.seq_len: must be >= 2 (a sequence of N tokens has N-1 next-token targets, so "
+                 f"{cfg.data.seq_len} leaves nothing to learn or score), got {cfg.data.seq_len}")
     positive("model.vocab_size", cfg.model.vocab_size)
     if cfg.data.max_documents is not None:
         positive("data.max_documents", cfg.data.max_documents)
@@ -336,7 +340,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     positive("train.micro_batch_size", cfg.train.micro_batch_size)
     positive("train.seed", cfg.train.seed, allow_zero=True)
     if cfg.train.clip is not None:
-        positive("train.clip", cfg.train.clip)
+        positive("train.clip", cfg.train.clip, allow_zero=True)  # 0 = off, like null (see _normalize)
+    if cfg.train.threads is not None:
+        positive("train.threads", cfg.train.threads)
     positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
     positive("train.save_every", cfg.train.save_every, allow_zero=True)
     positive("train.save_every_minutes", cfg.train.save_every_minutes, allow_zero=True)
@@ -353,6 +359,51 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     return p
 
 
+def _normalize(cfg: RunConfig) -> RunConfig:
+    """One meaning per setting, whatever the spelling: `train.clip` 0 (`--clip 0`, `--set train.clip=0`) is off,
+    stored as null."""
+    if cfg.train.clip == 0 and not isinstance(cfg.train.clip, bool):
+        cfg.train.clip = None
+    return cfg
+
+
+def _key_of(problem: str) -> str:
+    """The config key a problem line is about (`optimizer.lr: ...` -> `optimizer.lr`)."""
+    key = problem.split(":")[0].strip()
+    key = key[len("unknown key "):].strip("'") if key.startswith("unknown key ") else key.split(" ")[0]
+    return key.split("[")[0]  # optimizer.betas[0] -> optimizer.betas
+
+
+def _all_problems(cfg: RunConfig, typed: list[str]) -> list[str]:
+    """The type problems, then the range problems of every key that loaded (a key with a type problem is
+    reported once, by its type problem): everything wrong, in one pass."""
+    bad = {_key_of(q) for q in typed}
+    return list(typed) + [q for q in _range_problems(cfg) if _key_of(q) not in bad]
+
+
+#: The inputs each command cannot run without, and how to give them (reported with every other config problem).
+REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
+    "pretrain": (("output.dir", "no output directory: pass --out DIR (or set output.dir in the recipe)"),
+                 ("data.path", "no training data: pass --data builtin:shakespeare, a local file/folder or a hub "
+                               "dataset name")),
+    "finetune": (("output.dir", "no output directory: pass --out DIR (or set output.dir in the recipe)"),
+                 ("data.path", "no training data: pass --data builtin:shakespeare, a local file/folder or a hub "
+                               "dataset name"),
+                 ("model.name_or_path", "no model to fine-tune: pass --model PATH (a local HF dir, a .gguf file, "
+                                        "a run's final/ dir) or a hub id")),
+}
+
+
+def missing_inputs(cfg: RunConfig, command: str) -> list[str]:
+    """The `REQUIRED` inputs of `command` that `cfg` lacks, as problem lines ([] when none or unknown command)."""
+    out = []
+    for key, message in REQUIRED.get(command, ()):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name):
+            out.append(message)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- public API
 
 
@@ -361,7 +412,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     problems = _range_problems(cfg)
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return _normalize(cfg)
 
 
 def from_dict(data: dict | None, base: RunConfig | None = None) -> RunConfig:
@@ -369,14 +420,39 @@ def from_dict(data: dict | None, base: RunConfig | None = None) -> RunConfig:
     cfg = base if base is not None else RunConfig()
     problems: list[str] = []
     _apply_mapping(cfg, data or {}, "", problems)
+    problems = _all_problems(cfg, problems)
     if problems:
         raise ConfigError(problems)
-    return validate(cfg)
+    return _normalize(cfg)
 
 
 def to_dict(cfg: Any) -> dict:
     """The config as plain nested dicts/lists (what `config.yaml` holds)."""
     return dataclasses.asdict(cfg)
+
+
+#: Keys added to the schema after sweeps were first run, with the default that means "as before the key
+#: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
+#: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
+ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1}
+
+
+def stable_view(data: dict) -> dict:
+    """A config mapping (`to_dict` shape, or any part of a recipe) as sweep hashes see it: the `ADDED_KEYS` that
+    hold their default are left out, and checkpoint cadence, which never changes a result, hashes as the old
+    default (`save_every: null` → 0, `save_every_minutes` left out), so sweeps written before these keys resume."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, default in ADDED_KEYS.items():
+        section, name = key.split(".")
+        sec = out.get(section)
+        if isinstance(sec, dict) and name in sec and sec[name] == default:
+            del sec[name]
+    train = out.get("train")
+    if isinstance(train, dict):
+        train.pop("save_every_minutes", None)
+        if "save_every" in train and train["save_every"] is None:
+            train["save_every"] = 0
+    return out
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -448,6 +524,7 @@ def resolve(
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     base: dict | None = None,
+    command: str | None = None,
 ) -> RunConfig:
     """Build the config that runs: defaults <- `base` <- recipe <- flags <- `--set` overrides.
 
@@ -456,9 +533,11 @@ def resolve(
         flags: dedicated CLI flags as `{"optimizer.lr": 3e-4, ...}`; entries whose value is None are ignored.
         overrides: `--set key.path=value` strings, applied last.
         base: command-specific defaults applied before the recipe (e.g. pretrain's larger lr).
+        command: "pretrain" / "finetune": also report the inputs it requires (`REQUIRED`) that are missing.
 
     Returns:
-        The validated `RunConfig`. Raises `ConfigError` listing every problem at once.
+        The validated `RunConfig`. Raises `ConfigError` listing every problem at once: unparsable overrides,
+        unknown keys, types, ranges and missing required inputs together.
     """
     data: dict = dict(base or {})
     if recipe is not None:
@@ -476,10 +555,10 @@ def resolve(
         data = merge_dicts(data, nest(path, value))
     cfg = RunConfig()
     _apply_mapping(cfg, data, "", problems)
-    problems.extend(_range_problems(cfg) if not problems else [])
+    problems = _all_problems(cfg, problems) + (missing_inputs(cfg, command) if command else [])
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return _normalize(cfg)
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

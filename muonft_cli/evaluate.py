@@ -223,6 +223,20 @@ def _eval_dataset(data_cfg: Any, tokenizer: Any, seed: int, split: str):
     return splits.val, splits.info, "val"
 
 
+def _check_scored(ds: Any, batch_size: int, max_batches: int | None, what: str, path: str, seq_len: int) -> None:
+    """Refuse (exit 2) a set in which the part `evaluate_loss` would read has no target token: its loss would be
+    0 tokens' mean (NaN), not a number worth reporting. Checked before any forward pass."""
+    from muonft_cli.errors import UserInputError
+
+    n = len(ds) if max_batches is None else min(len(ds), batch_size * max_batches)
+    if any(n_targets(ds[i]["labels"][None]) for i in range(n)):
+        return
+    fix = ("use --seq-len 2 or more (N tokens give N-1 targets)" if seq_len < 2 else
+           "use data with target tokens in the first --seq-len tokens, or another split (--split train)")
+    raise UserInputError(f"{what} '{path}' gives no tokens to score ({n} sequence(s) of --seq-len {seq_len} with "
+                         f"no next-token target): {fix}")
+
+
 def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: bool = True) -> dict[str, Any]:
     """Everything `muonft eval` reports, as one JSON-ready dict.
 
@@ -298,19 +312,19 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         "device": str(device), "seq_len": cfg.data.seq_len, "batch_size": bs, "max_batches": mb,
         "seed": cfg.train.seed, "data": None, "forgetting": None, "distance": None, "lora_spectra": None,
     }
+    sets = {}  # both sets are built and checked before any forward pass
     if cfg.data.path:
-        ds, info, used = _eval_dataset(cfg.data, tokenizer, cfg.train.seed, split)
-        report["data"] = {"source": info.get("source", cfg.data.path), "split": used, "sequences": len(ds),
-                          "rows_dropped": info.get("rows_dropped", 0), "drop_reasons": info.get("drop_reasons", {}),
-                          "rows_read": info.get("rows_read", 0), **both(ds)}
+        sets["data"] = (cfg.data.path, *_eval_dataset(cfg.data, tokenizer, cfg.train.seed, split))
+        _check_scored(sets["data"][1], bs, mb, "--data", cfg.data.path, cfg.data.seq_len)
     if ref_path:
         rcfg = copy.deepcopy(cfg.data)
         rcfg.path = ref_path
-        ds, info, used = _eval_dataset(rcfg, tokenizer, cfg.train.seed, split)
-        report["forgetting"] = {"source": info.get("source", ref_path), "split": used, "sequences": len(ds),
-                                "rows_dropped": info.get("rows_dropped", 0),
-                                "drop_reasons": info.get("drop_reasons", {}), "rows_read": info.get("rows_read", 0),
-                                **both(ds)}
+        sets["forgetting"] = (ref_path, *_eval_dataset(rcfg, tokenizer, cfg.train.seed, split))
+        _check_scored(sets["forgetting"][1], bs, mb, "--reference-data", ref_path, cfg.data.seq_len)
+    for key, (path, ds, info, used) in sets.items():
+        report[key] = {"source": info.get("source", path), "split": used, "sequences": len(ds),
+                       "rows_dropped": info.get("rows_dropped", 0), "drop_reasons": info.get("drop_reasons", {}),
+                       "rows_read": info.get("rows_read", 0), **both(ds)}
     if is_adapter:
         report["lora_spectra"] = lora_spectra(model)
     if has_base:

@@ -300,3 +300,168 @@ def test_unwritable_out_is_one_line_before_any_work(small, tmp_path, kind, mode)
     r = invoke(mode, *what, "--data", tmp_path / "no-such-data", "--out", out, "--quiet")
     _one_line_error(r, 2, "--out", str(out))
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- issue 11: CLI trust and honesty
+
+
+def _strict_json(text: str) -> dict:
+    """Parse as a strict JSON parser (Node's JSON.parse) would: NaN / Infinity are errors."""
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "finetune", "eval"])
+def test_seq_len_below_two_is_refused_before_any_work(small, tmp_path, cmd):
+    out = tmp_path / "run"
+    args = {"pretrain": ["pretrain", "--preset", "tiny", "--data", small["corpus"], "--out", out],
+            "finetune": ["finetune", "--model", small["model"], "--data", small["corpus"], "--out", out],
+            "eval": ["eval", "--model", small["model"], "--data", small["corpus"], "--model-only"]}[cmd]
+    _one_line_error(invoke(*args, "--seq-len", 1, "--json"), 2, "data.seq_len: must be >= 2")
+    assert not out.exists()
+
+
+def test_eval_that_would_score_no_tokens_is_refused(small):
+    """The engine's own check (a Python caller can bypass the config's range check): zero target tokens is a
+    user error before any forward pass, not a report with `tokens: 0` and a NaN perplexity."""
+    from muonft_cli.config import RunConfig
+    from muonft_cli.errors import UserInputError
+    from muonft_cli.evaluate import run_eval
+
+    cfg = RunConfig()
+    cfg.model.name_or_path, cfg.data.path, cfg.data.seq_len = str(small["model"]), str(small["corpus"]), 1
+    with pytest.raises(UserInputError, match=r"gives no tokens to score .* use --seq-len 2 or more"):
+        run_eval(cfg, compare=False)
+
+
+def test_json_outputs_never_hold_nan_or_infinity(small, tmp_path, monkeypatch):
+    from muonft_cli import diagnose, evaluate, train
+    from muonft_cli import sweep as sw
+    from muonft_cli.sweep import report as rep
+
+    nan, inf = float("nan"), float("inf")
+    monkeypatch.setattr(train, "run", lambda cfg, mode, sink=None, resume=False: {
+        "steps": 1, "tokens": 16, "train_loss": 0.0, "val_loss": nan, "val_ppl": inf, "final": "x"})
+    monkeypatch.setattr(evaluate, "run_eval", lambda cfg, **kw: {"model": "m", "data": {"loss": nan, "ppl": inf}})
+    monkeypatch.setattr(diagnose, "diagnose", lambda path, **kw: {"verdict": "unknown", "confidence": nan})
+    monkeypatch.setattr(sw, "load_saved_plan", lambda d: object())
+    monkeypatch.setattr(rep, "write_report", lambda d, plan: {
+        "table1": [{"ppl": nan}], "gap_reduction": -inf, "counts": {}, "warnings": [], "plots": {}})
+    outputs = {
+        "finetune": invoke("finetune", "--model", small["model"], "--data", small["corpus"], "--out",
+                           tmp_path / "r", "--json", "--quiet"),
+        "eval": invoke("eval", "--model", small["model"], "--data", small["corpus"], "--json"),
+        "diagnose": invoke("diagnose", small["model"], "--json", "--quiet"),
+        "sweep": invoke("sweep", "--report", tmp_path, "--json"),
+    }
+    for name, r in outputs.items():
+        assert r.exit_code == 0, (name, r.output)
+        doc = _strict_json(r.stdout)
+        assert doc["status"] == "non_finite", (name, doc)
+    assert outputs["finetune"].stdout.count("null") == 2
+    assert _strict_json(outputs["finetune"].stdout)["non_finite"] == ["val_loss", "val_ppl"]
+    assert _strict_json(outputs["eval"].stdout)["data"] == {"loss": None, "ppl": None}
+    assert _strict_json(outputs["sweep"].stdout)["non_finite"] == ["table1[0].ppl", "gap_reduction"]
+
+
+def test_a_real_json_summary_says_ok(pretrained):
+    s = _strict_json(json.dumps(pretrained["summary"]))
+    assert s["status"] == "ok" and "non_finite" not in s
+
+
+def test_config_problems_come_in_one_pass(small, tmp_path):
+    """Missing --out and --data, a type error and a range error: one line naming all four, nothing written."""
+    r = invoke("finetune", "--model", small["model"], "--set", "optimizer.momentum=1.5", "--set",
+               "train.steps=ten", "--quiet")
+    _one_line_error(r, 2, "4 problems", "train.steps: expected an integer, got 'ten'",
+                    "optimizer.momentum: must be in [0, 1), got 1.5", "pass --out DIR", "pass --data")
+
+
+@pytest.mark.parametrize("how", [["--clip", "0"], ["--set", "train.clip=0"]], ids=["flag", "set"])
+def test_clip_zero_is_off_in_both_spellings(small, tmp_path, how):
+    out = tmp_path / "run"
+    r = _ft(small, out, *how)
+    assert r.exit_code == 0, r.output
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["clip"] is None
+
+
+def test_bf16_on_cpu_says_so_and_threads_apply(small, tmp_path):
+    out = tmp_path / "run"
+    try:
+        r = _ft(small, out, "--dtype", "bf16", "--device", "cpu", "--threads", "2")
+    finally:
+        torch.set_num_threads(1)
+    assert r.exit_code == 0, r.output
+    assert "note: --dtype bf16 only affects CUDA runs; this CPU run computes in fp32" in r.stderr
+    assert json.loads((out / "env.json").read_text())["threads"] == 2
+
+
+def test_unknown_model_type_without_code_says_what_helps(small, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(small["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "brandnew_lm"}))
+    for extra in ([], ["--trust-remote-code"]):
+        r = invoke("finetune", "--model", model, "--data", small["corpus"], "--out", tmp_path / "run", "--steps",
+                   1, *FAST, *extra)
+        _one_line_error(r, 2, "brandnew_lm", "upgrade transformers", "modeling .py files")
+        assert "pass --trust-remote-code" not in r.stderr
+
+
+_QUIET_PROBE = """
+import sys, types, warnings
+import muonft_cli
+from muonft_cli.cli import app
+assert "tqdm" not in sys.modules  # as in a real `muonft` process: the engine imports the libraries later
+
+def fake_run(cfg, mode, sink=None, resume=False):  # what the engine does with a GGUF base, nothing else
+    warnings.warn("Could not find a config file in x.gguf - will assume that the vocabulary was not modified.")
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+        pass
+    return {"steps": 1, "tokens": 1, "train_loss": 1.0, "val_loss": None, "final": "x"}
+
+train, sink = types.ModuleType("muonft_cli.train"), types.ModuleType("muonft_cli.train.sink")
+train.__path__, train.run, sink.NullSink = [], fake_run, type("NullSink", (), {})
+sys.modules.update({"muonft_cli.train": train, "muonft_cli.train.sink": sink})
+muonft_cli.train = train
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "loud"])
+def test_quiet_silences_the_libraries_notices_and_bars(tmp_path, quiet):
+    """peft's "Could not find a config file" warning and transformers' GGUF tqdm bar (from a stand-in engine
+    that emits exactly those) stay off stderr under --quiet."""
+    args = ["finetune", "--model", "m", "--data", "d", "--out", str(tmp_path / "r")] + (["--quiet"] if quiet else [])
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    p = subprocess.run([sys.executable, "-c", _QUIET_PROBE, *args], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    noisy = ("Could not find a config file" in p.stderr, "de-quantizing GGUF" in p.stderr)
+    assert noisy == ((False, False) if quiet else (True, True)), p.stderr
+
+
+@pytest.mark.parametrize("args", [["recipes"], ["recipes", "--json"], ["--help"], ["finetune", "--help"]])
+def test_a_closed_stdout_pipe_ends_quietly_with_exit_0(args):
+    """`muonft ... | head`: the reader is gone before muonft writes (the pipe's read end closed first)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "muonft_cli", *args], stdout=w, stderr=subprocess.PIPE,
+                           text=True, cwd=REPO, timeout=120)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (0, "")
+
+
+def test_diagnose_labels_lora_as_lora(small):
+    r = invoke("diagnose", small["model"], "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "LoRA-muon" in r.stdout and "LORA-" not in r.stdout

@@ -154,3 +154,62 @@ def test_sweep_section_loads_with_the_run_configs_strict_loader():
     assert problems == [] and sec.lr["lora"]["muon"] == [2e-3]
     _, problems = C.load_sweep_section({"bases": {"m": {"path": "p"}}, "lr": [1e-4], "sed": [1]})
     assert problems == ["unknown key 'sweep.sed' (did you mean 'seeds'?)"]
+
+
+# ------------------------------------------------------------------------------- issue 11 (items 6, 10, 11)
+
+
+@pytest.mark.parametrize("seq_len", [0, 1])
+def test_seq_len_below_two_is_a_config_error(seq_len):
+    with pytest.raises(ConfigError, match=r"data.seq_len: must be >= 2 .*N-1 next-token targets"):
+        C.resolve(flags={"data.seq_len": seq_len})
+    assert C.resolve(flags={"data.seq_len": 2}).data.seq_len == 2
+
+
+def test_type_and_range_problems_and_missing_inputs_in_one_pass():
+    with pytest.raises(ConfigError) as e:
+        C.resolve(flags={"model.name_or_path": "m"}, overrides=["train.steps=ten", "optimizer.momentum=1.5"],
+                  command="finetune")
+    msg = str(e.value)
+    assert "train.steps: expected an integer, got 'ten'" in msg
+    assert "optimizer.momentum: must be in [0, 1), got 1.5" in msg
+    assert "no output directory: pass --out DIR" in msg and "no training data: pass --data" in msg
+    assert len(e.value.problems) == 4
+
+
+def test_a_key_with_a_type_problem_is_reported_once():
+    with pytest.raises(ConfigError) as e:
+        C.resolve(overrides=["optimizer.betas=[0.9, x]", "lora.rank=two"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["optimizer.betas[1]", "lora.rank"]
+
+
+def test_clip_zero_means_off_in_every_spelling(tmp_path):
+    assert C.resolve(overrides=["train.clip=0"]).train.clip is None
+    assert C.resolve(flags={"train.clip": 0.0}).train.clip is None
+    assert C.resolve(overrides=["train.clip=null"]).train.clip is None
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  clip: 0\n")
+    assert C.resolve(p).train.clip is None and C.from_dict({"train": {"clip": 0}}).train.clip is None
+    assert C.resolve(overrides=["train.clip=0.5"]).train.clip == 0.5
+    with pytest.raises(ConfigError, match=r"train.clip: must be >= 0, got -1"):
+        C.resolve(overrides=["train.clip=-1"])
+
+
+def test_threads_key_defaults_to_torchs_choice():
+    assert C.RunConfig().train.threads is None
+    assert C.resolve(overrides=["train.threads=3"]).train.threads == 3
+    with pytest.raises(ConfigError, match=r"train.threads: must be > 0"):
+        C.resolve(overrides=["train.threads=0"])
+
+
+def test_an_added_key_at_its_default_keeps_old_sweep_hashes():
+    """`train.threads` (added with default null) must not change a sweep cell's config hash, or every old sweep
+    would re-run from scratch. The hashes are the ones muonft computed before the key existed (same recipe);
+    a non-default value is part of the cell's config and hashes like any other key."""
+    from muonft_cli.sweep.plan import load_plan
+
+    cells = {c.id: c.hash for c in load_plan("recipe:mismatch-small").cells}
+    assert cells["adam-full-adamw-lr0.001-s0"] == "53ec42f05fee"
+    assert cells["adam-full-adamw-lr0.001-s1"] == "38ea65c7f091"
+    other = {c.id: c.hash for c in load_plan("recipe:mismatch-small", ["train.threads=2"]).cells}
+    assert other["adam-full-adamw-lr0.001-s0"] != "53ec42f05fee"

@@ -372,7 +372,7 @@ def recommend(
         reasons.append(f"matched: {pretrain_family}-pretrained ({source}) and fine-tuned with {target_optim}; "
                        "full fine-tuning is fine (LoRA at rank 8–64 also works and halves memory)")
     lo, hi = lr_range(method, tfam, n_params)
-    reasons.append(f"LR range for {method.upper() if method == 'lora' else 'full'}-{target_optim} at {size}: "
+    reasons.append(f"LR range for {'LoRA' if method == 'lora' else 'full'}-{target_optim} at {size}: "
                    f"log-interpolated between the paper's selected LRs for T5-base and Llama-2-7B")
     if tfam == "muon":
         reasons.append("tune Muon's LR separately from Adam's; under LoRA Muon is a drop-in with half the "

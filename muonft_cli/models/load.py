@@ -69,6 +69,8 @@ def _is_tokenizer_error(e: BaseException) -> bool:
 
 def _check_remote_code(d: Path, trust_remote_code: bool) -> None:
     cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        return  # nothing to check here: the loader says what is missing
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -78,9 +80,19 @@ def _check_remote_code(d: Path, trust_remote_code: bool) -> None:
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if model_type is None:
         raise UserInputError(f"'{cfg_path}' has no model_type: it is not a transformers model config")
-    if model_type not in CONFIG_MAPPING and not trust_remote_code:
-        raise UserInputError(f"'{d}' needs custom model code (model_type '{model_type}' is unknown to "
-                             "transformers): pass --trust-remote-code if you trust it")
+    if model_type in CONFIG_MAPPING:
+        return
+    import transformers
+
+    if not isinstance(cfg.get("auto_map"), dict):  # no code of its own: --trust-remote-code cannot help
+        raise UserInputError(f"'{d}' has model_type '{model_type}', which transformers {transformers.__version__} "
+                             "does not know, and the folder ships no modeling code (no auto_map in config.json): "
+                             "upgrade transformers (pip install -U transformers) to a version that supports "
+                             f"'{model_type}', or use a copy of the checkpoint that includes its modeling .py files")
+    if not trust_remote_code:
+        raise UserInputError(f"'{d}' needs the model code it ships (model_type '{model_type}' is unknown to "
+                             "transformers; config.json auto_map names its .py files): pass --trust-remote-code "
+                             "if you trust it")
 
 
 def _unreadable(src: ModelSource, e: BaseException) -> UserInputError:
@@ -269,7 +281,11 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     base_src = None
     if src.kind == "adapter":
         base_src = adapter_base(src, base, offline)
-    # tokenizer first: cheap, and a missing tokenizer should fail before a long model load
+    # the model's own config first (an unknown model_type: one line, before the tokenizer loader warns about it)
+    for s in (src, base_src):
+        if s is not None and s.kind in ("dir", "safetensors"):
+            _check_remote_code(Path(s.path) if s.kind == "dir" else Path(s.path).parent, trust)
+    # tokenizer next: cheap, and a missing tokenizer should fail before a long model load
     if getattr(model_cfg, "tokenizer", None):
         tokenizer = load_tokenizer(model_cfg.tokenizer, offline, trust)
     else:

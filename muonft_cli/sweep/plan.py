@@ -87,41 +87,22 @@ class SweepPlan:
     cells: list[Cell]
 
 
-#: Run-config keys added after sweeps were first written, with their defaults: at the default they are left out
-#: of config hashes, so a sweep written before the key existed still resumes.
-_HASH_OMITS_AT_DEFAULT = {("data", "max_dropped_fraction"): 0.1}
-
-
-def _omit_new_defaults(obj: Any) -> Any:
+def _stable(obj: Any) -> Any:
+    """`obj` with every run-config mapping in it as `config.stable_view` hashes it (old sweeps still resume)."""
     if isinstance(obj, list):
-        return [_omit_new_defaults(x) for x in obj]
+        return [_stable(x) for x in obj]
     if not isinstance(obj, dict):
         return obj
-    out = {k: _omit_new_defaults(v) for k, v in obj.items()}
-    for (section, key), default in _HASH_OMITS_AT_DEFAULT.items():
-        sec = out.get(section)
-        if isinstance(sec, dict) and key in sec and sec[key] == default:
-            out[section] = {k: v for k, v in sec.items() if k != key}
-    return out
+    return C.stable_view({k: _stable(v) for k, v in obj.items()})
 
 
 def _canon(obj: Any) -> str:
-    return json.dumps(_omit_new_defaults(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(_stable(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_hash(obj: Any) -> str:
     """Short, stable hash of a JSON-able config (sorted keys)."""
     return hashlib.sha256(_canon(obj).encode()).hexdigest()[:12]
-
-
-def _cadence_free(cfg: dict) -> dict:
-    """A complete run config as hashed: checkpoint cadence does not change a result, so the auto default
-    (`save_every: null`, `save_every_minutes`) hashes as the old default `save_every: 0` (old sweeps resume)."""
-    train = dict(cfg.get("train") or {})
-    train.pop("save_every_minutes", None)
-    if "save_every" in train and train["save_every"] is None:
-        train["save_every"] = 0
-    return {**cfg, "train": train}
 
 
 def _fmt_value(v: Any) -> str:
@@ -170,7 +151,7 @@ def _base_spec(name: str, b: C.SweepBaseSection, problems: list[str]) -> BaseSpe
         if pcfg.data.path is None:
             problems.append(f"{where}.pretrain.data.path: missing (the pretraining corpus)")
         with_ = with_ or pcfg.optimizer.name
-        spec_hash = config_hash(_cadence_free({k: v for k, v in C.to_dict(pcfg).items() if k != "output"}))
+        spec_hash = config_hash({k: v for k, v in C.to_dict(pcfg).items() if k != "output"})
     else:
         spec_hash = config_hash({"path": b.path})
     return BaseSpec(name=name, path=b.path, pretrain=b.pretrain, pretrained_with=with_, label=str(b.label or name),
@@ -224,7 +205,7 @@ def _expand(plan_args: dict, run: dict, per_optim: dict, problems: list[str]) ->
                 problems.extend(f"cell {b.name}/{m}/{o}: {p}" for p in e.problems)
                 continue
         cells.append(Cell(id=cell_id(b.name, m, o, lr, r, s, ax), base=b.name, method=m, optim=o, lr=lr, rank=r,
-                          seed=s, axes=ax, config=cfg, hash=config_hash(_cadence_free(C.merge_dicts(defaults, cfg)))))
+                          seed=s, axes=ax, config=cfg, hash=config_hash(C.merge_dicts(defaults, cfg))))
     return cells
 
 

@@ -73,6 +73,10 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 locks (and writes)
         created = rundir.first_missing(out)
         lock = rundir.lock_out_dir(out), created
+    if cfg.train.threads is not None:  # --threads: CPU threads of this run (None: torch's default)
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     try:
         where = rundir.prepare_out_dir(cfg, resume)
         if where.finished is not None:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from muonft_cli._common import first_line, hub_offline, set_offline
-from muonft_cli.config import RunConfig
-from muonft_cli.errors import MuonftError, UserInputError
+from muonft_cli.config import RunConfig, missing_inputs
+from muonft_cli.errors import ConfigError, MuonftError, UserInputError
 from muonft_cli.train import distributed as dist_mod
 
 MODES = ("pretrain", "finetune")
@@ -29,14 +29,9 @@ def check_inputs(cfg: RunConfig, mode: str) -> None:
     """Mode-specific checks that need no model or data; raise `UserInputError` before anything is written."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not cfg.output.dir:
-        raise UserInputError("no output directory: pass --out DIR (or set output.dir in the recipe)")
-    if not cfg.data.path:
-        raise UserInputError("no training data: pass --data builtin:shakespeare, a local file/folder or a hub "
-                             "dataset name")
-    if mode == "finetune" and not cfg.model.name_or_path:
-        raise UserInputError("no model to fine-tune: pass --model PATH (a local HF dir, a .gguf file, a run's "
-                             "final/ dir) or a hub id")
+    missing = missing_inputs(cfg, mode)  # the CLI reports these with every other config problem already
+    if missing:
+        raise ConfigError(missing)
     if mode == "pretrain":
         if cfg.model.name_or_path:
             raise UserInputError("pretrain builds a fresh model: use --preset tiny|small or --model-config "
@@ -102,6 +97,11 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
     built = Built(model, tokenizer, data_mod.build_splits(cfg.data, tokenizer, cfg.train.seed))
     if built.n_train == 0:
         raise UserInputError(f"data '{cfg.data.path}' gave no training sequences: use a smaller --seq-len")
+    from muonft_cli.train.batching import n_targets
+
+    if not any(n_targets(built.splits.train[i]["labels"][None]) for i in range(built.n_train)):
+        raise UserInputError(f"data '{cfg.data.path}' gave no target tokens to train on (every label is masked, "
+                             "e.g. prompts that fill --seq-len): use a larger --seq-len or data with responses")
     return built
 
 

@@ -42,9 +42,10 @@ from muonft_cli.train.state import TrainerState, checkpoint_steps
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "checkpoints", "final", "best", "tokenizer",
              "summary.json")
 # Config keys a resumed run may change: the step budget can grow; output.overwrite is a command-line choice.
-# Checkpoint cadence does not change the result, so it may change too (old runs saved `save_every: 0`).
+# Checkpoint cadence does not change the result, so it may change too (old runs saved `save_every: 0`); so may
+# the CPU thread count.
 RESUME_MAY_CHANGE = ("train.steps", "output.overwrite", "train.save_every", "train.save_every_minutes",
-                     "train.keep_last")
+                     "train.keep_last", "train.threads")
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
 
