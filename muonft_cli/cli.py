@@ -275,8 +275,9 @@ def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
                                           "--set train.clip=0 or null).")),
         ("eval_every", Optional[int], _O(None, "--eval-every", show_default=d("train.eval_every"),
                                          help="Validate every N steps (0 = only at the end).")),
-        ("save_every", Optional[int], _O(None, "--save-every", show_default="every 10 % of the steps and every "
-                                         "train.save_every_minutes (10)", help="Checkpoint every N steps (0 = off).")),
+        ("save_every", Optional[int], _O(None, "--save-every", show_default="auto",
+                                         help="Checkpoint every N steps (0 = off). auto: every 10 % of the steps, "
+                                              "and every train.save_every_minutes (10) minutes.")),
         ("keep_last", Optional[int], _O(None, "--keep-last", show_default=d("train.keep_last"),
                                         help="Checkpoints to keep.")),
         ("dtype", Optional[str], _O(None, "--dtype", show_default=d("model.dtype"),

@@ -45,7 +45,7 @@ def test_each_command_shows_its_own_defaults(cmd, lr):
     assert "pretrain's default" not in o["--lr"]
     for name, value in {"--optim": "adamw", "--batch-size": "8", "--seq-len": "256", "--val-fraction": "0.05",
                         "--seed": "0", "--warmup-ratio": "0.03", "--clip": "1.0", "--eval-every": "50",
-                        "--save-every": "0", "--keep-last": "2", "--dtype": "fp32", "--device": "auto",
+                        "--save-every": "auto", "--keep-last": "2", "--dtype": "fp32", "--device": "auto",
                         "--weight-decay": "0.0", "--threads": "torch's default"}.items():
         assert default(o[name]) == value, (name, o[name])
 
