@@ -247,7 +247,8 @@ def sweep(
     threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
     dry_run: bool = _O(False, "--dry-run", help="Print the cells and exit."),
     keep_weights: bool = _O(False, "--keep-weights", help="Keep checkpoints and non-best full-model weights."),
-    retry_failed: bool = _O(False, "--retry-failed", help="Run failed cells again."),
+    retry_failed: bool = _O(False, "--retry-failed", help="Run cells that failed in an earlier run again "
+                                                         "(default: leave them failed)."),
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value (run keys or sweep.*), repeatable."),
     report: Optional[str] = _O(None, "--report", help="Only re-aggregate and re-plot this sweep directory."),
     as_json: bool = _O(False, "--json", help="Print the summary as one JSON line on stdout."),
@@ -264,6 +265,8 @@ def sweep(
     if report is None and not dry_run and out is None:
         _err("--out is required: the sweep directory (run the same command again to resume)")
     plan = _run(sw.load_saved_plan, report) if report is not None else _run(sw.load_plan, recipe, set_ or [])
+    if report is None:
+        _run(sw.check_base_paths, plan)
     if dry_run:
         rows = sw.describe_cells(plan)
         for r in rows:
@@ -275,8 +278,8 @@ def sweep(
         counts = _run(sw.run_sweep, plan, out, workers=workers, keep_weights=keep_weights,
                       retry_failed=retry_failed, threads=threads,
                       on_event=lambda rec: (line := render.sweep_event_line(rec)) and typer.echo(line, err=True))
-        typer.echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already "
-                   f"finished before this run (of {counts['total']} cells)", err=True)
+        for line in render.sweep_outcome_lines(counts):
+            typer.echo(line, err=True)
     summary = _run(rep.write_report, report or out, plan)
     if as_json:
         typer.echo(json.dumps({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")},
@@ -285,6 +288,10 @@ def sweep(
         render.print_sweep_table(summary)
         typer.echo(f"summary: {report or out}/summary.md (.csv, .json); plots: "
                    f"{', '.join(summary['plots'].values()) or 'none yet'}")
+    for line in render.sweep_warning_lines(summary):
+        typer.echo(line, err=True)
+    if report is None and (counts["failed"] or counts["failed_jobs"]):
+        raise typer.Exit(1)  # the results so far are kept and reported; rerun to resume
 
 
 
