@@ -1,8 +1,8 @@
 """Process control of a sweep: run every job as a `python -m muonft_cli` subprocess on a pool of worker slots.
 
 Owns spawning (one environment per worker slot: CPU threads divided, one GPU each), waiting and reaping,
-signals (SIGTERM/SIGINT stop the running jobs, which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep
-process dies), and locks (`locks/sweep.lock` for the directory, an inherited `flock` on `locks/<id>.lock` for
+the up-front check that the sweep directory can be written, signals (SIGTERM/SIGINT stop the running jobs,
+which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for the directory, an inherited `flock` on `locks/<id>.lock` for
 each job's whole life, so a restarted sweep never runs a job twice at once). Which weights to prune and which
 evaluations to add are decisions of `muonft_cli.sweep.policy`, called after each finished cell.
 """
@@ -105,10 +105,8 @@ def check_out_dir(out: Path) -> None:
     parent = out.absolute()
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
+    if not parent.is_dir():  # `out` itself, or a folder above it, is a regular file
         raise UserInputError(f"--out '{out}': '{parent}' is a file, not a directory: {fix}")
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out '{out}' is a file, not a directory: {fix}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
