@@ -2,9 +2,10 @@
 
 Owns spawning (one environment per worker slot: CPU threads divided, one GPU each), waiting and reaping,
 the up-front check that the sweep directory can be written, signals (SIGTERM/SIGINT stop the running jobs,
-which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for the directory, an inherited `flock` on `locks/<id>.lock` for
-each job's whole life, so a restarted sweep never runs a job twice at once). Which weights to prune and which
-evaluations to add are decisions of `muonft_cli.sweep.policy`, called after each finished cell.
+which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for
+the directory, an inherited `flock` on `locks/<id>.lock` for each job's whole life, so a restarted sweep never
+runs a job twice at once). Which weights to prune and which evaluations to add are decisions of
+`muonft_cli.sweep.policy`, called after each finished cell.
 """
 
 from __future__ import annotations
