@@ -399,7 +399,8 @@ def sweep(
     threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
     dry_run: bool = _flag("--dry-run", "Print the cells and exit.", False),
     keep_weights: bool = _flag("--keep-weights", "Keep checkpoints and non-best full-model weights.", False),
-    retry_failed: bool = _flag("--retry-failed", "Run failed cells again.", False),
+    retry_failed: bool = _flag("--retry-failed", "Run cells that failed in an earlier run again (default: leave "
+                                                 "them failed).", False),
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value (run keys or sweep.*), repeatable."),
     report: Optional[str] = _O(None, "--report", help="Only re-aggregate and re-plot this sweep directory."),
     as_json: bool = _flag("--json", "Print the summary as one JSON line on stdout.", False),
@@ -415,6 +416,8 @@ def sweep(
     if report is None and not dry_run and out is None:
         _err("--out is required: the sweep directory (run the same command again to resume)")
     plan = _run(sw.load_saved_plan, report) if report is not None else _run(sw.load_plan, recipe, set_ or [])
+    if report is None:
+        _run(sw.check_base_paths, plan)
     if dry_run:
         rows = sw.describe_cells(plan)
         for r in rows:
@@ -429,8 +432,8 @@ def sweep(
         counts = _run(sw.run_sweep, plan, out, workers=workers, keep_weights=keep_weights,
                       retry_failed=retry_failed, threads=threads,
                       on_event=lambda rec: (line := render.sweep_event_line(rec)) and typer.echo(line, err=True))
-        typer.echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already "
-                   f"finished before this run (of {counts['total']} cells)", err=True)
+        for line in render.sweep_outcome_lines(counts):
+            typer.echo(line, err=True)
     summary = _run(rep.write_report, report or out, plan)
     if as_json:
         _json({k: summary[k] for k in ("table1", "gap_reduction", "counts", "warnings", "plots")})
@@ -438,6 +441,10 @@ def sweep(
         render.print_sweep_table(summary)
         typer.echo(f"summary: {report or out}/summary.md (.csv, .json); plots: "
                    f"{', '.join(summary['plots'].values()) or 'none yet'}")
+    for line in render.sweep_warning_lines(summary):
+        typer.echo(line, err=True)
+    if report is None and (counts["failed"] or counts["failed_jobs"]):
+        raise typer.Exit(1)  # the results so far are kept and reported; rerun to resume
 
 
 

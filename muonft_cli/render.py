@@ -239,6 +239,38 @@ def sweep_event_line(rec: dict) -> str | None:
     return None
 
 
+#: At most this many failed cells are listed one per line at the end of a sweep (the rest: sweep.jsonl).
+SWEEP_FAILED_LISTED = 20
+
+
+def sweep_outcome_lines(counts: dict) -> list[str]:
+    """What `muonft sweep` says on stderr when its run ends: the cell counts, then every failed cell with its
+    error line (and any failed base or evaluation job), and, when failed cells of an earlier run were kept
+    failed, that `--retry-failed` runs them again. `counts` is what `muonft_cli.sweep.run_sweep` returns."""
+    total, failed = counts["total"], counts["failed"]
+    lines = [f"sweep: {counts['done']} done, {failed} failed, {counts['skipped']} finished before this run and "
+             f"not rerun (of {total} cells)"]
+    listed = counts.get("failed_cells") or []
+    if failed:
+        lines.append(f"{failed} of {total} cells failed:")
+        lines += [f"  FAILED   {c['id']}: {c['error']}" for c in listed[:SWEEP_FAILED_LISTED]]
+        if len(listed) > SWEEP_FAILED_LISTED:
+            lines.append(f"  ... and {len(listed) - SWEEP_FAILED_LISTED} more (see sweep.jsonl and summary.md)")
+    for j in counts.get("failed_jobs") or []:
+        lines.append(f"  FAILED   {j['id']}: {j['error']}")
+    kept = counts.get("kept_failed") or 0
+    if kept:
+        lines.append(f"{kept} failed cell(s) from an earlier run were left failed: pass --retry-failed to run "
+                     "them again")
+    return lines
+
+
+def sweep_warning_lines(summary: dict) -> list[str]:
+    """The warnings of a sweep's report (an LR at the edge of its grid, cells not done), one `warning:` line
+    each, for stderr; summary.md lists the same ones."""
+    return [f"warning: {w}" for w in summary.get("warnings") or []]
+
+
 def sweep_table(summary: dict):
     """A rich Table of a sweep's Table 1 (best normalised PPL per base, mean ± std over seeds, gap)."""
     from rich.table import Table

@@ -122,6 +122,7 @@ def test_diagnose_sweep_command_runs_outside_a_clone(elsewhere):
     rec = recommend("adam", "muon", 2_000_000, "runs/pre-adam/final", "builtin:kjv", source="test")
     args = shlex.split(rec["sweep_command"])
     assert args[2] == "recipe:sweep-finetune"
+    (elsewhere / "runs" / "pre-adam" / "final").mkdir(parents=True)  # the model diagnosed (--dry-run checks it)
     r = invoke(*args[1:], "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     cells = [json.loads(ln) for ln in r.stdout.splitlines()]

@@ -182,7 +182,10 @@ def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path
     events = []
     counts = S.run_sweep(plan, out, workers=2, engine=fake_engine, on_event=events.append, poll_s=0.05)
     n_fail = sum(c.lr >= 0.01 for c in plan.cells)
-    assert n_fail == 3 and counts == {"total": 8, "skipped": 0, "done": 5, "failed": 3}
+    assert n_fail == 3 and {k: counts[k] for k in ("total", "skipped", "done", "failed", "kept_failed")} == {
+        "total": 8, "skipped": 0, "done": 5, "failed": 3, "kept_failed": 0}
+    assert sorted(c["id"] for c in counts["failed_cells"]) == sorted(c.id for c in plan.cells if c.lr >= 0.01)
+    assert all("loss is NaN" in c["error"] for c in counts["failed_cells"]) and counts["failed_jobs"] == []
     latest = S.SweepIndex(out / S.INDEX).latest()
     for c in plan.cells:
         rec = latest[c.id]
@@ -222,6 +225,7 @@ def test_sweep_runs_every_cell_once_records_failures_and_prunes_weights(tmp_path
     # a second run skips everything (failed cells are kept as failed unless retry_failed)
     counts = S.run_sweep(plan, out, workers=2, engine=fake_engine, poll_s=0.05)
     assert counts["skipped"] == 8 and len([e for e in fake_log(fake_env) if e["event"] == "start"]) == 9
+    assert counts["failed"] == counts["kept_failed"] == 3 and len(counts["failed_cells"]) == 3
     # --keep-weights keeps every full model
     out2 = tmp_path / "sw2"
     monkeypatch.delenv("FAKE_DIVERGE_LR")
@@ -717,3 +721,99 @@ def test_gpus_are_counted_by_torch_without_nvidia_smi(monkeypatch):
     assert [scheduler.worker_env(w, 2, gpus)["CUDA_VISIBLE_DEVICES"] for w in range(3)] == ["0", "1", "0"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert scheduler._count_gpus() == 0
+
+
+# ------------------------------------------------------------------------------------- the CLI's end of a sweep
+
+
+def _cli_recipe(tmp_path: Path, **sweep_over) -> Path:
+    """2 LoRA-Adam cells on an existing local base (1 seed, no forgetting): the fake engine runs it in seconds."""
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    over = {"seeds": [0], "methods": ["lora"], "optims": ["adamw"], "lr": {"lora": [3e-3, 1e-2]},
+            "reference_data": None, "bases": {"adam": {"path": str(base), "pretrained_with": "adamw"}}}
+    return write_recipe(tmp_path, micro_recipe(**{**over, **sweep_over}))
+
+
+@pytest.fixture
+def cli_fake_engine(monkeypatch, fake_engine):
+    """`muonft sweep` through the CLI, its cells run by the stand-in engine."""
+    monkeypatch.setattr(scheduler, "default_engine", lambda: list(fake_engine))
+
+
+def test_failed_cells_exit_1_are_listed_and_rerun_only_with_retry_failed(tmp_path, fake_env, monkeypatch,
+                                                                        cli_fake_engine):
+    recipe, out = _cli_recipe(tmp_path), tmp_path / "sw"
+    runner = CliRunner()
+
+    def starts() -> int:
+        return sum(e["event"] == "start" for e in fake_log(fake_env))
+
+    monkeypatch.setenv("FAKE_DIVERGE_LR", "0")  # every cell "diverges" and exits 1
+    res = runner.invoke(app, ["sweep", str(recipe), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "2 of 2 cells failed:" in res.stderr
+    for cid in ("adam-lora-r8-adamw-lr0.003-s0", "adam-lora-r8-adamw-lr0.01-s0"):
+        assert any(cid in ln and "loss is NaN" in ln for ln in res.stderr.splitlines()), res.stderr
+    assert (out / "summary.md").is_file()  # the report is still written
+    n = starts()
+    assert n == 2
+    monkeypatch.delenv("FAKE_DIVERGE_LR")  # whatever made them fail is fixed now
+    res = runner.invoke(app, ["sweep", str(recipe), "--out", str(out)])
+    assert res.exit_code == 1, res.output  # a rerun leaves them failed, and says how to rerun them
+    assert starts() == n and "2 of 2 cells failed:" in res.stderr
+    assert "left failed: pass --retry-failed" in res.stderr
+    res = runner.invoke(app, ["sweep", str(recipe), "--out", str(out), "--retry-failed"])
+    assert res.exit_code == 0, res.output
+    assert starts() == n + 2 and "failed:" not in res.stderr
+    latest = S.SweepIndex(out / S.INDEX).latest()
+    assert all(latest[c.id]["status"] == "done" for c in S.load_plan(recipe).cells)
+
+
+def test_edge_of_grid_warning_is_printed_on_the_console(tmp_path, fake_env, cli_fake_engine):
+    # the fake engine's best LoRA-Adam LR on an Adam base is 1e-2: the highest LR of this grid
+    recipe, out = _cli_recipe(tmp_path), tmp_path / "sw"
+    res = CliRunner().invoke(app, ["sweep", str(recipe), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    edge = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:") and "highest of the grid" in ln]
+    assert len(edge) == 1 and "best LR 0.01" in edge[0], res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["warnings"]  # stdout stays one JSON line
+    res = CliRunner().invoke(app, ["sweep", "--report", str(out)])  # and again when re-reporting
+    assert res.exit_code == 0 and any("highest of the grid" in ln for ln in res.stderr.splitlines())
+
+
+def test_unwritable_sweep_out_is_one_line_exit_2_before_anything_runs(tmp_path, fake_env, cli_fake_engine):
+    recipe = _cli_recipe(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    outs = ["/proc/muonft-sweep", str(a_file / "sw"), str(a_file)]
+    if os.geteuid() != 0:  # root writes into a read-only directory anyway
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        outs.append(str(ro / "sw"))
+    for out in outs:
+        res = CliRunner().invoke(app, ["sweep", str(recipe), "--out", out])
+        assert res.exit_code == 2, (out, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --out '{out}'"), (out, res.stderr)
+        assert "internal error" not in lines[0] and "directory you can write" in lines[0]
+    assert fake_log(fake_env) == [] and a_file.read_text() == "x"
+
+
+def test_dry_run_names_every_missing_base_path_at_once(tmp_path):
+    rec = micro_recipe(bases={
+        "gone": {"path": str(tmp_path / "nope" / "final")},
+        "rel": {"path": "./runs/never-made/final"},
+        "gguf": {"path": "model.gguf"},
+        "hub": {"path": "meta-llama/Llama-2-7b-hf"},  # a hub id: not checked here (no network)
+        "here": {"path": str(tmp_path)},
+        "pre": micro_recipe()["sweep"]["bases"]["adam"],
+    })
+    res = CliRunner().invoke(app, ["sweep", str(write_recipe(tmp_path, rec)), "--dry-run"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 3 problems"), res.stderr
+    for name in ("gone", "rel", "gguf"):
+        assert f"sweep.bases.{name}.path:" in lines[0]
+    assert "hub" not in lines[0].replace("a hub id", "") and "sweep.bases.here" not in lines[0]
+    assert res.stdout == ""

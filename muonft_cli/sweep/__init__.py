@@ -38,7 +38,8 @@ sweep:
 Index and resumption: `sweep.jsonl` holds one JSON record per event (append-only, one `write` per line, fsync'd;
 a torn last line after SIGKILL is ignored), the latest record of an id wins. A restart skips `done` cells whose
 config hash matches, resumes interrupted ones (`--resume` when the run has a checkpoint, else `--overwrite`),
-re-runs cells whose config changed, and leaves `failed` ones alone unless `retry_failed`. A resumed cell
+re-runs cells whose config changed, and leaves `failed` ones alone unless `retry_failed` (`--retry-failed`; the
+returned counts list every failed cell with its error and how many were kept failed from an earlier run). A resumed cell
 whose engine refuses the resume (`ResumeRefusedError`, e.g. a checkpoint of another config) restarts afresh;
 any other error fails it and keeps its checkpoint. Every cell process
 holds an inherited `flock` on `locks/<id>.lock` for its whole life and gets SIGTERM (checkpoint and exit) when
@@ -50,12 +51,12 @@ from __future__ import annotations
 from muonft_cli.sweep.index import INDEX, SweepIndex
 from muonft_cli.sweep.jobs import Job, base_eval_id, default_engine, has_checkpoint
 from muonft_cli.sweep.plan import (FINETUNE_SWEEP_RECIPE, METHODS, METRICS, PLAN_FILE, BaseSpec, Cell, SweepPlan,
-                                   cell_id, config_hash, describe_cells, diagnose_sweep_command, load_plan,
-                                   load_saved_plan, plan_from_dict, split_seeds)
+                                   cell_id, check_base_paths, config_hash, describe_cells, diagnose_sweep_command,
+                                   load_plan, load_saved_plan, plan_from_dict, split_seeds)
 from muonft_cli.sweep.policy import best_lrs, cell_ppl, prune_weights
-from muonft_cli.sweep.scheduler import run_sweep, worker_env
+from muonft_cli.sweep.scheduler import check_out_dir, run_sweep, worker_env
 
 __all__ = ["INDEX", "SweepIndex", "Job", "base_eval_id", "default_engine", "has_checkpoint", "FINETUNE_SWEEP_RECIPE",
-           "METHODS", "METRICS", "PLAN_FILE", "BaseSpec", "Cell", "SweepPlan", "cell_id", "config_hash",
-           "describe_cells", "diagnose_sweep_command", "load_plan", "load_saved_plan", "plan_from_dict",
-           "split_seeds", "best_lrs", "cell_ppl", "prune_weights", "run_sweep", "worker_env"]
+           "METHODS", "METRICS", "PLAN_FILE", "BaseSpec", "Cell", "SweepPlan", "cell_id", "check_base_paths",
+           "config_hash", "describe_cells", "diagnose_sweep_command", "load_plan", "load_saved_plan", "plan_from_dict",
+           "split_seeds", "best_lrs", "cell_ppl", "prune_weights", "check_out_dir", "run_sweep", "worker_env"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from muonft_cli import config as C
-from muonft_cli._common import optimizer_family
+from muonft_cli._common import looks_local, optimizer_family
 from muonft_cli.errors import ConfigError, UserInputError
 
 METHODS = C.SWEEP_METHODS
@@ -286,6 +286,32 @@ def load_saved_plan(out: str | Path) -> SweepPlan:
         raise UserInputError(f"'{out}' is not a sweep directory (no {PLAN_FILE}): pass the --out of a "
                              "`muonft sweep` run")
     return plan_from_dict(C.read_yaml(p), origin=str(p))
+
+
+#: File names a hub repo id never ends with (mirrors `muonft_cli.models.source`, which imports torch).
+_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
+
+
+def check_base_paths(plan: SweepPlan) -> None:
+    """Fail fast when a base given by `path:` (and no `pretrain:`) names a local path that does not exist.
+
+    A path counts as local when it exists, looks like a path (`_common.looks_local`), has more than one `/`, or
+    ends like a model file; other names are hub ids, left to the engine (no network here). Torch-free, so
+    `muonft sweep --dry-run` checks it too.
+
+    Raises:
+        ConfigError: one problem per missing base, all at once.
+    """
+    problems = []
+    for b in plan.bases.values():
+        if b.pretrain is not None or b.path is None or Path(b.path).expanduser().exists():
+            continue
+        local = looks_local(b.path) or b.path.count("/") > 1 or "\\" in b.path
+        if local or b.path.endswith(_MODEL_FILE_SUFFIXES):
+            problems.append(f"sweep.bases.{b.name}.path: '{b.path}' does not exist: pass an existing model "
+                            "folder or .gguf file, a hub id, or a pretrain: recipe")
+    if problems:
+        raise ConfigError(problems)
 
 
 def split_seeds(plan: SweepPlan) -> dict[int, int]:

@@ -1,10 +1,11 @@
 """Process control of a sweep: run every job as a `python -m muonft_cli` subprocess on a pool of worker slots.
 
 Owns spawning (one environment per worker slot: CPU threads divided, one GPU each), waiting and reaping,
-signals (SIGTERM/SIGINT stop the running jobs, which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep
-process dies), and locks (`locks/sweep.lock` for the directory, an inherited `flock` on `locks/<id>.lock` for
-each job's whole life, so a restarted sweep never runs a job twice at once). Which weights to prune and which
-evaluations to add are decisions of `muonft_cli.sweep.policy`, called after each finished cell.
+the up-front check that the sweep directory can be written, signals (SIGTERM/SIGINT stop the running jobs,
+which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for
+the directory, an inherited `flock` on `locks/<id>.lock` for each job's whole life, so a restarted sweep never
+runs a job twice at once). Which weights to prune and which evaluations to add are decisions of
+`muonft_cli.sweep.policy`, called after each finished cell.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,13 @@ def run_sweep(
     threads: int | None = None,
     poll_s: float = 0.2,
 ) -> dict:
-    """Run (or resume) every job of the plan; returns counts `{"total", "skipped", "done", "failed"}` of cells.
+    """Run (or resume) every job of the plan; returns what happened to its cells.
+
+    Returns:
+        `{"total", "skipped", "done", "failed", "kept_failed", "failed_cells", "failed_jobs"}`: cell counts
+        (`skipped`: finished before this run and not run again, `kept_failed` of them failed, left failed
+        without `retry_failed`), then `[{"id", "error"}]` for every failed cell and every other failed job
+        (a base's pretraining or an evaluation).
 
     Args:
         plan: from `load_plan`.
@@ -66,12 +74,13 @@ def run_sweep(
         poll_s: how often running processes are polled.
 
     Raises:
-        UserInputError: bad `workers`, or another sweep process holds this directory.
+        UserInputError: bad `workers`, an unwritable `out`, or another sweep process holds this directory.
         KeyboardInterrupt: on SIGINT/SIGTERM, after the running cells checkpointed and stopped.
     """
     out = Path(out)
     if workers < 1:
         raise UserInputError(f"--workers must be >= 1, got {workers}")
+    check_out_dir(out)
     engine = list(engine or default_engine())
     for sub in ("configs", "logs", "locks", "cells", "bases"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -83,6 +92,29 @@ def run_sweep(
         return _Scheduler(plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s).run()
     finally:
         os.close(sweep_lock)
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail fast, before anything runs, when the sweep directory cannot be created or written.
+
+    Creates `out` (as the sweep would) and writes and removes a probe file in it; nothing else is touched.
+
+    Raises:
+        UserInputError: one line naming the path, why, and what to pass instead.
+    """
+    fix = "pass an --out in a directory you can write"
+    parent = out.absolute()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # `out` itself, or a folder above it, is a regular file
+        raise UserInputError(f"--out '{out}': '{parent}' is a file, not a directory: {fix}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserInputError(f"--out '{out}' is not writable ({e.strerror or e}): {fix}") from None
 
 
 def _describe(j: Job) -> dict:
@@ -109,6 +141,7 @@ class _Scheduler:
         self.running: dict[int, _Running] = {}
         self.stopping = False
         self.skipped = 0
+        self.kept_failed = 0
 
     # -- bookkeeping
     def _record(self, j: Job, status: str, **extra) -> dict:
@@ -127,6 +160,7 @@ class _Scheduler:
         if st == "done" or (st == "failed" and not self.retry_failed):
             self.state[j.id] = st
             self.skipped += j.kind == "cell"
+            self.kept_failed += j.kind == "cell" and st == "failed"
             return
         self.state[j.id] = "pending"
         if rec is None or rec.get("hash") != j.hash:
@@ -172,9 +206,16 @@ class _Scheduler:
             policy.prune_weights(self.plan, self.out, self.index)
         latest = self.index.latest()
         cells = [self.jobs[c.id] for c in self.plan.cells]
+
+        def failed(jobs) -> list[dict]:
+            return [{"id": j.id, "error": str(latest[j.id].get("error") or "failed")} for j in jobs
+                    if status_of(latest.get(j.id), j.hash) == "failed"]
+
+        failed_cells = failed(cells)
         return {"total": len(cells), "skipped": self.skipped,
                 "done": sum(status_of(latest.get(j.id), j.hash) == "done" for j in cells),
-                "failed": sum(status_of(latest.get(j.id), j.hash) == "failed" for j in cells)}
+                "failed": len(failed_cells), "kept_failed": self.kept_failed, "failed_cells": failed_cells,
+                "failed_jobs": failed([j for j in self.jobs.values() if j.kind != "cell"])}
 
     def _fail_orphans(self) -> None:
         """Jobs whose dependency failed fail too (a base that could not be pretrained)."""
