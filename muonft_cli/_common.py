@@ -252,6 +252,15 @@ def set_offline() -> None:
         dsc.HF_HUB_OFFLINE = True  # datasets reads huggingface_hub's flag into its own config
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` can be a hub repo id: ``name`` or ``owner/name``, no ``..``, not a checkpoint file name."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith(_MODEL_FILE_SUFFIXES)
+
+
 def looks_local(spec: str) -> bool:
     """Whether a model or data spec is meant as a local path rather than a hub id: it starts like a path
     (``/``, ``./``, ``../``, ``~``) or is ``.`` / ``..``. Callers add their own file-suffix checks."""

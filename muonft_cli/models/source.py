@@ -13,11 +13,10 @@ of local checkpoints (every safetensors header, every shard of an index) and the
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from muonft_cli._common import hub_offline, looks_local, package_path
+from muonft_cli._common import hub_offline, looks_like_hub_id, looks_local, package_path  # noqa: F401  (re-exported)
 from muonft_cli.errors import UserInputError
 from muonft_cli.models.safetensors import check_safetensors, index_shards
 
@@ -91,15 +90,6 @@ def builtin_model_path(name: str) -> Path:
         raise UserInputError(f"{_BUILTIN}{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
                              f"`{b.install}`")
     return path
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether `name` can be a hub repo id: ``name`` or ``owner/name``, no ``..``, not a checkpoint file name."""
-    return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith(_FILE_SUFFIXES)
 
 
 # ------------------------------------------------------------------------------------------ local paths

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from muonft_cli import config as C
-from muonft_cli._common import looks_local, optimizer_family
+from muonft_cli._common import looks_like_hub_id, looks_local, optimizer_family
 from muonft_cli.errors import ConfigError, UserInputError
 
 METHODS = C.SWEEP_METHODS
@@ -288,16 +288,12 @@ def load_saved_plan(out: str | Path) -> SweepPlan:
     return plan_from_dict(C.read_yaml(p), origin=str(p))
 
 
-#: File names a hub repo id never ends with (mirrors `muonft_cli.models.source`, which imports torch).
-_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
-
-
 def check_base_paths(plan: SweepPlan) -> None:
     """Fail fast when a base given by `path:` (and no `pretrain:`) names a local path that does not exist.
 
-    A path counts as local when it exists, looks like a path (`_common.looks_local`), has more than one `/`, or
-    ends like a model file; other names are hub ids, left to the engine (no network here). Torch-free, so
-    `muonft sweep --dry-run` checks it too.
+    A name counts as local when it looks like a path (`_common.looks_local`) or cannot be a hub id
+    (`_common.looks_like_hub_id`, the rule `--model` uses); hub ids and `builtin:NAME` models are left to the
+    engine (no network here). Torch-free, so `muonft sweep --dry-run` checks it too.
 
     Raises:
         ConfigError: one problem per missing base, all at once.
@@ -306,8 +302,9 @@ def check_base_paths(plan: SweepPlan) -> None:
     for b in plan.bases.values():
         if b.pretrain is not None or b.path is None or Path(b.path).expanduser().exists():
             continue
-        local = looks_local(b.path) or b.path.count("/") > 1 or "\\" in b.path
-        if local or b.path.endswith(_MODEL_FILE_SUFFIXES):
+        if b.path.startswith("builtin:"):
+            continue
+        if looks_local(b.path) or not looks_like_hub_id(b.path):
             problems.append(f"sweep.bases.{b.name}.path: '{b.path}' does not exist: pass an existing model "
                             "folder or .gguf file, a hub id, or a pretrain: recipe")
     if problems:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from muonft_cli._common import atomic_write_text
+from muonft_cli._common import atomic_write_text, unwritable_dir_problem
 from muonft_cli._common import try_lock as _try_lock
 from muonft_cli.errors import UserInputError
 from muonft_cli.sweep import policy
@@ -97,17 +97,16 @@ def run_sweep(
 def check_out_dir(out: Path) -> None:
     """Fail fast, before anything runs, when the sweep directory cannot be created or written.
 
-    Creates `out` (as the sweep would) and writes and removes a probe file in it; nothing else is touched.
+    `_common.unwritable_dir_problem` first; then `out` is created (as the sweep would) and a probe file written
+    and removed in it (as root, `os.access` says yes under /proc); nothing else is touched.
 
     Raises:
         UserInputError: one line naming the path, why, and what to pass instead.
     """
     fix = "pass an --out in a directory you can write"
-    parent = out.absolute()
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():  # `out` itself, or a folder above it, is a regular file
-        raise UserInputError(f"--out '{out}': '{parent}' is a file, not a directory: {fix}")
+    problem = unwritable_dir_problem(out)  # the check `pretrain`/`finetune` make too
+    if problem:
+        raise UserInputError(f"--out '{out}': {problem}: {fix}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
