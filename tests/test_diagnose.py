@@ -538,3 +538,9 @@ def test_adapter_uses_the_base_it_records_and_its_command_runs(tmp_path, tiny_mo
     res = runner.invoke(app, ["diagnose", str(final), "--quiet", "--exact"])
     assert res.exit_code == 0, res.output
     assert "was not found" in res.stdout and "no finetune command" in res.stdout
+    # a hub id: diagnose reads local files only, but finetune can download it, so the command names it
+    acfg["base_model_name_or_path"] = "some-org/some-model"
+    (final / "adapter_config.json").write_text(json.dumps(acfg))
+    rep = diagnose(final, mode="exact")
+    assert rep["base"] is None and "hub id" in rep["base_note"]
+    assert "--model some-org/some-model" in rep["recommendation"]["command"]
