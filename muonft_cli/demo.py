@@ -106,9 +106,11 @@ def render(result: dict[str, Any]) -> None:
               f"{p['tokens']:,} tokens, val ppl {_fmt(p['val_ppl'])}")
     dg = result.get("diagnose")
     if dg:
-        said = (dg.get("provenance") or {}).get("optimizer", "-")
-        con.print(f"[bold]diagnose[/] spectral guess: {dg.get('optimizer_guess')} (confidence "
-                  f"{_fmt(dg.get('confidence'))}); provenance says: {said}")
+        said = (dg.get("provenance") or {}).get("optimizer") or "-"
+        why = f"confidence {_fmt(dg['confidence'])}" if dg.get("confidence") is not None else \
+            dg.get("unknown_reason") or "no guess"
+        con.print(f"[bold]diagnose[/] spectral guess: {dg.get('optimizer_guess')} ({why}); provenance says: {said}"
+                  + ("; they disagree, the recommendation follows provenance" if dg.get("spectra_disagree") else ""))
     t = Table(title=f"LoRA fine-tuning on {FINETUNE_DATA} (rank {result['settings']['lora_rank']}, "
                     f"{result['settings']['finetune_steps']} steps)")
     for col in ("", "KJV ppl", "Shakespeare ppl", "forgetting", "‖ΔW‖", "cos dist", "srank(BA)", "s"):

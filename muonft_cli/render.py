@@ -196,9 +196,18 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
             mt.add_row(r["name"], r["layer_type"], "×".join(map(str, r["shape"])), f"{r['stable_rank']:.2f}",
                        f"{r['svd_entropy']:.4f}", r["method"])
         console.print(mt)
-    guess, conf = report["optimizer_guess"], report["confidence"]
+    if report.get("kind") == "adapter":
+        if report.get("base"):
+            said = report.get("base_source") or "--base"
+            said = "given with --base" if said == "--base" else f"from the adapter's {said}"
+            console.print(f"base: {report['base']} ({said})", markup=False, soft_wrap=True)
+        elif report.get("base_note"):
+            console.print(f"base: none — {report['base_note']}", markup=False, soft_wrap=True)
+    guess, conf = report["optimizer_guess"], report.get("confidence")
     color = {"adam": "yellow", "muon": "cyan"}.get(guess, "white")
-    console.print(f"\n[bold]Spectral guess:[/bold] [{color}]{guess}[/{color}]  (confidence {conf:.2f})")
+    # confidence is the probability of the printed guess; an unknown has a reason instead
+    said = f"confidence {conf:.2f}" if conf is not None else escape(str(report.get("unknown_reason") or "no guess"))
+    console.print(f"\n[bold]Spectral guess:[/bold] [{color}]{guess}[/{color}]  ({said})")
     for line in report["evidence"]:  # plain text: names like lora_A[...] must not be read as markup
         console.print(f"  • {line}", markup=False)
     prov = report.get("provenance")
@@ -207,6 +216,10 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
                       f"({escape(str(prov['source']))})")
     if prov and prov.get("finetune_optimizer"):
         console.print(f"[bold]Provenance:[/bold] fine-tuned with {escape(str(prov['finetune_optimizer']))}")
+    if report.get("spectra_disagree"):
+        console.print(f"[bold]Provenance and spectra disagree:[/bold] the spectra look {escape(str(guess))}-"
+                      f"pretrained, provenance says {escape(str(prov['optimizer']))}; the recommendation follows "
+                      "provenance")
     rec = report["recommendation"]
     console.print(f"\n[bold]Recommendation[/bold] for fine-tuning with {rec['target_optim']}: "
                   f"[bold]{rec['method']}[/bold]"
@@ -215,7 +228,10 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
     for line in rec["reasons"]:
         console.print(f"  • {line}", markup=False)
     # commands are printed verbatim and unwrapped so they can be copied ("[lora]" is not markup here)
-    console.print(f"\n  {rec['command']}", markup=False, soft_wrap=True)
+    if rec.get("command"):
+        console.print(f"\n  {rec['command']}", markup=False, soft_wrap=True)
+    else:
+        console.print("\n  (no finetune command: the model to fine-tune is not known; pass --base PATH)")
     if rec.get("sweep_command"):
         console.print(f"  {rec['sweep_command']}", markup=False, soft_wrap=True)
 

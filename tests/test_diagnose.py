@@ -431,3 +431,116 @@ def test_render_prints_commands_verbatim():
     text = console.export_text()
     assert "'sweep.methods=[lora]'" in text and "ckpt[1]" in text and "q [x]" in text
     assert rec["sweep_command"] in text.replace("\n", "") or rec["sweep_command"] in text
+
+
+# ------------------------------------------------------------------- issue 11: diagnose must not mislead
+
+
+def _tiny_pretrain(out: Path, optim: str, steps: int, lr: str, tokenizer: Path | None = None) -> Path:
+    """A real `muonft pretrain` of the tiny preset at the demo's --quick sizes (seconds); returns final/."""
+    args = ["pretrain", "--preset", "tiny", "--vocab-size", "300", "--data", "builtin:shakespeare", "--optim", optim,
+            "--lr", lr, "--steps", str(steps), "--seq-len", "32", "--batch-size", "4", "--set",
+            "data.max_documents=60", "--set", "eval.max_batches=1", "--eval-every", "0", "--save-every", "0",
+            "--out", str(out), "--quiet", "--json"] + (["--tokenizer", str(tokenizer)] if tokenizer else [])
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return out / "final"
+
+
+def test_barely_trained_adam_pretrain_is_unknown_not_muon(tmp_path):
+    """Bug: a 10-step AdamW `muonft pretrain` without its muonft.json was called `muon` (confidence 0.96) — a
+    barely trained model is near its random init, which looks Muon-like. It must be `unknown`, with the reason,
+    no confidence and no P(muon) (the logistic model was fitted on trained checkpoints)."""
+    final = _tiny_pretrain(tmp_path / "pre", "adamw", 10, "1.5e-3")
+    (final / "muonft.json").unlink()
+    rep = diagnose(final, mode="exact")
+    assert rep["optimizer_guess"] == "unknown", rep["evidence"]
+    assert rep["unknown_reason"] == "weights are still close to a random initialisation"
+    assert rep["confidence"] is None and rep["p_muon"] is None and rep["features"]["near_init"] >= 0.5
+    assert rep["recommendation"]["method"] == "lora"  # unknown → the mismatch-robust choice, not "full"
+    res = runner.invoke(app, ["diagnose", str(final), "--quiet", "--exact"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stdout.splitlines() if "Spectral guess" in x)
+    assert "unknown" in line and "close to a random initialisation" in line and "confidence" not in line
+
+
+def test_random_init_is_unknown_with_no_confidence(ckpts):
+    """Bug: a random init came out `unknown (confidence 0.96)` with p_muon 0.977. `confidence` is the probability
+    of the printed verdict: None for unknown (the reason says why), and so is p_muon when nothing moved."""
+    rep = diagnose(ckpts["init"], mode="exact")
+    assert rep["optimizer_guess"] == "unknown" and rep["confidence"] is None and rep["p_muon"] is None
+    assert rep["unknown_reason"] == "weights are still close to a random initialisation"
+    for kind in ("adam", "muon"):  # a guess: confidence = P(guess), p_muon the model's P(muon)
+        r = diagnose(ckpts[kind], mode="exact")
+        assert r["optimizer_guess"] == kind and r["unknown_reason"] is None
+        assert r["confidence"] == pytest.approx(r["p_muon"] if kind == "muon" else 1 - r["p_muon"], abs=1e-4)
+    res = runner.invoke(app, ["diagnose", str(ckpts["init"]), "--json", "--quiet"])
+    d = json.loads(res.stdout)
+    assert d["confidence"] is None and d["optimizer_guess"] == "unknown"
+
+
+def test_provenance_wins_over_disagreeing_spectra_and_says_so(tmp_path):
+    """Provenance says adamw, the spectra look Muon: the recommendation follows adamw (mismatch with a muon
+    target → LoRA) and says the spectra disagree (a JSON field, a reason, a line in the table)."""
+    d = H.write_llama(tmp_path / "p", "muon", label="adamw")
+    rep = diagnose(d, mode="exact")
+    assert rep["optimizer_guess"] == "muon" and rep["provenance"]["family"] == "adam"
+    rec = rep["recommendation"]
+    assert rep["spectra_disagree"] is True and rec["spectra_disagree"] is True
+    assert rec["pretrain_optimizer"] == "adam" and rec["method"] == "lora" and "--lora-rank" in rec["command"]
+    assert "disagree" in rec["reasons"][0] and "follows provenance" in rec["reasons"][0]
+    res = runner.invoke(app, ["diagnose", str(d), "--quiet", "--exact"])
+    assert res.exit_code == 0, res.output
+    assert "Provenance and spectra disagree" in res.stdout and "follows provenance" in res.stdout
+    agree = diagnose(H.write_llama(tmp_path / "q", "muon", label="muon"), mode="exact")
+    assert agree["spectra_disagree"] is False and not any("disagree" in r for r in agree["recommendation"]["reasons"])
+
+
+def test_adapter_uses_the_base_it_records_and_its_command_runs(tmp_path, tiny_model_dir, corpus):
+    """Bug: an adapter diagnosed without --base was `unknown (confidence 1.00)`, "no hidden matrices", although
+    its muonft.json names its base; and the printed `muonft finetune --model ADAPTER ... --lora-rank 16` is
+    refused by finetune. The recorded base is used (and said), and the printed command runs."""
+    import shlex
+
+    from _helpers_train import FAST
+
+    ad = tmp_path / "ft"
+    r = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(corpus), "--optim", "adamw",
+                            "--lr", "1e-3", "--lora-rank", "4", "--steps", "1", "--out", str(ad), *FAST])
+    assert r.exit_code == 0, r.output
+    final = ad / "final"
+    rep = diagnose(final, mode="exact", data=str(corpus))
+    assert rep["base"] == str(tiny_model_dir) and rep["base_source"] == "muonft.json"
+    assert any(e.startswith(f"base: {tiny_model_dir} (from the adapter's muonft.json)") for e in rep["evidence"])
+    assert rep["features"]["n_hidden"] > 0 and not any("no hidden" in e for e in rep["evidence"])
+    res = runner.invoke(app, ["diagnose", str(final), "--quiet", "--exact", "--data", str(corpus)])
+    assert res.exit_code == 0, res.output
+    assert f"base: {tiny_model_dir} (from the adapter's muonft.json)" in res.stdout
+    # the printed command fine-tunes the base, and finetune accepts it (one step here)
+    cmd = shlex.split(rep["recommendation"]["command"])
+    assert cmd[:2] == ["muonft", "finetune"] and cmd[cmd.index("--model") + 1] == str(tiny_model_dir)
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "from-diagnose")
+    r = runner.invoke(app, [*cmd[1:], "--steps", "1", *FAST])
+    assert r.exit_code == 0, r.output
+    # without muonft.json: peft's adapter_config.json names the base
+    (final / "muonft.json").unlink()
+    rep = diagnose(final, mode="exact")
+    assert rep["base"] == str(tiny_model_dir) and rep["base_source"] == "adapter_config.json"
+    # a base that is gone: one clear reason, no confidence, no command that cannot run
+    acfg = json.loads((final / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (final / "adapter_config.json").write_text(json.dumps(acfg))
+    rep = diagnose(final, mode="exact")
+    assert rep["base"] is None and rep["optimizer_guess"] == "unknown" and rep["confidence"] is None
+    assert "was not found" in rep["base_note"] and "--base" in rep["base_note"]
+    assert not any("no hidden" in e for e in rep["evidence"])
+    assert rep["recommendation"]["command"] is None and rep["recommendation"]["sweep_command"] is None
+    res = runner.invoke(app, ["diagnose", str(final), "--quiet", "--exact"])
+    assert res.exit_code == 0, res.output
+    assert "was not found" in res.stdout and "no finetune command" in res.stdout
+    # a hub id: diagnose reads local files only, but finetune can download it, so the command names it
+    acfg["base_model_name_or_path"] = "some-org/some-model"
+    (final / "adapter_config.json").write_text(json.dumps(acfg))
+    rep = diagnose(final, mode="exact")
+    assert rep["base"] is None and "hub id" in rep["base_note"]
+    assert "--model some-org/some-model" in rep["recommendation"]["command"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
-from muonft_cli.diagnose.io import Checkpoint, MatrixSpec, open_checkpoint
+from muonft_cli.diagnose.io import Checkpoint, MatrixSpec, open_checkpoint, recorded_base
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import random_baseline
 
@@ -159,6 +159,8 @@ def diagnose(
     Args:
         path: HF model dir, ``.safetensors`` file, peft adapter dir, or ``.gguf`` file.
         base: for an adapter, its base model; adds merged-weight spectra, and the verdict is on the base.
+            Default: the base the adapter's muonft.json (``base_model``) or adapter_config.json
+            (``base_model_name_or_path``) names, when it exists locally (`muonft_cli.diagnose.io.recorded_base`).
         mode: ``auto`` | ``exact`` | ``fast``.
         target_optim: the optimizer you want to fine-tune with (``adamw``, ``muon``, ``muon-pe``, ``adamuon``,
             ``normuon``); the recommendation is for it.
@@ -181,6 +183,12 @@ def diagnose(
     V.check_target(target_optim)
     t0 = time.perf_counter()
     ck = open_checkpoint(path, base)
+    if ck.kind == "adapter" and base is None:  # the base the adapter's own metadata names, when it is local
+        found, source, note = recorded_base(path)
+        if found is not None:
+            ck = open_checkpoint(path, found, base_source=source)
+        else:
+            ck.base_note = note
     if on_open:
         on_open(ck)
     records = analyse(ck, mode=mode, workers=workers, progress=progress)

@@ -31,13 +31,14 @@ from typing import Callable
 
 import torch
 
+from muonft_cli._common import looks_local
 from muonft_cli.errors import UserInputError
 from muonft_cli.models.lora import lora_scale, plain_name
 from muonft_cli.models.safetensors import TensorEntry as _StEntry
 from muonft_cli.models.safetensors import index_shards, read_header
 from muonft_cli.spectral import fused_qkv_split, layer_type, lora_part
 
-__all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "read_count", "reset_read_count"]
+__all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "recorded_base", "read_count", "reset_read_count"]
 
 _ST_DTYPES = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
@@ -95,6 +96,8 @@ class Checkpoint:
     total_bytes: int = 0
     base: "Checkpoint | None" = None
     adapter_config: dict | None = None
+    base_source: str | None = None  # an adapter's base: "--base", or the file it was read from (muonft.json, ...)
+    base_note: str | None = None  # why an adapter has no base (none recorded, not found, a hub id)
 
 
 def _bad(msg: str) -> UserInputError:
@@ -271,7 +274,7 @@ def _base_key(module: str) -> str:
     return plain_name(module) + ".weight"
 
 
-def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
+def _open_adapter(path: Path, base: Checkpoint | None, base_label: str = "--base") -> Checkpoint:
     try:
         cfg = json.loads((path / "adapter_config.json").read_text())
     except json.JSONDecodeError:
@@ -316,8 +319,8 @@ def _open_adapter(path: Path, base: Checkpoint | None) -> Checkpoint:
             bspec = base_map.get(_base_key(module))
             stored = shape[::-1] if fan_in_fan_out else shape
             if bspec is None or tuple(bspec.shape) != stored:
-                raise _bad(f"--base {base.path}: it has no matrix {_base_key(module)} of shape {list(stored)} "
-                           f"for adapter module {module}; pass the model the adapter was trained on")
+                raise _bad(f"{base_label} {base.path}: it has no matrix {_base_key(module)} of shape {list(stored)} "
+                           f"for adapter module {module}; pass the model the adapter was trained on with --base")
 
             def base_w(bspec=bspec) -> torch.Tensor:  # (out, in), the layout B·A has
                 return bspec.load().T.contiguous() if fan_in_fan_out else bspec.load()
@@ -389,7 +392,43 @@ def _dir_provenance(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Checkpoint:
+def recorded_base(path: str | os.PathLike) -> tuple[str | None, str | None, str | None]:
+    """The base model an adapter dir records, if it exists locally.
+
+    Looks at the adapter's own ``muonft.json`` (``base_model``), else its ``adapter_config.json``
+    (``base_model_name_or_path``); a relative path is taken from the current directory.
+
+    Returns:
+        ``(base_path, source, note)``: ``base_path`` an existing local path (else None), ``source`` the file
+        that named it (``"muonft.json"`` / ``"adapter_config.json"``, None when neither names one), ``note``
+        why there is no usable base (None when there is one).
+    """
+    p = Path(path).expanduser()
+    for name, key in (("muonft.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        f = p / name
+        if not f.is_file():
+            continue
+        try:
+            rec = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        spec = rec.get(key) if isinstance(rec, dict) else None
+        if not spec:
+            continue
+        spec = str(spec)
+        cand = Path(spec).expanduser()
+        if cand.exists():
+            return str(cand), name, None
+        if not looks_local(spec) and not cand.suffix and spec.count("/") == 1:
+            return None, name, (f"the adapter's base {spec} (from its {name}) is a hub id, and diagnose reads "
+                                "local files only: pass --base with a local copy")
+        return None, name, (f"the adapter's base {spec} (from its {name}) was not found (looked at "
+                            f"{cand.resolve()}): pass --base PATH")
+    return None, None, "the adapter records no base model (muonft.json, adapter_config.json): pass --base PATH"
+
+
+def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None, *,
+                    base_source: str | None = None) -> Checkpoint:
     """Find the matrices of a checkpoint without reading them.
 
     Args:
@@ -404,9 +443,17 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
     p = Path(path).expanduser()
     if not p.exists():
         raise _bad(f"{p}: no such file or directory; pass a model dir, .safetensors, .gguf, or adapter dir")
-    base_ck = open_checkpoint(base) if base is not None else None
+    label = "--base" if base_source in (None, "--base") else f"the adapter's base (from its {base_source})"
+    try:
+        base_ck = open_checkpoint(base) if base is not None else None
+    except UserInputError as e:
+        if base_source in (None, "--base"):
+            raise
+        raise _bad(f"{label} could not be read: {e}; pass --base PATH") from None
     if p.is_dir() and (p / "adapter_config.json").is_file():
-        return _open_adapter(p, base_ck)
+        ck = _open_adapter(p, base_ck, label)
+        ck.base_source = (base_source or "--base") if base_ck is not None else None
+        return ck
     if base_ck is not None:
         raise _bad(f"--base is only for LoRA adapter dirs, and {p} is not one (no adapter_config.json); drop --base")
     if p.is_file() and p.suffix == ".gguf":

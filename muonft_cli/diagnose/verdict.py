@@ -16,14 +16,22 @@ many MLP matrices don't drown its attention matrices; a logistic model on those 
 P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `muonft pretrain` checkpoints and
 stored in `calibration.json` (with how they were produced and the leave-one-out accuracy).
 
-Untrained weights: a matrix counts as *moved* when its stable rank or entropy is further than
-``z_moved`` standard deviations (of Gaussian draws of its shape) from the random baseline. When fewer than
-``min_moved`` of the hidden matrices have moved, the guess is ``unknown`` — a random init looks "Muon-like" on
-stable rank and entropy alone.
+Untrained and barely trained weights: a random init, and a model a few steps away from one, looks "Muon-like"
+on stable rank and entropy alone (both near the random baseline), so it must not be called Muon. A matrix is
+*near init* when |sr| and |ent| are within the calibration's margins (``near_init_sr``, ``near_init_ent``, or
+``z_moved`` sd of Gaussian draws of its shape if wider); when at least ``near_init_share`` of the hidden matrices
+are, or fewer than ``min_moved`` of them are further than ``z_moved`` sd from the baseline, the guess is
+``unknown`` ("weights are still close to a random initialisation"). The margins were measured on short
+``muonft pretrain`` runs (see ``bench/calibrate_diagnose.py``).
+
+``confidence`` is the probability the model gives the printed guess (P(muon) for muon, 1 − P(muon) for adam)
+and is None for ``unknown``; ``p_muon`` is the logistic model's raw output (None when the spectra carry no
+signal).
 
 Provenance (``muonft.json``, a Trainer's ``trainer_state.json``/``training_args.json``, known model families)
 is reported separately; for a fine-tuned checkpoint it is the *pretraining* optimizer of its base (and, apart,
-the fine-tuning one). The recommendation follows provenance when it is known, else the spectral guess.
+the fine-tuning one). The recommendation follows provenance when it is known, else the spectral guess; when
+the two disagree the report says so (``spectra_disagree``, and a first reason in the recommendation).
 
 Recommendation (paper §5, and the learning rates the paper selected for T5-base and Llama-2-7B): matched
 pretrain/fine-tune optimizers → full fine-tuning is fine; mismatched or unknown → LoRA at rank 8–32 (high ranks
@@ -89,11 +97,25 @@ def matrix_features(rec: dict[str, Any]) -> dict[str, float] | None:
         "sr": math.log(rec["stable_rank"] / rec["random_stable_rank"]),
         "ent": math.log(d / d_rand),
         "z": max(z_sr, z_ent),
+        # the features' own noise (one sd of Gaussian draws of this shape, in feature units), for `near_init`
+        "sd_sr": sd_sr / rec["random_stable_rank"],
+        "sd_ent": sd_ent * logr / d_rand,
     }
 
 
-def model_features(records: list[dict[str, Any]], z_moved: float) -> dict[str, Any]:
-    """Per-layer-type means of the features, their type-balanced average, and the fraction of moved matrices."""
+def near_init(f: dict[str, float], margin_sr: float, margin_ent: float, z: float) -> bool:
+    """Whether a matrix's features are still within a margin of the random baseline: ``|sr| ≤ max(margin_sr,
+    z·sd)`` and ``|ent| ≤ max(margin_ent, z·sd)`` (sd: the spread of Gaussian draws of its shape, so small
+    matrices, whose random spectra vary more, get a wider margin)."""
+    return (abs(f["sr"]) <= max(margin_sr, z * f["sd_sr"])
+            and abs(f["ent"]) <= max(margin_ent, z * f["sd_ent"]))
+
+
+def model_features(records: list[dict[str, Any]], z_moved: float,
+                   near: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """Per-layer-type means of the features, their type-balanced average, the fraction of moved matrices
+    (``moved``: beyond ``z_moved`` sd of the random baseline) and the fraction still near it (``near_init``:
+    within the ``near`` = (margin_sr, margin_ent) margins of `near_init`)."""
     per_type: dict[str, list[dict[str, float]]] = defaultdict(list)
     for rec in records:
         f = matrix_features(rec)
@@ -101,15 +123,17 @@ def model_features(records: list[dict[str, Any]], z_moved: float) -> dict[str, A
             per_type[rec["layer_type"]].append(f)
     types = {
         t: {k: sum(f[k] for f in fs) / len(fs) for k in FEATURES} | {
-            "count": len(fs), "moved": sum(f["z"] > z_moved for f in fs) / len(fs)}
+            "count": len(fs), "moved": sum(f["z"] > z_moved for f in fs) / len(fs),
+            "near_init": sum(near_init(f, near[0], near[1], z_moved) for f in fs) / len(fs)}
         for t, fs in per_type.items()
     }
     n = sum(len(fs) for fs in per_type.values())
     if not types:
-        return {"types": {}, "n_hidden": 0, "moved": 0.0, **{k: 0.0 for k in FEATURES}}
+        return {"types": {}, "n_hidden": 0, "moved": 0.0, "near_init": 0.0, **{k: 0.0 for k in FEATURES}}
     avg = {k: sum(d[k] for d in types.values()) / len(types) for k in FEATURES}
     moved = sum(d["moved"] * d["count"] for d in types.values()) / n
-    return {"types": types, "n_hidden": n, "moved": moved, **avg}
+    near_share = sum(d["near_init"] * d["count"] for d in types.values()) / n
+    return {"types": types, "n_hidden": n, "moved": moved, "near_init": near_share, **avg}
 
 
 # ------------------------------------------------------------------------------------------- classifier
@@ -153,48 +177,75 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
 
 
+NEAR_INIT_REASON = "weights are still close to a random initialisation"
+
+
 def spectral_verdict(records: list[dict[str, Any]], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spectral guess from matrix records alone (no provenance).
 
+    ``unknown`` when there is nothing to judge, when most hidden matrices are still near a random init (their
+    features within the calibration's ``near_init_sr`` / ``near_init_ent`` margins of the random baseline for
+    at least ``near_init_share`` of them, or fewer than ``min_moved`` beyond ``z_moved`` sd of it: a barely
+    trained model, whatever its optimizer, looks "Muon-like"), or when P(muon) is within ``min_confidence``
+    of a coin flip.
+
     Returns:
-        ``optimizer_guess`` (adam | muon | unknown), ``confidence``, ``p_muon``, ``evidence`` (list of str),
-        ``features`` (model-level), ``layer_leans`` (per type: adam-like | muon-like | neutral).
+        ``optimizer_guess`` (adam | muon | unknown); ``confidence``: the model's probability of that guess
+        (P(muon) for muon, 1 − P(muon) for adam), None for unknown; ``p_muon`` (the logistic model's P(muon),
+        None when the spectra carry no signal: nothing to judge or still near init); ``unknown_reason`` (None
+        unless unknown); ``evidence`` (list of str); ``features`` (model-level); ``layer_leans`` (per type:
+        adam-like | muon-like | neutral | near init).
     """
     cal = calibration or load_calibration()
     w, b = cal["weights"], cal["bias"]
     z_moved, c_min, min_moved = cal["z_moved"], cal["min_confidence"], cal["min_moved"]
-    mf = model_features(records, z_moved)
+    near = (cal.get("near_init_sr", 0.0), cal.get("near_init_ent", 0.0))
+    near_share = cal.get("near_init_share", 1.01)  # an old calibration file: this test is off
+    mf = model_features(records, z_moved, near)
     evidence: list[str] = []
     leans: dict[str, str] = {}
     if mf["n_hidden"] == 0:
-        return {"optimizer_guess": "unknown", "confidence": 1.0, "p_muon": None, "features": mf,
-                "layer_leans": leans,
-                "evidence": ["no hidden (attention/MLP) matrices of at least 8×8 to judge from"]}
+        why = "no hidden (attention/MLP) matrices of at least 8×8 to judge from"
+        return {"optimizer_guess": "unknown", "confidence": None, "p_muon": None, "unknown_reason": why,
+                "features": mf, "layer_leans": leans, "evidence": [why]}
     for t in [t for t in HIDDEN_TYPES if t in mf["types"]]:
         d = mf["types"][t]
         logit_t = sum(wi * d[k] for wi, k in zip(w, FEATURES)) + b
         pt = _sigmoid(logit_t)
         leans[t] = "muon-like" if pt > 0.6 else "adam-like" if pt < 0.4 else "neutral"
+        if d["near_init"] >= near_share:
+            leans[t] = "near init"
         evidence.append(
             f"{t} ({d['count']}): stable rank ×{math.exp(d['sr']):.2f} of random, entropy deficit "
-            f"×{math.exp(d['ent']):.2f} of random → {leans[t]} (P(muon) {pt:.2f})")
+            f"×{math.exp(d['ent']):.2f} of random → {leans[t]}"
+            + ("" if leans[t] == "near init" else f" (P(muon) {pt:.2f})"))
     logit = sum(wi * mf[k] for wi, k in zip(w, FEATURES)) + b
-    p = _sigmoid(logit)
-    if mf["moved"] < min_moved:
-        guess, conf = "unknown", 1.0 - mf["moved"]
-        evidence.insert(0, f"{1 - mf['moved']:.0%} of {mf['n_hidden']} hidden matrices are indistinguishable from a "
-                           f"random (untrained) matrix of their shape (|z| ≤ {z_moved:g}): looks like an "
-                           "initialisation or barely trained")
+    p: float | None = _sigmoid(logit)
+    conf: float | None
+    reason: str | None = None
+    if mf["moved"] < min_moved or mf["near_init"] >= near_share:
+        guess, conf, reason = "unknown", None, NEAR_INIT_REASON
+        if mf["near_init"] >= near_share:
+            evidence.insert(0, f"{mf['near_init']:.0%} of {mf['n_hidden']} hidden matrices have stable rank and "
+                               f"entropy within ±{near[0]:g} / ±{near[1]:g} (log-ratio) of a random matrix of "
+                               f"their shape: {reason} (barely trained, or never trained); the spectra cannot "
+                               "tell its optimizer")
+        else:
+            evidence.insert(0, f"{1 - mf['moved']:.0%} of {mf['n_hidden']} hidden matrices are indistinguishable "
+                               f"from a random (untrained) matrix of their shape (|z| ≤ {z_moved:g}): {reason}")
+        p = None  # the logistic model was fitted on trained checkpoints: its P(muon) means nothing here
     else:
         c = max(p, 1 - p)
         if c < c_min:
-            guess, conf = "unknown", 1.0 - abs(2 * p - 1)
-            evidence.insert(0, f"evidence is weak: P(muon) = {p:.2f}, below the {c_min:.2f} needed for a guess")
+            guess, conf = "unknown", None
+            reason = f"the evidence is weak: P(muon) = {p:.2f}, below the {c_min:.2f} needed for a guess"
+            evidence.insert(0, reason)
         else:
             guess, conf = ("muon", p) if p >= 0.5 else ("adam", 1 - p)
         evidence.insert(0, f"all hidden matrices: stable rank ×{math.exp(mf['sr']):.2f} and entropy deficit "
                            f"×{math.exp(mf['ent']):.2f} of the random baseline (type-balanced) → P(muon) = {p:.2f}")
-    return {"optimizer_guess": guess, "confidence": round(conf, 4), "p_muon": round(p, 4), "features": mf,
+    return {"optimizer_guess": guess, "confidence": None if conf is None else round(conf, 4),
+            "p_muon": None if p is None else round(p, 4), "unknown_reason": reason, "features": mf,
             "layer_leans": leans, "evidence": evidence}
 
 
@@ -338,7 +389,7 @@ def recommend(
     pretrain_family: str | None,
     target_optim: str,
     n_params: int | None,
-    model: str,
+    model: str | None,
     data: str,
     *,
     source: str,
@@ -349,7 +400,8 @@ def recommend(
         pretrain_family: adam | muon | None (unknown).
         target_optim: muonft optimizer name for fine-tuning.
         n_params: model size (parameters in its matrices) for LR scaling, or None.
-        model, data: put into the ready ``muonft finetune`` command.
+        model, data: put into the ready ``muonft finetune`` command (``model`` None: no model to fine-tune is
+            known, e.g. an adapter whose base was not found; ``command`` and ``sweep_command`` are then None).
         source: where ``pretrain_family`` came from (for the reasons).
     """
     check_target(target_optim)
@@ -378,10 +430,13 @@ def recommend(
         reasons.append("tune Muon's LR separately from Adam's; under LoRA Muon is a drop-in with half the "
                        "optimizer state (§5)")
     lr_mid = float(f"{math.sqrt(lo * hi):.1g}")
-    cmd = ["muonft", "finetune", "--model", model, "--data", data, "--optim", target_optim]
+    cmd = ["muonft", "finetune", "--model", str(model), "--data", data, "--optim", target_optim]
     if method == "lora":
         cmd += ["--lora-rank", "16"]  # the middle of the recommended 8–32
     cmd += ["--lr", f"{lr_mid:g}", "--out", f"runs/ft-{target_optim}"]
+    if model is None:
+        reasons.append("no command: the base model this adapter was trained on was not found; pass --base PATH "
+                       "for the command that fine-tunes it")
     rec: dict[str, Any] = {
         "method": method,
         "lora_rank": rank,
@@ -390,9 +445,9 @@ def recommend(
         "target_optim": target_optim,
         "pretrain_optimizer": pretrain_family or "unknown",
         "reasons": reasons,
-        "command": shlex.join(cmd),
+        "command": shlex.join(cmd) if model is not None else None,
     }
-    rec["sweep_command"] = _sweep_command(model, data, rec)
+    rec["sweep_command"] = _sweep_command(model, data, rec) if model is not None else None
     return rec
 
 
@@ -421,6 +476,21 @@ def _layer_table(records: list[dict[str, Any]], leans: dict[str, str]) -> dict[s
     return out
 
 
+def _base_said(ck: Any) -> str:
+    src = getattr(ck, "base_source", None) or "--base"
+    return "given with --base" if src == "--base" else f"from the adapter's {src}"
+
+
+def _hub_base(ck: Any) -> str | None:
+    """A base that an adapter names as a hub id (diagnose does not download it, but `muonft finetune` can)."""
+    mj = ck.provenance.get("muonft.json") or {}
+    ad = ck.provenance.get("adapter_config.json") or {}
+    spec = (mj.get("base_model") if isinstance(mj, dict) else None) or \
+        (ad.get("base_model_name_or_path") if isinstance(ad, dict) else None)
+    note = getattr(ck, "base_note", None) or ""
+    return str(spec) if spec and "is a hub id" in note else None
+
+
 def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_optim: str, data: str) -> dict:
     """Assemble the ``--json`` document from an opened checkpoint and its matrix records."""
     verdict_records = records
@@ -428,10 +498,16 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
     if ck.kind == "adapter":
         merged = [r for r in records if r["role"] == "merged"]
         verdict_records = merged
-    spectral = spectral_verdict(verdict_records)
-    evidence = list(spectral["evidence"])
     if ck.kind == "adapter" and not verdict_records:
-        evidence.insert(0, "adapter only: the pretraining verdict needs the base model's weights; pass --base")
+        why = ("adapter only: the pretraining verdict needs the base model's weights; "
+               + (getattr(ck, "base_note", None) or "pass --base PATH"))
+        spectral = {"optimizer_guess": "unknown", "confidence": None, "p_muon": None, "unknown_reason": why,
+                    "features": {}, "layer_leans": {}, "evidence": [why]}
+    else:
+        spectral = spectral_verdict(verdict_records)
+    evidence = list(spectral["evidence"])
+    if ck.kind == "adapter" and ck.base is not None:
+        evidence.insert(0, f"base: {ck.base.path} ({_base_said(ck)})")
     prov_files = dict(ck.provenance)
     if ck.kind == "adapter" and ck.base is not None:
         prov_files = dict(ck.base.provenance) | {"adapter_config.json": ck.provenance.get("adapter_config.json")}
@@ -443,9 +519,10 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
             prov["finetune_optimizer"] = amj.get("finetune_optimizer") or amj.get("optimizer")
     for line in prov["evidence"]:
         evidence.append(f"provenance: {line}")
+    disagree = bool(prov["family"] and spectral["optimizer_guess"] != "unknown"
+                    and prov["family"] != spectral["optimizer_guess"])
     if prov["family"] and spectral["optimizer_guess"] != "unknown":
-        agree = prov["family"] == spectral["optimizer_guess"]
-        evidence.append(f"provenance says {prov['family']}: the spectral guess {'agrees' if agree else 'DISAGREES'}")
+        evidence.append(f"provenance says {prov['family']}: the spectral guess {'DISAGREES' if disagree else 'agrees'}")
     if ck.kind == "adapter":
         ab = [r for r in records if r["role"] in ("lora_A", "lora_B", "lora_delta")]
         deltas = [r for r in ab if r["role"] == "lora_delta"]
@@ -463,12 +540,24 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         family, source = spectral["optimizer_guess"], f"spectral guess, confidence {spectral['confidence']:.2f}"
     else:
         family, source = None, "unknown"
-    model_for_cmd = verdict_on if ck.kind != "adapter" or ck.base is not None else ck.path
+    # the command fine-tunes the model the verdict is about: for an adapter its base (finetune refuses
+    # --lora-rank on an adapter); with no base found, a hub id the adapter names still works, else no command
+    model_for_cmd: str | None = verdict_on
+    if ck.kind == "adapter" and ck.base is None:
+        model_for_cmd = _hub_base(ck)
     rec = recommend(family, target_optim, n_params, model_for_cmd, data, source=source)
+    if disagree:
+        rec["reasons"].insert(0, f"the spectra disagree with provenance: they look {spectral['optimizer_guess']}-"
+                                 f"pretrained (confidence {spectral['confidence']:.2f}), {prov['source']} says "
+                                 f"{prov['optimizer']} ({prov['family']}); the recommendation follows provenance "
+                                 "(spectra of short or unusual training runs can mislead)")
+    rec["spectra_disagree"] = disagree
     return {
         "path": ck.path,
         "kind": ck.kind,
         "base": ck.base.path if ck.base is not None else None,
+        "base_source": getattr(ck, "base_source", None) if ck.base is not None else None,
+        "base_note": getattr(ck, "base_note", None) if ck.kind == "adapter" and ck.base is None else None,
         "n_matrices": len(records),
         "n_params": n_params,
         "mode": mode,
@@ -476,8 +565,10 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         "optimizer_guess": spectral["optimizer_guess"],
         "confidence": spectral["confidence"],
         "p_muon": spectral["p_muon"],
+        "unknown_reason": spectral["unknown_reason"],
+        "spectra_disagree": disagree,
         "evidence": evidence,
-        "features": {k: spectral["features"].get(k) for k in ("sr", "ent", "moved", "n_hidden")},
+        "features": {k: spectral["features"].get(k) for k in ("sr", "ent", "moved", "near_init", "n_hidden")},
         "provenance": {k: prov[k] for k in ("optimizer", "family", "source", "finetune_optimizer")},
         "layer_types": _layer_table(records, spectral["layer_leans"]),
         "skipped": list(ck.skipped),
