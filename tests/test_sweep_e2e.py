@@ -110,4 +110,4 @@ def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
         assert g["forgetting"] == pytest.approx(rep["model"]["ppl"] / rep["base"]["ppl"] - 1, rel=1e-5)
     # running it again finds everything done and starts nothing
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
-    assert res.returncode == 0 and "start" not in res.stderr and "8 already finished" in res.stderr
+    assert res.returncode == 0 and "start" not in res.stderr and "8 finished before this run and not rerun" in res.stderr
