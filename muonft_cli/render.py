@@ -291,7 +291,7 @@ def sweep_table(summary: dict):
     """A rich Table of a sweep's Table 1 (best normalised PPL per base, mean ± std over seeds, gap)."""
     from rich.table import Table
 
-    from muonft_cli.sweep.labels import base_header, fmt_gap, fmt_num
+    from muonft_cli.sweep.labels import base_header, fmt_num, table1_cell
 
     bases = summary["bases"]
     t = Table(title="best " + ("val PPL / base PPL" if summary["normalised"] else "val PPL")
@@ -301,11 +301,7 @@ def sweep_table(summary: dict):
         t.add_column(base_header(n, bases[n]), justify="right")
     t.add_column("best LRs", justify="right")
     for row in summary["table1"]:
-        vals = []
-        for n in bases:
-            col = row["cols"].get(n)
-            vals.append("—" if col is None or col["value"] is None else
-                        f"{col['value']:.3f} ± {col['std'] or 0:.3f}{fmt_gap(col['gap'])}")
+        vals = [table1_cell(row["cols"].get(n), std=True) for n in bases]
         lrs = " / ".join(fmt_num(row["cols"][n]["best_lr"], "g") if n in row["cols"] else "—" for n in bases)
         t.add_row(row["label"], *vals, lrs)
     return t

@@ -39,3 +39,11 @@ def fmt_pm(m: float | None, s: float | None, fmt: str = ".3f") -> str:
 def fmt_gap(g: float | None) -> str:
     """The gap to the matched optimizer as ` (+.023)` / ` (−.011)`, or nothing."""
     return "" if g is None else f" ({'+' if g >= 0 else '−'}{abs(g):.3f})".replace("0.", ".", 1)
+
+
+def table1_cell(col: dict | None, std: bool = False) -> str:
+    """One Table 1 entry: the mean (± its std with `std`) and the gap to the matched optimizer; "—" when empty."""
+    if col is None or col["value"] is None:
+        return "—"
+    spread = f" ± {col['std'] or 0:.3f}" if std else ""
+    return f"{col['value']:.3f}{spread}{fmt_gap(col['gap'])}"

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from muonft_cli._common import atomic_write_text, optimizer_family, read_jsonl
 from muonft_cli.sweep.index import INDEX, SweepIndex
 from muonft_cli.sweep.jobs import base_eval_id
-from muonft_cli.sweep.labels import OPTIM_NAMES, base_header, fmt_gap, fmt_num, fmt_pm, label
+from muonft_cli.sweep.labels import OPTIM_NAMES, base_header, fmt_num, fmt_pm, label, table1_cell
 from muonft_cli.sweep.plan import SweepPlan, load_saved_plan, split_seeds
 from muonft_cli.sweep.plots import PLOTS, plot_ppl_vs_lr, plot_ppl_vs_rank, plot_val_curves
 from muonft_cli.sweep.policy import cell_ppl
@@ -313,11 +313,7 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
               "| fine-tune | " + " | ".join(base_header(n, bases[n]) for n in names) + " |",
               "|---|" + "---|" * len(names)]
     for row in summary["table1"]:
-        cells = []
-        for n in names:
-            col = row["cols"].get(n)
-            cells.append("—" if col is None or col["value"] is None else
-                         f"{col['value']:.3f}{fmt_gap(col['gap'])}")
+        cells = [table1_cell(row["cols"].get(n)) for n in names]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines.append("")
     if norm:
