@@ -448,6 +448,34 @@ def sweep(
 
 
 
+# ------------------------------------------------------------------------------------------ plot (plot.py)
+
+
+@app.command()
+def plot(
+    paths: list[str] = typer.Argument(..., metavar="PATH",
+                                      help="Run directories (the --out of pretrain/finetune), or one sweep "
+                                           "directory (the --out of `muonft sweep`)."),
+    out: Optional[str] = _O(None, "--out", metavar="FILE | DIR",
+                            show_default="RUN/curves.png for one run; the sweep directory",
+                            help="Runs: the image to write (.png, .pdf, .svg). A sweep: the folder for its "
+                                 "figures."),
+    metric: Optional[list[str]] = _O(None, "--metric", metavar="METRIC", show_default="loss and val_loss",
+                                     help="A panel per metric (repeatable): loss | val_loss | val_ppl | lr | "
+                                          "grad_norm | tokens_per_s."),
+    as_json: bool = _flag("--json", "Print what was written as one JSON document on stdout.", False),
+) -> None:
+    """Draw the training and validation curves of runs on shared axes, or redraw a sweep's figures."""
+    from muonft_cli import plot as plot_mod
+
+    result = _run(plot_mod.plot, paths, out, metric)
+    if as_json:
+        _json(result)
+    else:
+        for path in result["paths"]:
+            typer.echo(path)
+
+
 # ------------------------------------------------------------------------------------ eval (evaluate.py)
 
 

@@ -1,7 +1,8 @@
 """The figures of a sweep report (matplotlib, headless), drawn from the summary `muonft_cli.sweep.report`
 aggregates: PPL vs LR (Fig. 4 of "Can Muon Fine-tune Adam-Pretrained Models?": solid = matched pretraining,
 dashed = mismatched; dark = full, light = LoRA), validation curves of the best runs (Fig. 3), best PPL vs LoRA
-rank (Fig. 5). matplotlib is imported inside the functions.
+rank (Fig. 5). Also the one home of the figure helpers (`panels`, `save_figure`, `colour`) that `muonft plot`'s
+run curves (`muonft_cli.plot`) share. matplotlib is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from muonft_cli.sweep.labels import OPTIM_NAMES, base_header
 PLOTS = {"lr": "ppl_vs_lr.png", "curves": "val_curves.png", "rank": "ppl_vs_rank.png"}
 
 
-def _colours(optim: str, method: str, rank_pos: float = 0.0) -> str:
+def colour(optim: str, method: str, rank_pos: float = 0.0) -> str:
     """Dark shade for full, light for LoRA (lighter with rank position in [0, 1]); a hue per optimizer."""
     import matplotlib
 
@@ -29,26 +30,41 @@ def _style(g: dict) -> str:
     return {True: "-", False: "--", None: ":"}[g["matched"]]
 
 
-def _panels(n: int, height: float):
-    """A headless (Agg) figure with `n` side-by-side panels: (fig, axes row)."""
+def panels(n: int, height: float, per_row: int | None = None):
+    """A headless (Agg) figure with `n` panels side by side (`per_row` of them a row, default all): (fig, the
+    `n` axes in reading order; the unused cells of the last row are hidden)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axs = plt.subplots(1, max(1, n), figsize=(5.2 * max(1, n), height), squeeze=False)
-    return fig, axs[0]
+    n = max(1, n)
+    cols = min(n, per_row or n)
+    rows = -(-n // cols)
+    fig, axs = plt.subplots(rows, cols, figsize=(5.2 * cols, height * rows), squeeze=False)
+    flat = list(axs.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
-def _save(fig, path: Path, title: str | None = None) -> Path:
-    """Title, lay out, write the PNG and free the figure."""
+def save_figure(fig, path: Path, title: str | None = None) -> Path:
+    """Title, lay out, write the image (its format from the suffix, PNG without one) and free the figure; the
+    file appears whole or not at all (written beside it, then renamed)."""
+    import os
+
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower() or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -59,7 +75,7 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
     optims = list(dict.fromkeys(g["optim"] for g in summary["groups"]))
     ranks = sorted({g["rank"] for g in groups if g["rank"] is not None})
     norm = summary["normalised"]
-    fig, axes = _panels(len(optims), 4.2)
+    fig, axes = panels(len(optims), 4.2)
     best_all = [g["normalised"] if norm else g["ppl_mean"] for g in groups if g["ppl_mean"] is not None]
     for ax, optim in zip(axes, optims):
         for g in [g for g in groups if g["optim"] == optim]:
@@ -69,7 +85,7 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
             ys = [p["norm_mean"] if norm else p["mean"] for p in pts]
             sd = [(p["norm_std"] if norm else p["std"]) or 0 for p in pts]
             rp = ranks.index(g["rank"]) / max(1, len(ranks) - 1) if g["rank"] in ranks else 0.0
-            col = _colours(optim, g["method"], rp)
+            col = colour(optim, g["method"], rp)
             rank_txt = f" r={g['rank']}" if g["rank"] is not None and len(ranks) > 1 else ""
             name = f"{'Full' if g['method'] == 'full' else 'LoRA'}{rank_txt}, {base_header(g['base'], b)}"
             name += "".join(f", {k.split('.')[-1]}={v}" for k, v in g["axes"])
@@ -92,7 +108,7 @@ def plot_ppl_vs_lr(summary: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path, "PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, "
+    return save_figure(fig, path, "PPL vs LR — solid: matched pretraining, dashed: mismatched; dark: full, "
                             "light: LoRA; ★ best LR, × diverged")
 
 
@@ -100,7 +116,7 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
     """Fig. 3: validation PPL vs step of each group's best-LR runs (mean over seeds), one panel per base."""
     names = list(summary["bases"])
     ranks = sorted({g["rank"] for g in summary["groups"] if g["rank"] is not None})
-    fig, axes = _panels(len(names), 4.0)
+    fig, axes = panels(len(names), 4.0)
     for ax, name in zip(axes, names):
         b = summary["bases"][name]
         scale = b["ppl"] if summary["normalised"] else 1.0
@@ -111,7 +127,7 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
             ys = [v / scale for _, v in g["best_curve"]]
             ymin.append(min(ys))
             ymax.append(max(ys))
-            ax.plot(xs, ys, _style(g), color=_colours(g["optim"], g["method"], rp), lw=2,
+            ax.plot(xs, ys, _style(g), color=colour(g["optim"], g["method"], rp), lw=2,
                     label=f"{g['label']} (lr {g['best_lr']:g})")
         ax.set_title(base_header(name, b))
         ax.set_xlabel("step")
@@ -126,13 +142,13 @@ def plot_val_curves(summary: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _save(fig, path, "validation curves of the best-LR runs (mean over seeds; step 0 = the base model)")
+    return save_figure(fig, path, "validation curves of the best-LR runs (mean over seeds; step 0 = the base model)")
 
 
 def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
     """Fig. 5: best (normalised) PPL vs LoRA rank per optimizer, ± std, one panel per base."""
     names = list(summary["bases"])
-    fig, axes = _panels(len(names), 4.0)
+    fig, axes = panels(len(names), 4.0)
     for ax, name in zip(axes, names):
         b = summary["bases"][name]
         rows = [r for r in summary["rank_study"] if r["base"] == name and r["ppl_mean"] is not None]
@@ -141,7 +157,7 @@ def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
             norm = summary["normalised"] and all(r["normalised"] is not None for r in rr)
             ax.errorbar([r["rank"] for r in rr], [r["normalised"] if norm else r["ppl_mean"] for r in rr],
                         yerr=[(r["normalised_std"] if norm else r["ppl_std"]) or 0 for r in rr], marker="o", capsize=3,
-                        color=_colours(key[0], "full"), label=f"LoRA-{OPTIM_NAMES.get(key[0], key[0])}")
+                        color=colour(key[0], "full"), label=f"LoRA-{OPTIM_NAMES.get(key[0], key[0])}")
         ax.set_xscale("log", base=2)
         ranks = sorted({r["rank"] for r in rows})
         ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -150,4 +166,4 @@ def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
         ax.set_ylabel("best val PPL / base PPL" if summary["normalised"] else "best validation PPL")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

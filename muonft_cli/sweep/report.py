@@ -390,11 +390,21 @@ def to_csv(summary: dict) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def write_report(out: str | Path, plan: SweepPlan | None = None) -> dict:
-    """Aggregate a sweep directory and write summary.md/.csv/.json and the PNG plots; returns the summary.
+def write_plots(summary: dict, out: str | Path) -> dict[str, str]:
+    """Draw the figures the aggregated `summary` has data for into the folder `out`; {name: path written}
+    (none before a cell has a validation PPL)."""
+    out, plots = Path(out), {}
+    if any(g["ppl_mean"] is not None for g in summary["groups"]):
+        plots["ppl_vs_lr"] = str(plot_ppl_vs_lr(summary, out / PLOTS["lr"]))
+        if any(g["best_curve"] for g in summary["groups"]):
+            plots["val_curves"] = str(plot_val_curves(summary, out / PLOTS["curves"]))
+        if summary["rank_study"]:
+            plots["ppl_vs_rank"] = str(plot_ppl_vs_rank(summary, out / PLOTS["rank"]))
+    return plots
 
-    Re-running it (`muonft sweep --report DIR`) only re-reads the index and run directories.
-    """
+
+def summarise(out: str | Path, plan: SweepPlan | None = None) -> dict:
+    """The aggregated summary of a sweep directory (its index and run directories), writing nothing."""
     out = Path(out)
     plan = plan or load_saved_plan(out)
     cells, bases = collect(plan, out)
@@ -402,13 +412,18 @@ def write_report(out: str | Path, plan: SweepPlan | None = None) -> dict:
     summary["sweep"] = {"name": plan.name, "metric": plan.metric, "seeds": plan.seeds,
                         "reference_data": plan.reference_data, "dir": str(out),
                         "cell_runtime_s": sum(c["runtime_s"] or 0 for c in cells)}
-    summary["plots"] = {}
-    if any(g["ppl_mean"] is not None for g in summary["groups"]):
-        summary["plots"]["ppl_vs_lr"] = str(plot_ppl_vs_lr(summary, out / PLOTS["lr"]))
-        if any(g["best_curve"] for g in summary["groups"]):
-            summary["plots"]["val_curves"] = str(plot_val_curves(summary, out / PLOTS["curves"]))
-        if summary["rank_study"]:
-            summary["plots"]["ppl_vs_rank"] = str(plot_ppl_vs_rank(summary, out / PLOTS["rank"]))
+    return summary
+
+
+def write_report(out: str | Path, plan: SweepPlan | None = None) -> dict:
+    """Aggregate a sweep directory and write summary.md/.csv/.json and the PNG plots; returns the summary.
+
+    Re-running it (`muonft sweep --report DIR`) only re-reads the index and run directories.
+    """
+    out = Path(out)
+    plan = plan or load_saved_plan(out)
+    summary = summarise(out, plan)
+    summary["plots"] = write_plots(summary, out)
     atomic_write_text(out / "summary.md", to_markdown(summary, title=f"muonft sweep: {plan.name}"))
     atomic_write_text(out / "summary.csv", to_csv(summary))
     slim = {**summary, "groups": [{k: v for k, v in g.items()} for g in summary["groups"]]}
