@@ -125,6 +125,8 @@ def test_muon_trainer_trains_with_muon(tiny_llama, tmp_path):
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert isinstance(opt, Muon)
     assert opt.ns_matrices_done > 0  # Muon really ran: no silent AdamW fallback
+    matrices = sum(len(g["params"]) for g in opt.param_groups if g["kind"] == "muon")
+    assert opt.ns_matrices_done == 10 * matrices  # one Muon step per optimizer step (2 micro-batches each)
     muon_group = next(g for g in opt.param_groups if g["kind"] == "muon")
     adamw_group = next(g for g in opt.param_groups if g["kind"] == "adamw")
     assert muon_group["ns_steps"] == 4 and muon_group["weight_decay"] == 0.01
