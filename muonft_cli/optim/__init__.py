@@ -6,12 +6,13 @@
   ``kind="adamw"`` groups that owns the state, :mod:`.muon`; the pure update rules (:func:`update_scale`,
   ``muon_update`` and friends), :mod:`.update`; batched and optionally distributed NS, :mod:`.plan`.
 * :func:`split_params` — route every trainable parameter once, with reasons, :mod:`.routing`.
-* :func:`build_optimizer`, :func:`optimizer_state_bytes` — from an optimizer config, :mod:`.factory`.
+* :func:`build_optimizer`, :func:`optimizer_state_bytes` — from an optimizer config, or from a name and
+  keywords (:data:`OPTION_DEFAULTS`: ``build_optimizer(model, "muon", lr=2e-4)``), :mod:`.factory`.
 """
 
 from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS
 
-from .factory import build_optimizer, optimizer_state_bytes
+from .factory import OPTION_DEFAULTS, build_optimizer, optimizer_state_bytes
 from .muon import AdaMuon, Muon, MuonFamily, NorMuon
 from .orthogonalize import (
     JORDAN_COEFFICIENTS,
@@ -30,6 +31,7 @@ __all__ = [
     "MuonFamily",
     "NorMuon",
     "OPTIMIZER_NAMES",
+    "OPTION_DEFAULTS",
     "ParamSplit",
     "Route",
     "SCALINGS",

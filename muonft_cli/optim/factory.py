@@ -1,4 +1,8 @@
-"""``build_optimizer``: one ``torch.optim.Optimizer`` for a whole model, from an optimizer config.
+"""``build_optimizer``: one ``torch.optim.Optimizer`` for a whole model, from an optimizer config or keywords.
+
+Two call forms, one code path: ``build_optimizer(model, cfg)`` (muonft's runs: ``cfg`` is the config's
+``optimizer`` section) and ``build_optimizer(model, "muon", lr=2e-4, **options)`` for other people's
+training loops, where the keywords are exactly the optimizer section's keys (:data:`OPTION_DEFAULTS`).
 
 Routes parameters with :func:`~.routing.split_params` and returns a single optimizer whose param groups
 carry ``kind="muon"|"adamw"`` (so LR schedulers, checkpoints and HF ``Trainer(optimizers=(opt, sched))``
@@ -11,6 +15,7 @@ loader checks too).  Weight decay applies to ≥2-D tensors only (never to norms
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,7 +26,24 @@ from muonft_cli._common import OPTIMIZER_NAMES, adamw_lr_problem
 from .muon import AdaMuon, Muon, NorMuon
 from .routing import ParamSplit, split_params
 
-__all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_state_bytes"]
+__all__ = ["OPTIMIZER_NAMES", "OPTION_DEFAULTS", "build_optimizer", "optimizer_state_bytes"]
+
+#: The keyword form's options and their defaults: the keys of the config's ``optimizer`` section (less
+#: ``name``) with the same defaults (``muonft_cli.config.OptimizerConfig``; a test keeps the two in step).
+OPTION_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "momentum": 0.95,
+    "nesterov": True,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "scaling": "match_rms_adamw",
+    "ns_steps": 5,
+    "ns_dtype": "auto",
+    "adamw_lr": None,
+    "adamw_betas": (0.9, 0.95),
+    "lora_a": "muon",
+}
 
 
 def _opt(cfg: Any, name: str, default: Any) -> Any:
@@ -29,12 +51,15 @@ def _opt(cfg: Any, name: str, default: Any) -> Any:
     return default if value is None and default is not None else value
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """Build the optimizer named by ``cfg.name`` over all trainable parameters of ``model``.
+def build_optimizer(model: nn.Module, cfg: Any, **options: Any) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``cfg.name`` (or by ``cfg`` itself, a string) over all trainable
+    parameters of ``model``.
 
     Args:
         model: the (possibly peft-wrapped) model.
-        cfg: any object with attributes ``name`` ("adamw" | "muon" | "muon-pe" | "adamuon" |
+        cfg: an optimizer name (keyword form: ``build_optimizer(model, "muon", lr=2e-4, weight_decay=0.0,
+            **options)``, each option a key of :data:`OPTION_DEFAULTS`, unset ones at those defaults) or any
+            object with attributes ``name`` ("adamw" | "muon" | "muon-pe" | "adamuon" |
             "normuon"), ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``betas`` (plain AdamW),
             ``eps``, ``scaling`` ("match_rms_adamw" | "original" | "none"), ``ns_steps``, ``ns_dtype``
             ("auto" | "bf16" | "fp32"), ``adamw_lr`` (None = lr under match_rms_adamw), ``adamw_betas``
@@ -49,7 +74,15 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
 
     Raises:
         ValueError: unknown name, or ``optimizer.adamw_lr`` missing where it is required.
+        TypeError: an unknown keyword (the message names the valid ones), or keywords beside a config object.
     """
+    if isinstance(cfg, str):
+        cfg = _keyword_config(cfg, options)
+    elif options:
+        raise TypeError(
+            "build_optimizer() takes keyword options only with an optimizer name, e.g. "
+            f"build_optimizer(model, 'muon', lr=2e-4); got a config object and {', '.join(sorted(options))}"
+        )
     name = str(getattr(cfg, "name", "")).lower()
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer.name {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
@@ -104,6 +137,20 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         opt = NorMuon(groups, nesterov=nesterov, scaling=scaling, **common)
     opt.param_split = split  # type: ignore[attr-defined]
     return opt
+
+
+def _keyword_config(name: str, options: dict[str, Any]) -> SimpleNamespace:
+    """The keyword form's options as a config-like object, unknown keywords refused by name."""
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"build_optimizer() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}; valid options: {', '.join(OPTION_DEFAULTS)}"
+        )
+    values = {**OPTION_DEFAULTS, **options}
+    if values["lora_a"] not in ("muon", "adamw"):
+        raise ValueError(f"lora_a must be 'muon' or 'adamw', got {values['lora_a']!r}")
+    return SimpleNamespace(name=name, **values)
 
 
 def _adamw_groups(params: list[torch.Tensor], weight_decay: float, lr: float) -> list[dict[str, Any]]:
