@@ -126,6 +126,16 @@ def _wandb_offline_run(run_dir: Path) -> tuple[dict, list[tuple[int, dict]]]:
     return summary, history
 
 
+@pytest.mark.skipif(not HAS_TB, reason="tensorboard is not installed (pip install muonft[tensorboard])")
+def test_overwrite_removes_the_old_runs_logs(small, tmp_path):
+    out = tmp_path / "run"
+    assert _ft(small, out, "--steps", 3, "--report-to", "tensorboard").exit_code == 0
+    assert _ft(small, out, "--steps", 2, "--seed", 1, "--overwrite", "--report-to", "tensorboard").exit_code == 0
+    assert _tb_scalars(out)["train/loss"] == [(r["step"], _f32(r["loss"])) for r in read_metrics(out)]
+    assert _ft(small, out, "--steps", 1, "--overwrite").exit_code == 0  # a run without the backend
+    assert not (out / "tb").exists()
+
+
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install muonft[wandb])")
 def test_wandb_offline_run_files_and_resume(small, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -147,6 +157,23 @@ def test_wandb_offline_run_files_and_resume(small, tmp_path, monkeypatch):
     summary, history = _wandb_offline_run(runs[-1])
     m = read_metrics(out)
     assert [s for s, _ in history] == [4, 5] and summary["train/loss"] == m[-1]["loss"]
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install muonft[wandb])")
+def test_wandb_that_cannot_start_is_one_line_and_resume_continues(small, tmp_path, monkeypatch):
+    import wandb
+
+    def no_login(**kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    out = tmp_path / "run"
+    _one_line_error(_ft(small, out, "--steps", 2, "--report-to", "wandb"), "wandb could not start a run",
+                    "No API key", "WANDB_MODE=offline", "--resume")
+    assert not (out / "wandb").exists() and not (out / "checkpoints").exists()
+    r = invoke("finetune", "--out", out, "--resume", "--report-to", "none", "--quiet")  # without W&B
+    assert r.exit_code == 0, r.output
+    assert [rec["step"] for rec in read_metrics(out)] == [1, 2]
 
 
 def test_unknown_backend_is_one_line(small, tmp_path):

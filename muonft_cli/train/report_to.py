@@ -90,7 +90,8 @@ class Reporter:
                 shutil.rmtree(d, ignore_errors=True)
             if opening == "wandb" and type(e).__module__.split(".")[0] == "wandb":  # its errors: login, network
                 raise UserInputError(f"--report-to wandb: wandb could not start a run ({first_line(e)}): run "
-                                     f"`wandb login`, or set WANDB_MODE=offline") from None
+                                     f"`wandb login` or set WANDB_MODE=offline, then continue with --resume (the "
+                                     f"run has not started)") from None
             raise
 
     def log(self, record: dict[str, Any], ortho: int | None = None) -> None:
