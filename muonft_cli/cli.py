@@ -286,6 +286,9 @@ def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
                                      help="auto | cpu | cuda[:N] (auto: CUDA when present).")),
         ("threads", Optional[int], _O(None, "--threads", show_default="torch's default",
                                       help="CPU threads for this run (torch.set_num_threads).")),
+        ("report_to", Optional[list[str]], _O(None, "--report-to", show_default="none", metavar="BACKEND",
+                                              help="Also log the step metrics to tensorboard (OUT/tb/) or wandb "
+                                                   "(OUT/wandb/); repeatable; none = no backend.")),
         ("offline", Optional[bool], _flag("--offline/--no-offline", "Never contact the hub.")),
         ("trust_remote_code", Optional[bool], _flag(
             "--trust-remote-code/--no-trust-remote-code",
@@ -341,6 +344,7 @@ def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
         "model.tokenizer": kw["tokenizer"], "model.dtype": kw["dtype"], "model.offline": kw["offline"],
         "model.trust_remote_code": kw["trust_remote_code"], "train.device": kw["device"],
         "train.threads": kw["threads"], "train.gradient_checkpointing": kw["gradient_checkpointing"],
+        "train.report_to": kw["report_to"],
     }
 
 

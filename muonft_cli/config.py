@@ -28,6 +28,8 @@ from muonft_cli.errors import ConfigError, UserInputError
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
 PRESETS = ("tiny", "small")
+#: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
+REPORT_BACKENDS = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -121,6 +123,11 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads); null = "
                                                                 "torch's default"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "logging backends beside metrics.jsonl: tensorboard (OUT/tb/), wandb (OUT/wandb/); [] or none = "
+                "no backend"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "the run's name in the logging backends (W&B run name); null = the --out directory's name"})
 
 
 @dataclass
@@ -343,6 +350,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         positive("train.clip", cfg.train.clip, allow_zero=True)  # 0 = off, like null (see _normalize)
     if cfg.train.threads is not None:
         positive("train.threads", cfg.train.threads)
+    if isinstance(cfg.train.report_to, list):
+        for i, name in enumerate(cfg.train.report_to):
+            choice(f"train.report_to[{i}]", name, REPORT_BACKENDS)
     positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
     positive("train.save_every", cfg.train.save_every, allow_zero=True)
     positive("train.save_every_minutes", cfg.train.save_every_minutes, allow_zero=True)
@@ -361,9 +371,11 @@ def _range_problems(cfg: RunConfig) -> list[str]:
 
 def _normalize(cfg: RunConfig) -> RunConfig:
     """One meaning per setting, whatever the spelling: `train.clip` 0 (`--clip 0`, `--set train.clip=0`) is off,
-    stored as null."""
+    stored as null; `train.report_to` drops `none` and repeats."""
     if cfg.train.clip == 0 and not isinstance(cfg.train.clip, bool):
         cfg.train.clip = None
+    if isinstance(cfg.train.report_to, list):  # `none` = no backend; each backend once, in the order given
+        cfg.train.report_to = list(dict.fromkeys(b for b in cfg.train.report_to if b != "none"))
     return cfg
 
 
@@ -434,13 +446,15 @@ def to_dict(cfg: Any) -> dict:
 #: Keys added to the schema after sweeps were first run, with the default that means "as before the key
 #: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
-ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1}
+ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
+                              "train.run_name": None}
 
 
 def stable_view(data: dict) -> dict:
     """A config mapping (`to_dict` shape, or any part of a recipe) as sweep hashes see it: the `ADDED_KEYS` that
     hold their default are left out, and checkpoint cadence, which never changes a result, hashes as the old
-    default (`save_every: null` → 0, `save_every_minutes` left out), so sweeps written before these keys resume."""
+    default (`save_every: null` → 0, `save_every_minutes` left out), so sweeps written before these keys resume;
+    the logging backends (`report_to`, `run_name`) never change a result either and are always left out."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for key, default in ADDED_KEYS.items():
         section, name = key.split(".")
@@ -450,6 +464,8 @@ def stable_view(data: dict) -> dict:
     train = out.get("train")
     if isinstance(train, dict):
         train.pop("save_every_minutes", None)
+        train.pop("report_to", None)
+        train.pop("run_name", None)
         if "save_every" in train and train["save_every"] is None:
             train["save_every"] = 0
     return out

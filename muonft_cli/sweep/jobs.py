@@ -1,8 +1,9 @@
 """The sweep's jobs: what each subprocess of a sweep runs, and how to read what it reported.
 
 Owns the `Job` (pretrain a base, evaluate a base, fine-tune a cell, a cell's forgetting evaluation), its run
-config and `muonft` command line (`--resume` when its run directory has a checkpoint, else `--overwrite`), and
-the reading of a finished process: its JSON result on stdout, its error line on stderr, and whether it was
+config (a cell's `train.run_name` is its cell id, a base's `base:NAME`: their names in the `--report-to`
+backends) and `muonft` command line (`--resume` when its run directory has a checkpoint, else `--overwrite`),
+and the reading of a finished process: its JSON result on stdout, its error line on stderr, and whether it was
 the engine's "cannot resume" refusal (`muonft_cli.errors.ResumeRefusedError`).
 """
 
@@ -85,6 +86,7 @@ def static_jobs(plan: SweepPlan, out: Path) -> list[Job]:
         if b.pretrain is not None:
             pre = copy.deepcopy(b.pretrain)
             pre.pop("output", None)
+            pre["train"] = {**(pre.get("train") or {}), "run_name": f"base:{b.name}"}
             jobs.append(Job(id=f"base:{b.name}", kind="base", hash=b.hash, out=out / "bases" / b.name,
                             config=pre, deps=[], base=b))
         for seed in sorted(set(split_seeds(plan).values())):
@@ -98,6 +100,7 @@ def static_jobs(plan: SweepPlan, out: Path) -> list[Job]:
         b = plan.bases[c.base]
         cfg = copy.deepcopy(c.config)
         cfg["model"]["name_or_path"] = _base_model_path(out, b)
+        cfg["train"] = {**(cfg.get("train") or {}), "run_name": c.id}  # its name in the logging backends
         jobs.append(Job(id=c.id, kind="cell", hash=c.hash, out=out / "cells" / c.id, config=cfg,
                         deps=_base_deps(b), cell=c, base=b, seed=c.seed))
     return jobs

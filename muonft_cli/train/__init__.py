@@ -9,7 +9,8 @@ The package, one job per module:
 - `state`: `TrainerState` and the checkpoints that save and restore it (bit-exact `--resume`);
 - `rundir`: the run directory's rules and files (config.yaml, env.json, metrics.jsonl, summary.json, final/);
 - `distributed`: torchrun process groups, batch sharding and collectives;
-- `sink`: the progress protocol (`NullSink`); the CLI's progress bar is `muonft_cli.render.RichSink`.
+- `sink`: the progress protocol (`NullSink`); the CLI's progress bar is `muonft_cli.render.RichSink`;
+- `report_to`: the logging backends (`train.report_to`: TensorBoard, W&B), opened on rank 0 only.
 
 The names below are the public API; the engine never prints.
 """
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from muonft_cli import config as config_mod
 from muonft_cli.config import RunConfig
 from muonft_cli.train import distributed as dist_mod
-from muonft_cli.train import rundir, schedule, state as state_mod
+from muonft_cli.train import report_to, rundir, schedule, state as state_mod
 from muonft_cli.train.batching import collate, epoch_order, global_batch, micro_batch_size, n_targets, token_nll_sum
 from muonft_cli.train.build import (MODES, build_model_and_data, build_optimizer, check_inputs, data_notice, set_seed,
                                    wrap_ddp)
@@ -66,6 +68,7 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
     import os
 
     check_inputs(cfg, mode)
+    report_to.check(cfg.train.report_to)  # an unknown or missing backend: bad input, before any work
     sink = sink or NullSink()
     out = Path(cfg.output.dir).expanduser()
     rundir.check_writable(out)
@@ -85,7 +88,12 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
             return where.finished
         info = dist_mod.init_from_env(cfg.train.device)
         try:
-            return _assemble(cfg, mode, sink, info, out, resume, where.ckpt_step).run()
+            loop = _assemble(cfg, mode, sink, info, out, resume, where.ckpt_step)
+            try:
+                return loop.run()
+            finally:
+                if loop.reporter is not None:
+                    loop.reporter.close()
         finally:
             dist_mod.cleanup(info)
     finally:
@@ -117,6 +125,9 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
                                env)
     dist_mod.barrier(info)
     loop.ddp = wrap_ddp(built.model, info, device)
+    if info.is_main and cfg.train.report_to:  # packages checked before any work (`run`); rank 0 only logs
+        loop.reporter = report_to.Reporter(cfg.train.report_to, out, loop.state.step if resume else None,
+                                           cfg.train.run_name, config_mod.to_dict(cfg))
     if (note := data_notice(built.splits)) is not None:
         loop.sink.on_message(note)
     if resume:

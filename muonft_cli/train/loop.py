@@ -5,8 +5,9 @@ Owns
   its loss is Σ token NLL / N with N the target tokens of the whole global batch (all micro-batches, all
   ranks), so prompt masking, the micro-batch size and the number of processes do not change the gradient;
   gradient clipping on the raw gradients, before the optimizer (never on Muon's orthogonalised update);
-- the step record logged to `metrics.jsonl` and the sink; its `lr` is the one the step used (read from the
-  optimizer before `scheduler.step()`);
+- the step record logged to `metrics.jsonl`, the sink and the logging backends (`reporter`, with Muon's
+  matrix counter summed over ranks); its `lr` is the one the step used (read from the optimizer before
+  `scheduler.step()`);
 - validation every `train.eval_every` steps and at the end (`evaluate.evaluate_loss`), keeping `best/`;
 - checkpoints every `train.save_every` steps and at the end; by default (`save_every: null`, "auto") every
   10 % of the run (ceil(steps / 10), at least 1) and whenever `train.save_every_minutes` passed since the
@@ -112,6 +113,7 @@ class Loop:
     total_steps: int
     micro: int
     ddp: Any = None
+    reporter: Any = None  # `report_to.Reporter` on rank 0 when `train.report_to` names a backend
     state: TrainerState = field(default_factory=TrainerState)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -241,6 +243,10 @@ class Loop:
                 st.recent_losses = (st.recent_losses + [loss])[-10:]
                 if self.info.is_main:
                     rundir.append_metrics(self.out, record)
+                if self.cfg.train.report_to:
+                    ortho = self.ortho_total()  # collective: every rank takes part
+                    if self.reporter is not None:
+                        self.reporter.log(record, ortho)
                 self.sink.on_step(record)
                 due = bool(every) and (st.step % every == 0 or last)
                 if not due and minutes and self.info.is_main:
@@ -275,6 +281,13 @@ class Loop:
             rundir.write_summary(self.out, summary)
         self.sink.on_end(summary)
         return summary
+
+    def ortho_total(self) -> int | None:
+        """Matrices Muon orthogonalised so far on all ranks together (collective); None without Muon."""
+        ortho = getattr(self.optimizer, "ns_matrices_done", None)
+        if ortho is None:
+            return None
+        return sum(dist_mod.all_gather_object(int(ortho), self.info))
 
     def summary(self, final: str | None) -> dict[str, Any]:
         """The run summary (see `muonft_cli.train.run`); collective (gathers the ranks' Muon counters)."""

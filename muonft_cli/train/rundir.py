@@ -11,7 +11,8 @@ Owns
 - `config.yaml` (the resolved config), `tokenizer/` (a pretrain run's tokenizer), `env.json` (versions,
   device, world size, thread count, data, batch layout), `metrics.jsonl` (one record per optimizer step,
   appended; a resumed run drops the records after its checkpoint), `summary.json`, and the saved models
-  `final/` and `best/` with their `muonft.json` provenance.
+  `final/` and `best/` with their `muonft.json` provenance; the logging backends' `tb/` and `wandb/`
+  (`muonft_cli.train.report_to`) are run files too.
 
 Checkpoints (`checkpoints/`) belong to `muonft_cli.train.state`. Only rank 0 writes.
 """
@@ -40,12 +41,12 @@ from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train.state import TrainerState, checkpoint_steps
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "checkpoints", "final", "best", "tokenizer",
-             "summary.json")
+             "summary.json", "tb", "wandb")
 # Config keys a resumed run may change: the step budget can grow; output.overwrite is a command-line choice.
 # Checkpoint cadence does not change the result, so it may change too (old runs saved `save_every: 0`); so may
-# the CPU thread count.
+# the CPU thread count, and the logging backends.
 RESUME_MAY_CHANGE = ("train.steps", "output.overwrite", "train.save_every", "train.save_every_minutes",
-                     "train.keep_last", "train.threads")
+                     "train.keep_last", "train.threads", "train.report_to", "train.run_name")
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
 
