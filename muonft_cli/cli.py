@@ -511,16 +511,30 @@ def eval_(
     set_: Optional[list[str]] = _O(None, "--set", help="key.path=value override (repeatable)."),
     model_only: bool = _flag("--model-only", "The model alone: skip every base comparison (an adapter's base "
                              "included).", False),
+    tasks: Optional[list[str]] = _O(None, "--tasks", metavar="TASK[,TASK]",
+                                    help="lm-evaluation-harness tasks (repeatable; needs the lm-eval extra); an "
+                                    "adapter is merged for them."),
+    num_fewshot: Optional[int] = _O(None, "--num-fewshot", show_default="the task's",
+                                    help="Few-shot examples per --tasks prompt."),
+    limit: Optional[float] = _O(None, "--limit", show_default="all",
+                                help="Examples per --tasks task (N, or a fraction below 1)."),
+    include_path: Optional[list[str]] = _O(None, "--include-path", metavar="DIR",
+                                           help="Folder of your own lm-eval task YAMLs (repeatable)."),
+    bootstrap_iters: Optional[int] = _O(None, "--bootstrap-iters", show_default="100000",
+                                        help="lm-eval resamples for stderrs without a closed form (0: none)."),
     as_json: bool = _flag("--json", "Print the report as one JSON document on stdout.", False),
 ) -> None:
-    """Perplexity, forgetting, weight distance from the base and LoRA spectra of a model or adapter."""
+    """Perplexity, forgetting, weight distance from the base, LoRA spectra and lm-eval tasks of a model or adapter."""
     from muonft_cli import config as cfgmod
+    from muonft_cli import lm_eval_bridge
 
     flags = {"model.name_or_path": model, "data.path": data, "eval.reference_data": reference_data,
              "data.seq_len": seq_len, "eval.batch_size": batch_size, "eval.max_batches": max_batches,
              "data.val_fraction": val_fraction, "train.seed": seed, "model.tokenizer": tokenizer,
              "train.device": device, "model.offline": offline, "model.trust_remote_code": trust_remote_code}
     cfg = _run(cfgmod.resolve, config, flags, set_ or [])
+    # --tasks checked (and lm-eval's task index read) before any model loads
+    plan = _run(lm_eval_bridge.prepare, tasks, num_fewshot, limit, include_path, bootstrap_iters)
     _cpu_dtype_note(cfg)
 
     from transformers.utils import logging as hf_logging
@@ -528,7 +542,7 @@ def eval_(
     from muonft_cli import evaluate
 
     hf_logging.disable_progress_bar()
-    report = _run(evaluate.run_eval, cfg, base=base, split=split, compare=not model_only)
+    report = _run(evaluate.run_eval, cfg, base=base, split=split, compare=not model_only, tasks=plan)
     if as_json:
         _json(report)
     else:

@@ -8,7 +8,8 @@ Owns
   on a reference dataset (model vs `--base`), weight distance from the base (paper Table 17: L2 ‖W − W₀‖ and
   cosine distance 1 − cos(W, W₀) per matrix and in total; on merged weights for an adapter), and LoRA spectra
   (paper App. F.2: stable rank and SVD entropy of each A, B and B·A, averaged per layer type; the metrics come
-  from `muonft_cli.spectral`, the one implementation of the definitions in `docs/formulas.md`).
+  from `muonft_cli.spectral`, the one implementation of the definitions in `docs/formulas.md`), and
+  lm-evaluation-harness task metrics (`--tasks`, through `muonft_cli.lm_eval_bridge`, on the merged model).
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def _check_scored(ds: Any, batch_size: int, max_batches: int | None, what: str, 
                          f"no next-token target): {fix}")
 
 
-def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: bool = True) -> dict[str, Any]:
+def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: bool = True,
+             tasks: Any = None) -> dict[str, Any]:
     """Everything `muonft eval` reports, as one JSON-ready dict.
 
     - `data`: perplexity of the model (and of the base, with the change) on `cfg.data.path`, packed into
@@ -246,6 +248,8 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
     - `forgetting`: the same on `cfg.eval.reference_data` for the model and the base, and the change.
     - `distance`: `weight_distance` of the (merged, for an adapter) weights from the base.
     - `lora_spectra`: `lora_spectra` of an adapter.
+    - `tasks` / `lm_eval`: lm-evaluation-harness metrics `{task: {metric: value}}` of the model (an adapter merged
+      into its base after the other measurements) and the settings they ran with; None without `tasks`.
 
     The base is `base` (`--base`), or, for an adapter, the base it records (loaded anyway); comparisons are
     skipped without one. For an adapter the base is evaluated by disabling the adapter (no second copy).
@@ -257,6 +261,7 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         base: `--base` (model folder, .gguf or hub id).
         split: "val" (default) or "train".
         compare: evaluate the base too (default); False for the model alone.
+        tasks: a `lm_eval_bridge.TaskPlan` (from `lm_eval_bridge.prepare`: checked before anything loads), or None.
     """
     from muonft_cli import models
     from muonft_cli._common import set_offline
@@ -268,9 +273,9 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
     if split not in ("val", "train"):
         raise UserInputError(f"--split {split!r}: use val or train")
     ref_path = cfg.eval.reference_data
-    if not cfg.data.path and not ref_path and not base:
-        raise UserInputError("nothing to evaluate: pass --data (perplexity), --reference-data (forgetting) "
-                             "and/or --base (weight distance)")
+    if not cfg.data.path and not ref_path and not base and tasks is None:
+        raise UserInputError("nothing to evaluate: pass --data (perplexity), --reference-data (forgetting), "
+                             "--base (weight distance) and/or --tasks (lm-evaluation-harness)")
     device = models.pick_device(cfg.train.device)
     src = models.resolve_model(cfg.model.name_or_path, cfg.model.offline)
     is_adapter = src.kind == "adapter"
@@ -311,6 +316,7 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
                                                    if is_adapter and not base else None)),
         "device": str(device), "seq_len": cfg.data.seq_len, "batch_size": bs, "max_batches": mb,
         "seed": cfg.train.seed, "data": None, "forgetting": None, "distance": None, "lora_spectra": None,
+        "tasks": None, "lm_eval": None,
     }
     sets = {}  # both sets are built and checked before any forward pass
     if cfg.data.path:
@@ -327,6 +333,7 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
                        "rows_read": info.get("rows_read", 0), **both(ds)}
     if is_adapter:
         report["lora_spectra"] = lora_spectra(model)
+    merged = None
     if has_base:
         if is_adapter:
             w0 = _matrices(model.get_base_model())  # base_layer weights = W₀ (adapter not merged yet)
@@ -334,4 +341,12 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
             report["distance"] = weight_distance(_matrices(merged), w0)
         else:
             report["distance"] = weight_distance(_matrices(model), _matrices(base_model))
+    if tasks is not None:
+        from muonft_cli import lm_eval_bridge
+
+        if is_adapter and merged is None:
+            merged = model.merge_and_unload()  # after every measurement that needs the adapter apart
+        base_model = None  # lm-eval scores the model alone: free the base
+        report["tasks"], report["lm_eval"] = lm_eval_bridge.run_tasks(
+            merged if is_adapter else model, tokenizer, tasks, batch_size=bs, autocast_dtype=ac)
     return report

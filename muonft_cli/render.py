@@ -122,7 +122,30 @@ def eval_tables(report: dict[str, Any]):
             t.add_row(name, str(agg["n"]), *[f"{agg[p][m]:.3f}" for p in ("A", "B", "BA")
                                               for m in ("stable_rank", "svd_entropy")])
         parts.append(t)
+    if report.get("tasks"):
+        parts.append(_tasks_table(report["tasks"], report.get("lm_eval") or {}))
     return Group(*parts)
+
+
+def _tasks_table(tasks: dict[str, dict], info: dict[str, Any]):
+    """lm-evaluation-harness metrics: one row per task and metric, its stderr beside it."""
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.4f}"
+
+    shots, samples = info.get("n_shot") or {}, info.get("samples") or {}
+    t = Table(title=f"lm-evaluation-harness {info.get('version', '')}".rstrip())
+    for col in ("task", "shots", "examples", "metric", "value", "± stderr"):
+        t.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, metrics in tasks.items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue
+            err = metrics.get(f"{metric}_stderr" + (f",{filt}" if filt else ""))
+            t.add_row(task, str(shots.get(task, "-")), str(samples.get(task, "-")), key, fmt(value), fmt(err))
+    return t
 
 
 def print_eval(report: dict[str, Any]) -> None:
