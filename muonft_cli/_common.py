@@ -23,6 +23,9 @@ from typing import Any
 
 #: The optimizers `muonft pretrain` / `finetune` / `sweep` accept (`--optim`), in the order help lists them.
 OPTIMIZER_NAMES = ("adamw", "muon", "muon-pe", "adamuon", "normuon")
+#: A *requested* optimizer name (`--optim auto`, `optimizer.name: auto`, a sweep's `optims`), never a built one:
+#: `muonft_cli.diagnose.auto` resolves it to one of `OPTIMIZER_NAMES` from how the base was pretrained.
+AUTO_OPTIMIZER = "auto"
 
 #: Muon's update scalings (`optimizer.scaling`); see `muonft_cli.optim.update.update_scale` for the formulas.
 SCALINGS = ("match_rms_adamw", "original", "none")

@@ -187,10 +187,16 @@ def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], override
     _cpu_dtype_note(cfg)
 
     from muonft_cli import train
-    from muonft_cli.render import NoticeSink, RichSink
+    from muonft_cli.diagnose import auto as auto_mod
+    from muonft_cli.render import NoticeSink, RichSink, optim_choice_lines
 
+    cfg, choice = _run(auto_mod.resolve_config, cfg, mode)  # --optim auto: decided before the model loads
+    if choice is not None and int(os.environ.get("RANK", "0")) == 0:
+        for line in optim_choice_lines(choice):
+            typer.echo(line, err=True)
     sink = NoticeSink() if quiet else RichSink()
-    summary = _run(train.run, cfg, mode, sink=sink, resume=resume)
+    extra = {"optim_choice": choice} if choice is not None else {}
+    summary = _run(train.run, cfg, mode, sink=sink, resume=resume, **extra)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
@@ -243,9 +249,11 @@ def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
         ("data", Optional[str], _O(None, "--data", help="builtin:NAME, local file/folder, or hub dataset.")),
         ("out", Optional[str], _O(None, "--out", help="Run directory.")),
         ("optim", Optional[str], _O(None, "--optim", show_default=d("optimizer.name"),
-                                    help="adamw | muon | muon-pe | adamuon | normuon. The default, adamw, is the "
-                                         "matched choice for Adam-pretrained bases (most public ones); see "
-                                         "`muonft diagnose` for how a checkpoint was pretrained.")),
+                                    help="adamw | muon | muon-pe | adamuon | normuon | auto. The default, adamw, "
+                                         "is the matched choice for Adam-pretrained bases (most public ones); see "
+                                         "`muonft diagnose` for how a checkpoint was pretrained. auto (finetune): "
+                                         "decide from that (full FT: the matched optimizer; LoRA: muon) and, "
+                                         "without --lr, take the middle of diagnose's LR range.")),
         ("lr", Optional[float], _O(None, "--lr", show_default=d("optimizer.lr"),
                                    help="Peak learning rate.")),
         ("steps", Optional[int], _O(None, "--steps", show_default="one epoch",

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from muonft_cli import recipes
-from muonft_cli._common import OPTIMIZER_NAMES, SCALINGS, adamw_lr_problem, atomic_write_text, first_line
+from muonft_cli._common import (AUTO_OPTIMIZER, OPTIMIZER_NAMES, SCALINGS, adamw_lr_problem, atomic_write_text,
+                                first_line)
 from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
@@ -78,8 +79,8 @@ class LoraConfig:
 class OptimizerConfig:
     """Optimizer settings, consumed by `muonft_cli.optim.build_optimizer`."""
 
-    name: str = "adamw"
-    lr: float = 1e-4
+    name: str = "adamw"  # or `auto` (a requested name: `muonft_cli.diagnose.auto` resolves it before training)
+    lr: float = 1e-4  # None only for `auto` without a given lr (resolve sets it; auto picks it)
     weight_decay: float = 0.0
     momentum: float = 0.95
     nesterov: bool = True
@@ -296,7 +297,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
             if value < 0 or (value == 0 and not allow_zero):
                 p.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
-    choice("optimizer.name", cfg.optimizer.name, OPTIMIZER_NAMES)
+    choice("optimizer.name", cfg.optimizer.name, OPTIMIZER_NAMES + (AUTO_OPTIMIZER,))
     choice("optimizer.scaling", cfg.optimizer.scaling, SCALINGS)
     choice("optimizer.ns_dtype", cfg.optimizer.ns_dtype, ("auto", "bf16", "fp32"))
     choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
@@ -574,6 +575,8 @@ def resolve(
     problems = _all_problems(cfg, problems) + (missing_inputs(cfg, command) if command else [])
     if problems:
         raise ConfigError(problems)
+    if cfg.optimizer.name == AUTO_OPTIMIZER and "lr" not in (data.get("optimizer") or {}):
+        cfg.optimizer.lr = None  # type: ignore[assignment]  # auto without an lr: `diagnose.auto` picks it
     return _normalize(cfg)
 
 
@@ -679,16 +682,17 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
                 p.append(f"sweep.bases.{name}.pretrained_with: {b.pretrained_with!r} is not one of "
                          f"{', '.join(OPTIMIZER_NAMES)}{_did_you_mean(str(b.pretrained_with), OPTIMIZER_NAMES)}")
     grid("sweep.methods", sec.methods, SWEEP_METHODS)
-    grid("sweep.optims", sec.optims, OPTIMIZER_NAMES)
+    requested = OPTIMIZER_NAMES + (AUTO_OPTIMIZER,)  # `auto`: each cell decides from its base (`diagnose.auto`)
+    grid("sweep.optims", sec.optims, requested)
     grid("sweep.lora_ranks", sec.lora_ranks, positive=True)
     grid("sweep.seeds", sec.seeds, positive=True, allow_zero=True)
     if sec.metric not in SWEEP_METRICS:
         p.append(f"sweep.metric: {sec.metric!r} is not one of {', '.join(SWEEP_METRICS)}"
                  f"{_did_you_mean(str(sec.metric), SWEEP_METRICS)}")
     for k in sec.per_optim if isinstance(sec.per_optim, dict) else ():
-        if k not in OPTIMIZER_NAMES:
-            p.append(f"sweep.per_optim.{k}: not an optimizer ({', '.join(OPTIMIZER_NAMES)})"
-                     f"{_did_you_mean(str(k), OPTIMIZER_NAMES)}")
+        if k not in requested:
+            p.append(f"sweep.per_optim.{k}: not an optimizer ({', '.join(requested)})"
+                     f"{_did_you_mean(str(k), requested)}")
     for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
         if not isinstance(values, list) or not values:
             p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
@@ -704,9 +708,9 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
         if per_m is None:
             p.append(f"sweep.lr.{m}: missing; give a list of learning rates for method '{m}'")
             continue
-        keys(f"sweep.lr.{m}", per_m, OPTIMIZER_NAMES)
+        keys(f"sweep.lr.{m}", per_m, requested)
         for o in sec.optims if isinstance(sec.optims, list) else ():
-            if o not in OPTIMIZER_NAMES:
+            if o not in requested:
                 continue
             values = per_m.get(o) if isinstance(per_m, dict) else per_m
             if values is None:

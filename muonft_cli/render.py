@@ -60,6 +60,18 @@ class RichSink:
             self.progress = None
 
 
+def optim_choice_lines(choice: dict[str, Any]) -> list[str]:
+    """The `--optim auto` decision as stderr lines: the decision and its reason on one line, then the
+    warning for an unknown base under full fine-tuning, when there is one."""
+    conf = choice.get("confidence")
+    conf_s = f", confidence {conf:.2f}" if conf is not None else ""
+    lines = [f"--optim auto: {choice['chosen']} at lr {choice['lr']:g} ({choice['lr_source']}); source "
+             f"{choice['source']}{conf_s}: {choice['reason']}"]
+    if choice.get("warning"):
+        lines.append(f"warning: {choice['warning']}")
+    return lines
+
+
 class NoticeSink:
     """`--quiet`: no progress bar, only the one-line notices (resume point, nothing to do), on stderr."""
 
@@ -253,6 +265,8 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
     # commands are printed verbatim and unwrapped so they can be copied ("[lora]" is not markup here)
     if rec.get("command"):
         console.print(f"\n  {rec['command']}", markup=False, soft_wrap=True)
+        if rec.get("auto_command"):
+            console.print(f"  {rec['auto_command']}", markup=False, soft_wrap=True)
     else:
         console.print("\n  (no finetune command: the model to fine-tune is not known; pass --base PATH)")
     if rec.get("sweep_command"):

@@ -55,3 +55,28 @@ def write_llama(path: Path, kind: str, layers: int = 2, seed: int = 0, label: st
         (path / "muonft.json").write_text(json.dumps({"mode": "pretrain", "optimizer": label, "lr": 1e-3,
                                                       "steps": 300}))
     return path
+
+
+def labelled_pretrain(optim: str) -> Path:
+    """The cached 400-step `muonft pretrain` checkpoint (final/) for ``optim`` (adamw | muon) that
+    `test_diagnose.test_labelled_pretrain_checkpoints_are_classified` also uses (``.cache/muonft-tests/``,
+    gitignored): trained far enough that the spectra decide. Built on first use (about a minute on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = Path(__file__).resolve().parents[1] / ".cache/muonft-tests"
+    cfg = cache / "llama-h64-l2.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                               "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256,
+                               "tie_word_embeddings": False}))
+    run = cache / f"pretrain-{optim}-h64-l2-s400-lr3e-3"
+    if not (run / "final" / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "muonft_cli", "pretrain", "--model-config", str(cfg),
+                        "--vocab-size", "512", "--data", "builtin:shakespeare", "--optim", optim,
+                        "--steps", "400", "--lr", "3e-3", "--seq-len", "64", "--batch-size", "16",
+                        "--eval-every", "0", "--save-every", "0", "--out", str(run), "--overwrite", "--quiet"],
+                       check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    return run / "final"

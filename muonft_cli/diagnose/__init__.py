@@ -10,6 +10,7 @@ The engine returns data and never prints (the progress bar and tables are the "d
 - `fast`: Lanczos estimates of stable rank and SVD entropy with error bounds (and the exact fallback).
 - `verdict`: the spectral guess (adam | muon | unknown) with a calibrated confidence, provenance
   (``muonft.json``, Trainer files, known families), the fine-tuning recommendation, and the report document.
+- `auto`: `--optim auto`, the fine-tuning optimizer (and LR) decided from the provenance and verdict above.
 - ``calibration.json``: the verdict's fitted logistic weights, written by ``bench/calibrate_diagnose.py``.
 
 Note: ``muonft_cli.diagnose.analyse`` is the function re-exported here; the module of that name is

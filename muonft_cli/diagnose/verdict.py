@@ -433,6 +433,9 @@ def recommend(
     cmd = ["muonft", "finetune", "--model", str(model), "--data", data, "--optim", target_optim]
     if method == "lora":
         cmd += ["--lora-rank", "16"]  # the middle of the recommended 8–32
+    # the same fine-tuning with `--optim auto`: the optimizer (and, with no --lr, the LR) decided from the base
+    auto_cmd = ["muonft", "finetune", "--model", str(model), "--data", data, "--optim", "auto"] \
+        + (["--lora-rank", "16"] if method == "lora" else []) + ["--out", "runs/ft-auto"]
     cmd += ["--lr", f"{lr_mid:g}", "--out", f"runs/ft-{target_optim}"]
     if model is None:
         reasons.append("no command: the base model this adapter was trained on was not found; pass --base PATH "
@@ -446,6 +449,7 @@ def recommend(
         "pretrain_optimizer": pretrain_family or "unknown",
         "reasons": reasons,
         "command": shlex.join(cmd) if model is not None else None,
+        "auto_command": shlex.join(auto_cmd) if model is not None else None,
     }
     rec["sweep_command"] = _sweep_command(model, data, rec) if model is not None else None
     return rec

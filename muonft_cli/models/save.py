@@ -136,7 +136,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
         model: the (unwrapped or DDP-wrapped) model.
         tokenizer: saved beside it (None to skip).
         out_dir: destination directory.
-        provenance: what the engine records (optimizer and settings, lr, steps, tokens, seed, ...).
+        provenance: what the engine records (optimizer and settings, lr, steps, tokens, seed, ...; for an
+            `--optim auto` run also ``optim_choice``, the decision of `muonft_cli.diagnose.auto`).
         merge: also write the merged full model (adapters only).
 
     Returns:

@@ -193,8 +193,10 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
             curve.append(pt)
         eligible = [p for p in curve if p["mean"] is not None and p["n_failed"] == 0]
         row = {"base": base, "base_label": b.get("label", base), "pretrained_with": b.get("pretrained_with"),
-               "matched": (optimizer_family(optim) == fam) if fam else None, "method": method, "optim": optim,
-               "rank": rank, "axes": [list(a) for a in axes], "label": label(method, optim, rank, axes),
+               # `auto` decides per base, so it is neither matched nor mismatched
+               "matched": (optimizer_family(optim) == fam) if fam and optim != "auto" else None,
+               "method": method, "optim": optim, "rank": rank, "axes": [list(a) for a in axes],
+               "label": label(method, optim, rank, axes),
                "curve": curve, "best_lr": None, "ppl_mean": None, "ppl_std": None, "n_seeds": 0,
                "normalised": None, "normalised_std": None, "edge": None, "ref_ppl_mean": None,
                "ref_ppl_std": None, "forgetting": None, "best_cells": [], "best_curve": []}

@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 
-def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
+        optim_choice: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (pretrain or fine-tune) as `cfg` says and return the run summary.
 
     Args:
@@ -53,11 +54,15 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
         resume: continue the run in `cfg.output.dir` from its last checkpoint (from step 0, said on the sink,
             when it has none); a finished run resumed without a larger `train.steps` is left untouched and its
             saved summary returned.
+        optim_choice: the `--optim auto` decision when the caller resolved it already
+            (`muonft_cli.diagnose.auto.resolve_config`); a `cfg` still naming ``auto`` is resolved here, before
+            the model is loaded. Recorded in the summary and muonft.json as ``optim_choice``.
 
     Returns:
         The summary dict: out, mode, optim, steps, tokens, train_loss (mean of the last <= 10 steps),
         val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size and
-        ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon).
+        ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon),
+        and ``optim_choice`` ({requested, chosen, source, reason, confidence, ...}) for an `--optim auto` run.
 
     Raises:
         UserInputError: bad input, before anything is written (an unwritable `--out`, one that another run
@@ -67,7 +72,11 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
     """
     import os
 
+    from muonft_cli.diagnose import auto as auto_mod
+
     check_inputs(cfg, mode)
+    cfg, resolved = auto_mod.resolve_config(cfg, mode)  # `auto`: decided from the base, streamed, no model load
+    optim_choice = resolved or optim_choice
     report_to.check(cfg.train.report_to)  # an unknown or missing backend: bad input, before any work
     sink = sink or NullSink()
     out = Path(cfg.output.dir).expanduser()
@@ -89,6 +98,7 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False) -> di
         info = dist_mod.init_from_env(cfg.train.device)
         try:
             loop = _assemble(cfg, mode, sink, info, out, resume, where.ckpt_step)
+            loop.optim_choice = optim_choice
             try:
                 return loop.run()
             finally:

@@ -115,6 +115,7 @@ class Loop:
     ddp: Any = None
     reporter: Any = None  # `report_to.Reporter` on rank 0 when `train.report_to` names a backend
     state: TrainerState = field(default_factory=TrainerState)
+    optim_choice: dict[str, Any] | None = None  # the `--optim auto` decision (`muonft_cli.diagnose.auto`)
     t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -140,7 +141,7 @@ class Loop:
 
     def save_model(self, name: str) -> Path:
         return rundir.save_model(self.out, name, self.model, self.tokenizer, self.cfg, self.mode, self.state,
-                                 self.info)
+                                 self.info, optim_choice=self.optim_choice)
 
     def train_step(self) -> tuple[float, float, int, float]:
         """One optimizer step over the global batch; returns (loss, grad_norm, input tokens, lr used)."""
@@ -296,7 +297,8 @@ class Loop:
         per_rank = dist_mod.all_gather_object(int(ortho), self.info) if ortho is not None else None
         best = st.best_val_loss
         best_ppl = None if best is None else (math.exp(best) if best < 700 else float("inf"))
-        return {
+        extra = {"optim_choice": self.optim_choice} if self.optim_choice is not None else {}
+        return extra | {
             "out": str(self.out), "mode": self.mode, "optim": self.cfg.optimizer.name, "steps": st.step,
             "tokens": st.tokens,
             "train_loss": sum(st.recent_losses) / len(st.recent_losses) if st.recent_losses else None,

@@ -222,9 +222,12 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def provenance(cfg: RunConfig, mode: str, state: TrainerState) -> dict[str, Any]:
-    """The `muonft.json` written beside a saved model: how it was trained."""
-    return {
+def provenance(cfg: RunConfig, mode: str, state: TrainerState,
+               optim_choice: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `muonft.json` written beside a saved model: how it was trained (``optim_choice``: the `--optim auto`
+    decision, only for such runs)."""
+    extra = {"optim_choice": optim_choice} if optim_choice is not None else {}
+    return extra | {
         "mode": mode,
         "optimizer": cfg.optimizer.name,
         "optimizer_settings": dataclasses.asdict(cfg.optimizer),
@@ -245,13 +248,14 @@ def provenance(cfg: RunConfig, mode: str, state: TrainerState) -> dict[str, Any]
 
 
 def save_model(out: Path, name: str, model: Any, tokenizer: Any, cfg: RunConfig, mode: str,
-               state: TrainerState, info: dist_mod.DistInfo) -> Path:
+               state: TrainerState, info: dist_mod.DistInfo, optim_choice: dict[str, Any] | None = None) -> Path:
     """Save the model as `out/name` (`final` or `best`) with its provenance; collective (a barrier)."""
     from muonft_cli import models
 
     path = out / name
     if info.is_main:
-        models.save_model(model, tokenizer, path, provenance(cfg, mode, state), merge=cfg.lora.merge)
+        models.save_model(model, tokenizer, path, provenance(cfg, mode, state, optim_choice),
+                           merge=cfg.lora.merge)
     dist_mod.barrier(info)
     return path
 

@@ -1,0 +1,106 @@
+"""`--optim auto`: choose the fine-tuning optimizer (and, without `--lr`, its learning rate) from how the base
+was pretrained.
+
+Owns `choose` (the decision, from diagnose's provenance and spectral verdict: one streamed read of the base with
+`muonft_cli.diagnose.analyse`, no model load) and `resolve_config` (a run config with ``optimizer.name: auto``
+turned into a concrete one, plus the decision to record). Rule (paper §5):
+
+- full fine-tuning → the matched optimizer: Adam-pretrained → ``adamw``, Muon-pretrained → ``muon``;
+- LoRA → ``muon`` (matches or beats LoRA-Adam at moderate rank with half the optimizer state);
+- pretraining unknown, full fine-tuning → ``adamw`` with a warning that LoRA would be the robust choice.
+
+Learning rate, when none was given (``optimizer.lr`` None after `muonft_cli.config.resolve`): the geometric middle
+of `muonft_cli.diagnose.verdict.lr_range` for that method, optimizer family and base size. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from muonft_cli._common import AUTO_OPTIMIZER as AUTO
+
+__all__ = ["AUTO", "choose", "resolve_config"]
+
+
+def _read_base(model: str) -> dict[str, Any]:
+    """Provenance, spectral verdict and size of ``model`` (diagnose's report), or names-only provenance for a
+    hub id that is not on disk (known model families)."""
+    from muonft_cli.diagnose import verdict as V
+
+    p = Path(str(model)).expanduser()
+    if str(model).startswith("builtin:"):
+        from muonft_cli.models.source import builtin_model_path
+
+        p = builtin_model_path(str(model)[len("builtin:"):])
+    if p.exists():
+        from muonft_cli.diagnose.analyse import diagnose
+
+        return diagnose(p, target_optim="adamw")
+    prov = V.read_provenance({"config.json": {"_name_or_path": str(model)}}, str(model))
+    return {"provenance": prov, "optimizer_guess": "unknown", "confidence": None, "n_params": None,
+            "unknown_reason": "the base is not on disk (a hub id): only its name was checked"}
+
+
+def choose(model: str, *, lora: bool, lr: float | None = None) -> dict[str, Any]:
+    """Decide the optimizer for fine-tuning ``model`` (full, or LoRA when ``lora``).
+
+    Returns:
+        ``{requested: "auto", chosen, source, reason, confidence, pretrain_family, lr, lr_source, warning}``:
+        ``source`` is where the pretraining optimizer came from (``muonft.json``, ``training_args.json``,
+        ``known family``, ``spectral`` or ``unknown``); ``confidence`` 1.0 for provenance, the verdict's for
+        spectra, None when unknown; ``lr`` the given one or the middle of the recommended range; ``warning``
+        a line for the unknown full-fine-tuning case, else None.
+    """
+    from muonft_cli.diagnose import verdict as V
+
+    rep = _read_base(model)
+    prov = rep["provenance"]
+    if prov.get("family"):
+        family, source, conf = prov["family"], prov["source"], 1.0
+        said = f"{source} says {prov['optimizer']}"
+    elif rep.get("optimizer_guess") in ("adam", "muon"):
+        family, source, conf = rep["optimizer_guess"], "spectral", rep["confidence"]
+        said = f"the spectra look {family}-pretrained (confidence {conf:.2f})"
+    else:
+        family, source, conf = None, "unknown", None
+        said = f"pretraining unknown ({rep.get('unknown_reason') or 'no provenance, no spectral signal'})"
+    warning = None
+    if lora:
+        chosen = "muon"
+        why = "LoRA: Muon matches or beats LoRA-Adam at moderate rank with half the optimizer state (paper §5)"
+    elif family is None:
+        chosen = "adamw"
+        why = "full fine-tuning of an unknown base: adamw, the usual pretraining optimizer"
+        warning = ("the pretraining optimizer is unknown: LoRA (--lora-rank 16) would be the robust choice under "
+                   "a possible mismatch (paper Table 1)")
+    else:
+        chosen = "adamw" if family == "adam" else "muon"
+        why = f"full fine-tuning: the matched optimizer for a {family}-pretrained base (paper Table 1)"
+    lr_source = "given"
+    if lr is None:
+        lo, hi = V.lr_range("lora" if lora else "full", "adam" if chosen == "adamw" else "muon", rep.get("n_params"))
+        lr = float(f"{math.sqrt(lo * hi):.1g}")
+        lr_source = f"middle of diagnose's range {lo:g}–{hi:g}"
+    return {"requested": AUTO, "chosen": chosen, "source": source, "reason": f"{said}; {why}",
+            "confidence": None if conf is None else round(float(conf), 4), "pretrain_family": family,
+            "lr": lr, "lr_source": lr_source, "warning": warning}
+
+
+def resolve_config(cfg: Any, mode: str) -> tuple[Any, dict[str, Any] | None]:
+    """``cfg`` with ``optimizer.name: auto`` made concrete (and its lr, when None), and the decision; a config
+    that names an optimizer comes back unchanged with None. Raises `UserInputError` for ``auto`` in pretrain."""
+    from muonft_cli.errors import UserInputError
+
+    if cfg.optimizer.name != AUTO:
+        return cfg, None
+    if mode != "finetune":
+        raise UserInputError("--optim auto decides from how the base was pretrained, so it is for finetune: pass "
+                             "--optim adamw or muon to pretrain")
+    if not cfg.model.name_or_path:
+        raise UserInputError("--optim auto needs the base model: pass --model PATH")
+    choice = choose(cfg.model.name_or_path, lora=cfg.lora.rank is not None, lr=cfg.optimizer.lr)
+    opt = dataclasses.replace(cfg.optimizer, name=choice["chosen"], lr=choice["lr"])
+    return dataclasses.replace(cfg, optimizer=opt), choice
