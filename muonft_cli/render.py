@@ -63,10 +63,8 @@ class RichSink:
 def optim_choice_lines(choice: dict[str, Any]) -> list[str]:
     """The `--optim auto` decision as stderr lines: the decision and its reason on one line, then the
     warning for an unknown base under full fine-tuning, when there is one."""
-    conf = choice.get("confidence")
-    conf_s = f", confidence {conf:.2f}" if conf is not None else ""
     lines = [f"--optim auto: {choice['chosen']} at lr {choice['lr']:g} ({choice['lr_source']}); source "
-             f"{choice['source']}{conf_s}: {choice['reason']}"]
+             f"{choice['source']}: {choice['reason']}"]  # the reason carries a spectral verdict's confidence
     if choice.get("warning"):
         lines.append(f"warning: {choice['warning']}")
     return lines
