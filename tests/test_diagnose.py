@@ -394,22 +394,9 @@ def test_smollm2_gguf_is_adam(real_model):
 @pytest.mark.slow
 def test_labelled_pretrain_checkpoints_are_classified(tmp_path):
     """`muonft pretrain` checkpoints (cached in .cache/muonft-tests/, gitignored) come out as trained."""
-    cache = Path(__file__).resolve().parents[1] / ".cache/muonft-tests"
-    cfg = cache / "llama-h64-l2.json"
-    cache.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-                               "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256,
-                               "tie_word_embeddings": False}))
     for optim, expected in (("adamw", "adam"), ("muon", "muon")):
-        run = cache / f"pretrain-{optim}-h64-l2-s400-lr3e-3"
-        if not (run / "final" / "model.safetensors").is_file():
-            subprocess.run([sys.executable, "-m", "muonft_cli", "pretrain", "--model-config", str(cfg),
-                            "--vocab-size", "512", "--data", "builtin:shakespeare", "--optim", optim,
-                            "--steps", "400", "--lr", "3e-3", "--seq-len", "64", "--batch-size", "16",
-                            "--eval-every", "0", "--save-every", "0", "--out", str(run), "--overwrite", "--quiet"],
-                           check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-        rep = diagnose(run / "final", mode="exact")
+        final = H.labelled_pretrain(optim)
+        rep = diagnose(final, mode="exact")
         assert rep["optimizer_guess"] == expected, (optim, rep["evidence"])
         assert rep["provenance"]["family"] == expected
 
