@@ -160,12 +160,14 @@ def try_lock(path: str | Path, note: str | None = None) -> int | None:
     return fd
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file, in order; [] when the file does not exist.
 
     A file written by appending can end in a torn line (a process killed mid-write): a final line that does
     not parse is dropped. A line that does not parse *before* the last one means the file was damaged
-    otherwise: everything from it on is void, as for a torn end. Blank lines and non-object values are skipped.
+    otherwise: everything from it on is void, as for a torn end — unless `skip_bad`, for logs whose next writer
+    starts on a fresh line (the sweep index), where only the torn line itself is dropped. Blank lines and
+    non-object values are skipped.
     """
     path = Path(path)
     try:
@@ -180,6 +182,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            if skip_bad:
+                continue
             break
         if isinstance(rec, dict):
             out.append(rec)

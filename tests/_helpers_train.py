@@ -70,3 +70,13 @@ def read_metrics(run: Path) -> list[dict]:
 
 FAST = ["--seq-len", "16", "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "2",
         "--warmup-ratio", "0", "--quiet"]
+
+
+def one_line_error(r, *needles: str, code: int = 2) -> None:
+    """A CLI result is bad input as the house wants it: exit `code`, one `error:` line on stderr naming each of
+    `needles`, no traceback."""
+    assert r.exit_code == code, r.output
+    err = r.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in err, err

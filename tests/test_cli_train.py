@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _helpers_train import FAST, read_metrics, tiny_model_config, tiny_model_dir, write_corpus
+from _helpers_train import FAST, one_line_error, read_metrics, tiny_model_config, tiny_model_dir, write_corpus
 from muonft_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,30 +145,22 @@ def _ft(small, out, *extra):
                   "--val-fraction", 0.2, "--out", out, *FAST, *extra)
 
 
-def _one_line_error(r, code: int, *needles: str) -> None:
-    assert r.exit_code == code, r.output
-    err = r.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in err, err
-
-
 @pytest.mark.parametrize("lr", ["0", "-1e-3"])
 def test_bad_lr(small, tmp_path, lr):
     out = tmp_path / "run"
-    _one_line_error(_ft(small, out, "--lr", lr), 2, "optimizer.lr")
+    one_line_error(_ft(small, out, "--lr", lr), "optimizer.lr")
     assert not out.exists()
 
 
 def test_resume_of_a_directory_that_is_not_a_run(small, tmp_path):
     (tmp_path / "junk").mkdir()
-    _one_line_error(_ft(small, tmp_path / "junk", "--resume"), 2, "not a muonft run", "--resume")
+    one_line_error(_ft(small, tmp_path / "junk", "--resume"), "not a muonft run", "--resume")
 
 
 def test_resume_with_a_different_config_says_what_differs(small, tmp_path):
     out = tmp_path / "run"
     assert _ft(small, out, "--save-every", 1).exit_code == 0
-    _one_line_error(_ft(small, out, "--resume", "--seed", 5), 2, "train.seed: 0 -> 5")
+    one_line_error(_ft(small, out, "--resume", "--seed", 5), "train.seed: 0 -> 5")
     r = invoke("finetune", "--out", out, "--resume", "--steps", 2, "--quiet", "--json")  # config from the run
     assert r.exit_code == 0, r.output
     assert one_json_line(r.stdout)["steps"] == 2
@@ -177,7 +169,7 @@ def test_resume_with_a_different_config_says_what_differs(small, tmp_path):
 def test_output_dir_holding_another_run(small, tmp_path):
     out = tmp_path / "run"
     assert _ft(small, out).exit_code == 0
-    _one_line_error(_ft(small, out, "--optim", "muon"), 2, "holds a muonft run", "--overwrite")
+    one_line_error(_ft(small, out, "--optim", "muon"), "holds a muonft run", "--overwrite")
     assert _ft(small, out, "--optim", "muon", "--overwrite").exit_code == 0
     assert "muon" in (out / "config.yaml").read_text()
 
@@ -189,13 +181,13 @@ def test_output_dir_holding_another_run(small, tmp_path):
 ])
 def test_finetune_bad_flags(small, tmp_path, args, needle):
     out = tmp_path / "run"
-    _one_line_error(_ft(small, out, *args), 2, needle)
+    one_line_error(_ft(small, out, *args), needle)
     assert not out.exists()
 
 
 def test_pretrain_needs_a_model_shape(small, tmp_path):
     r = invoke("pretrain", "--data", small["corpus"], "--out", tmp_path / "p", "--quiet")
-    _one_line_error(r, 2, "--preset")
+    one_line_error(r, "--preset")
     r = invoke("pretrain", "--model", small["model"], "--data", small["corpus"], "--out", tmp_path / "p")
     assert r.exit_code == 2  # pretrain has no --model option
 
@@ -219,8 +211,8 @@ def test_resume_of_a_finished_run_says_nothing_to_do(small, tmp_path):
     assert one_json_line(r.stdout) == first
     assert r.stderr.strip() == (f"{out} already finished 3 steps; nothing to do (pass a larger --steps to "
                                 f"continue training)")
-    _one_line_error(invoke("finetune", "--out", out, "--resume", "--steps", 2, "--quiet"), 2,
-                    "already done 3 steps", "--steps 2")
+    one_line_error(invoke("finetune", "--out", out, "--resume", "--steps", 2, "--quiet"),
+                   "already done 3 steps", "--steps 2")
     assert _files(out) == before
 
 
@@ -251,11 +243,11 @@ def test_a_second_run_into_a_held_directory_is_refused(small, tmp_path):
     try:
         before = _files(out)
         for args in (["--resume", "--steps", 3], ["--overwrite"]):
-            _one_line_error(_ft(small, out, *args), 2, "in use by another run", "pid 4242 on host elsewhere")
+            one_line_error(_ft(small, out, *args), "in use by another run", "pid 4242 on host elsewhere")
         assert _files(out) == before
         fresh = tmp_path / "fresh"
         fd2 = try_lock(fresh / ".lock", note="pid 4243 on host elsewhere\n")
-        _one_line_error(_ft(small, fresh), 2, "pid 4243")
+        one_line_error(_ft(small, fresh), "pid 4243")
         os.close(fd2)
         assert set(_files(fresh)) == {".lock"}  # the refused run wrote nothing
     finally:
@@ -271,7 +263,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(small, tmp_path):
         "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert holder.stdout.readline().strip() == "True"
-    _one_line_error(_ft(small, out), 2, "pid 1 on host gone")
+    one_line_error(_ft(small, out), "pid 1 on host gone")
     holder.kill()
     holder.wait()
     r = _ft(small, out, "--json")
@@ -298,7 +290,7 @@ def test_unwritable_out_is_one_line_before_any_work(small, tmp_path, kind, mode)
         out = ro / "run"
     what = ["--model", tmp_path / "no-such-model"] if mode == "finetune" else ["--preset", "tiny"]
     r = invoke(mode, *what, "--data", tmp_path / "no-such-data", "--out", out, "--quiet")
-    _one_line_error(r, 2, "--out", str(out))
+    one_line_error(r, "--out", str(out))
     assert not out.exists()
 
 
@@ -319,7 +311,7 @@ def test_seq_len_below_two_is_refused_before_any_work(small, tmp_path, cmd):
     args = {"pretrain": ["pretrain", "--preset", "tiny", "--data", small["corpus"], "--out", out],
             "finetune": ["finetune", "--model", small["model"], "--data", small["corpus"], "--out", out],
             "eval": ["eval", "--model", small["model"], "--data", small["corpus"], "--model-only"]}[cmd]
-    _one_line_error(invoke(*args, "--seq-len", 1, "--json"), 2, "data.seq_len: must be >= 2")
+    one_line_error(invoke(*args, "--seq-len", 1, "--json"), "data.seq_len: must be >= 2")
     assert not out.exists()
 
 
@@ -375,7 +367,7 @@ def test_config_problems_come_in_one_pass(small, tmp_path):
     """Missing --out and --data, a type error and a range error: one line naming all four, nothing written."""
     r = invoke("finetune", "--model", small["model"], "--set", "optimizer.momentum=1.5", "--set",
                "train.steps=ten", "--quiet")
-    _one_line_error(r, 2, "4 problems", "train.steps: expected an integer, got 'ten'",
+    one_line_error(r, "4 problems", "train.steps: expected an integer, got 'ten'",
                     "optimizer.momentum: must be in [0, 1), got 1.5", "pass --out DIR", "pass --data")
 
 
@@ -410,7 +402,7 @@ def test_unknown_model_type_without_code_says_what_helps(small, tmp_path):
     for extra in ([], ["--trust-remote-code"]):
         r = invoke("finetune", "--model", model, "--data", small["corpus"], "--out", tmp_path / "run", "--steps",
                    1, *FAST, *extra)
-        _one_line_error(r, 2, "brandnew_lm", "upgrade transformers", "modeling .py files")
+        one_line_error(r, "brandnew_lm", "upgrade transformers", "modeling .py files")
         assert "pass --trust-remote-code" not in r.stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from _helpers_train import FAST
+from _helpers_train import FAST, one_line_error
 from muonft_cli import sweep as S
 from muonft_cli.cli import app
 
@@ -161,14 +161,6 @@ def test_sweep_figures_redrawn_into_a_folder(sweep_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-
-
-def one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    err = r.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in err, err
 
 
 def test_bad_input_is_one_line_and_writes_nothing(runs, sweep_dir, tmp_path):

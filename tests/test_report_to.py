@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from _helpers_train import FAST, read_metrics, tiny_model_dir, write_corpus
+from _helpers_train import FAST, one_line_error, read_metrics, tiny_model_dir, write_corpus
 from muonft_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +37,6 @@ def small(tmp_path_factory):
 def _ft(small, out, *extra):
     return invoke("finetune", "--model", small["model"], "--data", small["corpus"], "--optim", "muon",
                   "--lr", "1e-2", "--val-fraction", 0.2, "--out", out, *FAST, *extra)
-
-
-def _one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    err = r.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in err, err
 
 
 def _tb_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -168,7 +160,7 @@ def test_wandb_that_cannot_start_is_one_line_and_resume_continues(small, tmp_pat
 
     monkeypatch.setattr(wandb, "init", no_login)
     out = tmp_path / "run"
-    _one_line_error(_ft(small, out, "--steps", 2, "--report-to", "wandb"), "wandb could not start a run",
+    one_line_error(_ft(small, out, "--steps", 2, "--report-to", "wandb"), "wandb could not start a run",
                     "No API key", "WANDB_MODE=offline", "--resume")
     assert not (out / "wandb").exists() and not (out / "checkpoints").exists()
     r = invoke("finetune", "--out", out, "--resume", "--report-to", "none", "--quiet")  # without W&B
@@ -178,7 +170,7 @@ def test_wandb_that_cannot_start_is_one_line_and_resume_continues(small, tmp_pat
 
 def test_unknown_backend_is_one_line(small, tmp_path):
     out = tmp_path / "run"
-    _one_line_error(_ft(small, out, "--steps", 1, "--report-to", "tensorbord"), "train.report_to",
+    one_line_error(_ft(small, out, "--steps", 1, "--report-to", "tensorbord"), "train.report_to",
                     "tensorboard")
     assert not out.exists()
 
@@ -193,7 +185,7 @@ def test_missing_backend_package_is_one_line_before_any_work(small, tmp_path, mo
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     out = tmp_path / "run"
-    _one_line_error(_ft(small, out, "--steps", 1, "--report-to", "none", "--report-to", backend), install)
+    one_line_error(_ft(small, out, "--steps", 1, "--report-to", "none", "--report-to", backend), install)
     assert not out.exists()
 
 

@@ -2,8 +2,8 @@
 
 Each record is written with one `os.write` on an `O_APPEND` descriptor and fsync'd, so a SIGKILL can at worst
 leave a torn final line. The next writer starts its record on a fresh line, so a torn line can also sit in the
-middle of the file: reading skips every line that does not parse and keeps the records after it (which is why
-this does not use `muonft_cli._common.read_jsonl`, whose rule is that a bad line voids the rest of the file).
+middle of the file: reading skips every line that does not parse and keeps the records after it
+(`_common.read_jsonl(..., skip_bad=True)`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from muonft_cli._common import read_jsonl
 
 INDEX = "sweep.jsonl"
 
@@ -42,21 +44,8 @@ class SweepIndex:
         return rec
 
     def records(self) -> list[dict]:
-        """Every parseable record, in order."""
-        if not self.path.exists():
-            return []
-        out = []
-        for raw in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                continue  # torn line from a kill mid-write
-            if isinstance(rec, dict) and "id" in rec:
-                out.append(rec)
-        return out
+        """Every parseable record, in order (a torn line from a kill mid-write is skipped)."""
+        return [rec for rec in read_jsonl(self.path, skip_bad=True) if "id" in rec]
 
     def latest(self) -> dict[str, dict]:
         """id -> its latest record."""
