@@ -545,6 +545,41 @@ def test_mismatch_small_is_the_papers_controlled_experiment():
     assert lora.config["lora"]["rank"] == 8 and lora.config["lora"]["alpha"] == 16
 
 
+def test_mismatch_converged_differs_from_the_small_recipe_only_in_pretraining_length():
+    small, conv = (S.load_plan(ROOT / "recipes" / f"mismatch-{n}.yaml") for n in ("small", "converged"))
+    assert small.run == conv.run and [c.id for c in small.cells] == [c.id for c in conv.cells]
+    for a, b in zip(small.cells, conv.cells):  # the same fine-tuning run, from the other (longer) base
+        assert a.config["model"]["name_or_path"] != b.config["model"]["name_or_path"]
+        assert {k: v for k, v in a.config.items() if k != "model"} == {k: v for k, v in b.config.items()
+                                                                       if k != "model"}
+    for name in ("adam", "muon"):
+        a, b = small.bases[name].pretrain, conv.bases[name].pretrain
+        assert a["train"]["steps"] == 300 and b["train"]["steps"] == 3000
+        strip = lambda d: {k: v for k, v in d.items() if k != "train"}  # noqa: E731
+        assert strip(a) == strip(b)
+        keep = ("batch_size", "micro_batch_size", "seed", "clip")
+        assert {k: a["train"][k] for k in keep} == {k: b["train"][k] for k in keep}
+    assert small.lrs == conv.lrs and small.seeds == conv.seeds
+
+
+def test_pretraining_convergence_is_measured_over_the_last_fifth(tmp_path):
+    from muonft_cli.sweep.report import convergence
+
+    m = tmp_path / "metrics.jsonl"
+    losses = {0: 8.0, 500: 5.0, 1000: 4.2, 1500: 4.05, 2000: 4.02, 2500: 4.0}
+    m.write_text("".join(json.dumps({"step": s, "loss": v, "val_loss": v}) + "\n"
+                         for s, v in losses.items()) + json.dumps({"step": 2500, "loss": 4.0}) + "\n")
+    cv = convergence(m)
+    assert cv["window"] == [2000, 2500] and cv["val_loss_start"] == pytest.approx(4.02)
+    assert cv["rel_improvement"] == pytest.approx(0.02 / 4.02) and cv["plateaued"]
+    m.write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in
+                         {0: 8.0, 100: 6.0, 200: 5.0, 300: 4.5}.items()))
+    cv = convergence(m)
+    assert cv["window"] == [200, 300] and not cv["plateaued"] and cv["best_step"] == 300
+    m.write_text(json.dumps({"step": 0, "val_loss": 8.0}) + "\n")
+    assert convergence(m) is None
+
+
 def test_llama_recipes_use_the_papers_grid_and_settings():
     grid = [1e-6, 5e-6, 8e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4]
     for name, method in (("llama2-7b-lora-muon.yaml", "lora"), ("llama2-7b-full.yaml", "full")):
@@ -586,6 +621,8 @@ def test_diagnose_recommendation_carries_a_valid_sweep_command():
 PINNED_PLANS = {
     "llama2-7b-full.yaml": [48, "8782215dbbff5c93", "6a2e2c83477dd0e6", {"llama2-7b": "9a63c25391fc"}],
     "llama2-7b-lora-muon.yaml": [48, "b030fdd917738d6d", "3a0738f931e53878", {"llama2-7b": "9a63c25391fc"}],
+    "mismatch-converged.yaml": [84, "457def41d5e1ee27", "989caa28bb708137",
+                                {"adam": "2dd81e0f1bd2", "muon": "b1b56db83ccf"}],
     "mismatch-small.yaml": [84, "2c52b727e9611b81", "40da17592e89e95b",
                             {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
     "sweep-finetune.yaml": [60, "7da45a891ce66f1b", "8377e32d85fafe9a", {"model": "dc5d36813fe7"}],

@@ -85,6 +85,30 @@ def val_curve(path: Path) -> list[tuple[int, float]]:
     return sorted(pts.items())
 
 
+PLATEAU_FRACTION = 0.2   # the last fifth of pretraining ...
+PLATEAU_TOLERANCE = 0.01  # ... improves validation loss by less than 1 %: the base has plateaued
+
+
+def convergence(path: Path, fraction: float = PLATEAU_FRACTION) -> dict | None:
+    """How far a pretraining run had converged, from its metrics.jsonl: validation loss at the last eval and
+    at the last eval at or before the start of the final `fraction` of its steps, and the relative
+    improvement between them (`plateaued` when below PLATEAU_TOLERANCE). None without two such evals."""
+    pts = [(s, math.log(p)) for s, p in val_curve(path)]
+    if len(pts) < 2:
+        return None
+    last_step, last = pts[-1]
+    cut = last_step * (1.0 - fraction)
+    before = [pt for pt in pts[:-1] if pt[0] <= cut + 1e-9]
+    if not before:
+        return None
+    start_step, start = before[-1]
+    best_step, best = min(pts, key=lambda pt: pt[1])
+    rel = (start - last) / start if start else None
+    return {"steps": last_step, "window": [start_step, last_step], "val_loss_start": start, "val_loss_end": last,
+            "best_val_loss": best, "best_step": best_step, "rel_improvement": rel,
+            "plateaued": rel is not None and rel < PLATEAU_TOLERANCE}
+
+
 def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dict]]:
     """Flatten a sweep directory into cell rows and base rows for `aggregate`.
 
@@ -113,7 +137,9 @@ def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dic
         ref_by_seed = {s: v for s in plan.seeds if (v := base_ppl(name, s, True)) is not None}
         bases[name] = {"label": b.label, "pretrained_with": b.pretrained_with, "ppl": mean(by_seed),
                        "ppl_by_seed": by_seed, "ref_ppl": mean(ref_by_seed), "ref_by_seed": ref_by_seed,
-                       "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s")}
+                       "pretrain_runtime_s": (latest.get(f"base:{name}") or {}).get("runtime_s"),
+                       "convergence": (convergence(out / "bases" / name / "metrics.jsonl")
+                                       if b.path is None else None)}
     cells = []
     for c in plan.cells:
         rec = latest.get(c.id)
@@ -321,6 +347,19 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
     if norm:
         lines += ["Base models' own PPL on the fine-tuning validation set: " + ", ".join(
             f"{bases[n].get('label', n)} {bases[n]['ppl']:.2f}" for n in names) + ".", ""]
+    conv = {n: b["convergence"] for n, b in bases.items() if b.get("convergence")}
+    if conv:
+        lines += ["## Pretraining convergence of the bases", "",
+                  "(validation loss over the last fifth of pretraining; plateaued = less than "
+                  f"{100 * PLATEAU_TOLERANCE:.0f} % improvement)", "",
+                  "| base | window (steps) | val loss at start | val loss at end | improvement | best (step) | "
+                  "plateaued |", "|---|---|---|---|---|---|---|"]
+        for n, cv in conv.items():
+            lines.append(f"| {bases[n].get('label', n)} | {cv['window'][0]}→{cv['window'][1]} | "
+                         f"{cv['val_loss_start']:.4f} | {cv['val_loss_end']:.4f} | "
+                         f"{100 * cv['rel_improvement']:+.2f} % | {cv['best_val_loss']:.4f} ({cv['best_step']}) | "
+                         f"{'yes' if cv['plateaued'] else 'no'} |")
+        lines.append("")
     if summary["gap_reduction"]:
         lines += ["## Mismatch gap reduction by LoRA", "", "| base | mismatched optimizer | gap full | gap LoRA | "
                   "reduction |", "|---|---|---|---|---|"]
