@@ -36,7 +36,8 @@ from muonft_cli.errors import UserInputError
 from muonft_cli.models.lora import lora_scale, plain_name
 from muonft_cli.models.safetensors import TensorEntry as _StEntry
 from muonft_cli.models.safetensors import index_shards, read_header
-from muonft_cli.spectral import fused_qkv_split, layer_type, lora_part
+from muonft_cli.diagnose.layouts import Block, Layout, blocks, layout_from_config
+from muonft_cli.spectral import layer_type, lora_part
 
 __all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "recorded_base", "read_count", "reset_read_count"]
 
@@ -78,6 +79,9 @@ class MatrixSpec:
     load: Callable[[], torch.Tensor]
     nbytes: int = 0
     role: str = "weight"  # weight | lora_A | lora_B | lora_delta | merged
+    source: str = ""  # the checkpoint tensor it is read from (several matrices may share one: fused, packed)
+    expert: int | None = None  # a routed MoE expert's index (`muonft_cli.diagnose.layouts.sample_experts`)
+    group: str | None = None  # that expert's MoE layer
 
     def read(self) -> torch.Tensor:
         """The matrix as fp32, shape ``self.shape`` (counted as live until garbage-collected)."""
@@ -98,6 +102,11 @@ class Checkpoint:
     adapter_config: dict | None = None
     base_source: str | None = None  # an adapter's base: "--base", or the file it was read from (muonft.json, ...)
     base_note: str | None = None  # why an adapter has no base (none recorded, not found, a hub id)
+    excluded: list[dict] = field(default_factory=list)  # ≥2-D tensors not analysed: name, shape, dtype, reason
+    n_tensors: int = 0  # ≥2-D tensors in the checkpoint (read from, excluded, or only experts not sampled)
+    not_sampled: list[MatrixSpec] = field(default_factory=list)  # expert matrices left out by sampling
+    experts: dict | None = None  # the expert sampling summary (`layouts.sample_experts`), None without MoE
+    notes: list[str] = field(default_factory=list)  # layout notes for the report (e.g. fused q|k|v left whole)
 
 
 def _bad(msg: str) -> UserInputError:
@@ -171,31 +180,51 @@ def _float_matrix(dt: str) -> bool:
     return _ST_DTYPES[dt][0] is not None and _ST_DTYPES[dt][0].is_floating_point
 
 
-def _specs_from_entries(entries: list[_StEntry]) -> tuple[list[MatrixSpec], list[str]]:
-    specs, skipped = [], []
+def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[MatrixSpec], list[str], list[dict]]:
+    """The matrices of safetensors entries (fused and packed tensors split by `layouts.blocks`), the >2-D
+    tensors not analysed (the report's ``skipped``), and every ≥2-D tensor not analysed with its reason."""
+    specs, skipped, excluded = [], [], []
     for e in entries:
-        if len(e.shape) != 2 or not _float_matrix(e.dtype) or min(e.shape) < 2:
+        if len(e.shape) < 2:
+            continue
+        got = blocks(e.name, tuple(e.shape), layout) if _float_matrix(e.dtype) else \
+            f"not a floating-point tensor ({e.dtype}): integer or packed-quantised data"
+        if isinstance(got, str):
+            excluded.append({"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "reason": got})
             if len(e.shape) > 2:
                 skipped.append(f"{e.name} {list(e.shape)} {e.dtype}")
             continue
-        split = fused_qkv_split(e.name, e.shape)
-        if split:
-            for bname, btype, dim, sl in split:
-                shape = (e.shape[0], sl.stop - sl.start) if dim == 1 else (sl.stop - sl.start, e.shape[1])
-                specs.append(MatrixSpec(bname, btype, shape, _slice_loader(e, dim, sl), e.nbytes // 3))
-            continue
-        specs.append(MatrixSpec(e.name, layer_type(e.name), (e.shape[0], e.shape[1]), _st_loader(e), e.nbytes))
-    return specs, skipped
+        whole = len(got) == 1 and got[0].rows is None and got[0].take is None
+        for b in got:
+            nbytes = e.nbytes if whole else e.nbytes * b.shape[0] * b.shape[1] // max(1, _numel(e.shape))
+            specs.append(MatrixSpec(b.name, b.layer_type, b.shape, _st_loader(e) if whole else _block_loader(e, b),
+                                    nbytes, source=e.name, expert=b.expert, group=b.group))
+    return specs, skipped, excluded
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _st_loader(e: _StEntry) -> Callable[[], torch.Tensor]:
     return lambda: _load_st(e)
 
 
-def _slice_loader(e: _StEntry, dim: int, sl: slice) -> Callable[[], torch.Tensor]:
+def _load_st_rows(e: _StEntry, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of the first dimension of a safetensors tensor, read alone, as fp32.
+    Shape: (r1 - r0, *e.shape[1:])."""
+    row = e.nbytes // e.shape[0]
+    part = _StEntry(e.path, e.name, e.dtype, (r1 - r0, *e.shape[1:]), e.offset + r0 * row, (r1 - r0) * row)
+    return _load_st(part)
+
+
+def _block_loader(e: _StEntry, b: Block) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        W = _load_st(e)  # (d, 3d) or (3d, d)
-        return (W[:, sl] if dim == 1 else W[sl, :]).contiguous()
+        W = _load_st(e) if b.rows is None else _load_st_rows(e, *b.rows)
+        return (W if b.take is None else b.take(W)).reshape(b.shape)  # (m, n)
     return load
 
 
@@ -224,14 +253,24 @@ def _open_gguf(path: Path) -> Checkpoint:
         raise _bad(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]}); "
                    "re-download or re-convert it") from None
     size = path.stat().st_size
-    specs, skipped = [], []
+    specs, skipped, excluded, n_tensors = [], [], [], 0
+
+    def qtype_name(t) -> str:
+        return GGMLQuantizationType(int(t.tensor_type)).name
+
     for t in reader.tensors:
         ne = [int(x) for x in t.shape]  # GGUF order: ne0 (columns) first
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise _bad(f"{path}: truncated file — tensor {t.name!r} runs past the end; re-download it")
+        if len(ne) >= 2:
+            n_tensors += 1
         if len(ne) != 2 or min(ne) < 2:
             if len(ne) > 2:
                 skipped.append(f"{t.name} {ne[::-1]}")
+            if len(ne) >= 2:
+                why = "a vector: it has no spectrum" if len(ne) == 2 else \
+                    f"a {len(ne)}-D GGUF tensor (packed experts are not split in GGUF files)"
+                excluded.append({"name": t.name, "shape": ne[::-1], "dtype": qtype_name(t), "reason": why})
             continue
         rows, cols = ne[1], ne[0]
         qtype = GGMLQuantizationType(int(t.tensor_type))
@@ -242,7 +281,7 @@ def _open_gguf(path: Path) -> Checkpoint:
             W = dequantize(raw, qtype)  # (rows, cols) float32
             return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
 
-        specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes)))
+        specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes), source=t.name))
     prov = {"gguf": {k: _gguf_field(reader, k) for k in
                      ("general.architecture", "general.name", "general.basename", "general.organization",
                       "general.finetune", "general.size_label")}}
@@ -250,7 +289,9 @@ def _open_gguf(path: Path) -> Checkpoint:
     quant = sorted({GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors})
     prov["gguf"]["tensor_types"] = quant
     del reader
-    return Checkpoint(str(path), "gguf", specs, prov, skipped, size)
+    ck = Checkpoint(str(path), "gguf", specs, prov, skipped, size)
+    ck.excluded, ck.n_tensors = excluded, n_tensors
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -427,6 +468,24 @@ def recorded_base(path: str | os.PathLike) -> tuple[str | None, str | None, str 
     return None, None, "the adapter records no base model (muonft.json, adapter_config.json): pass --base PATH"
 
 
+def _st_checkpoint(p: Path, kind: str, entries: list[_StEntry], files: list[str], folder: Path) -> Checkpoint:
+    """A safetensors checkpoint's matrices, split by the layout its folder's config.json describes."""
+    cfg = None
+    if (folder / "config.json").is_file():
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cfg = None  # provenance reports it as not valid JSON
+    specs, skipped, excluded = _specs_from_entries(entries, layout_from_config(cfg))
+    ck = Checkpoint(str(p), kind, specs, _dir_provenance(folder), skipped, sum(Path(f).stat().st_size for f in files))
+    ck.excluded, ck.n_tensors = excluded, sum(len(e.shape) >= 2 for e in entries)
+    whole = sorted({s.source for s in specs if s.layer_type == "qkv"})
+    if whole:
+        ck.notes.append(f"{len(whole)} fused q|k|v matrices analysed whole (type qkv): their head layout needs "
+                        f"config.json's head counts{' (none beside the checkpoint)' if cfg is None else ''}")
+    return ck
+
+
 def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None, *,
                     base_source: str | None = None) -> Checkpoint:
     """Find the matrices of a checkpoint without reading them.
@@ -460,9 +519,7 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
         ck = _open_gguf(p)
     elif p.is_file() and p.suffix == ".safetensors":
         entries, files = _st_entries(p)
-        specs, skipped = _specs_from_entries(entries)
-        ck = Checkpoint(str(p), "safetensors", specs, _dir_provenance(p.parent), skipped,
-                        sum(Path(f).stat().st_size for f in files))
+        ck = _st_checkpoint(p, "safetensors", entries, files, p.parent)
     elif p.is_dir():
         entries, files = _st_entries(p)
         if not files:
@@ -470,8 +527,7 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
                 if any(p.glob("*.bin")) else ""
             raise _bad(f"{p}: not a checkpoint — no *.safetensors, adapter_config.json or .gguf inside{hint}; "
                        "pass a model dir, a .safetensors/.gguf file or an adapter dir")
-        specs, skipped = _specs_from_entries(entries)
-        ck = Checkpoint(str(p), "hf", specs, _dir_provenance(p), skipped, sum(Path(f).stat().st_size for f in files))
+        ck = _st_checkpoint(p, "hf", entries, files, p)
     else:
         raise _bad(f"{p}: not a checkpoint (expected a model dir, .safetensors, .gguf, or adapter dir)")
     if not ck.matrices:
