@@ -334,3 +334,27 @@ def test_cli_sample_experts_is_stated_and_zero_means_all(tmp_path):
     assert "all 64 experts" in " ".join(rep["evidence"])
     res = runner.invoke(app, ["diagnose", str(d), "--quiet", "--sample-experts", "-1"])
     assert res.exit_code == 2 and res.stderr.startswith("error:") and "\n" not in res.stderr.strip()
+
+
+def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
+    """DeepSeek-V3 / Kimi K2 ship FP8 weights with ``weight_scale_inv`` per block (config.json's
+    quantization_config.weight_block_size): the matrix analysed is values × scales, as their ``weight_dequant``
+    makes it, and the scale tensor is excluded with that reason (not analysed as a matrix of its own)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 40, generator=g) * torch.logspace(-2, 1, 24).view(-1, 1)  # rows of very different scale
+    b = 8
+    S = W.abs().reshape(3, b, 5, b).amax(dim=(1, 3)) / 448.0  # (3, 5) per-block scale
+    Sx = S.repeat_interleave(b, 0).repeat_interleave(b, 1)  # (24, 40)
+    Q = (W / Sx).to(torch.float8_e4m3fn)
+    save_file({"model.layers.0.self_attn.q_a_proj.weight": Q, "model.layers.0.self_attn.q_a_proj.weight_scale_inv": S,
+               "model.layers.0.mlp.down_proj.weight": torch.randn(40, 24, generator=g)},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [b, b]}}))
+    ck = diagnose_io.open_checkpoint(tmp_path)
+    spec = next(s for s in ck.matrices if s.layer_type == "mla_q_a")
+    got = spec.read()
+    torch.testing.assert_close(got, Q.float() * Sx)
+    assert float((got - W).norm() / W.norm()) < 0.05  # and it is the weight, to FP8 precision
+    assert [x["name"] for x in ck.excluded] == ["model.layers.0.self_attn.q_a_proj.weight_scale_inv"]
+    assert "FP8 scales" in ck.excluded[0]["reason"] and len(ck.matrices) == 2

@@ -184,11 +184,24 @@ def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[M
     """The matrices of safetensors entries (fused and packed tensors split by `layouts.blocks`), the >2-D
     tensors not analysed (the report's ``skipped``), and every ≥2-D tensor not analysed with its reason."""
     specs, skipped, excluded = [], [], []
+    scales = _fp8_scales(entries)  # FP8 weight name → its scale tensor
+    scale_of = {s.name: w for w, s in scales.items()}
     for e in entries:
         if len(e.shape) < 2:
             continue
-        got = blocks(e.name, tuple(e.shape), layout) if _float_matrix(e.dtype) else \
-            f"not a floating-point tensor ({e.dtype}): integer or packed-quantised data"
+        full = None
+        if e.name in scale_of:
+            got = f"FP8 scales of {scale_of[e.name]} (applied when it is read)"
+        elif not _float_matrix(e.dtype):
+            got = f"not a floating-point tensor ({e.dtype}): integer or packed-quantised data"
+        else:
+            got = blocks(e.name, tuple(e.shape), layout)
+            if e.name in scales and not isinstance(got, str):
+                full = _fp8_loader(e, scales[e.name], layout.fp8_block)
+                if full is None:
+                    got = (f"FP8 weight whose scales {scales[e.name].name} {list(scales[e.name].shape)} fit no "
+                           f"{layout.fp8_block[0]}×{layout.fp8_block[1]} block (config.json's "
+                           "quantization_config.weight_block_size)")
         if isinstance(got, str):
             excluded.append({"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "reason": got})
             if len(e.shape) > 2:
@@ -197,8 +210,9 @@ def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[M
         whole = len(got) == 1 and got[0].rows is None and got[0].take is None
         for b in got:
             nbytes = e.nbytes if whole else e.nbytes * b.shape[0] * b.shape[1] // max(1, _numel(e.shape))
-            specs.append(MatrixSpec(b.name, b.layer_type, b.shape, _st_loader(e) if whole else _block_loader(e, b),
-                                    nbytes, source=e.name, expert=b.expert, group=b.group))
+            load = (full or _st_loader(e)) if whole else _block_loader(e, b, full)
+            specs.append(MatrixSpec(b.name, b.layer_type, b.shape, load, nbytes, source=e.name, expert=b.expert,
+                                    group=b.group))
     return specs, skipped, excluded
 
 
@@ -221,10 +235,53 @@ def _load_st_rows(e: _StEntry, r0: int, r1: int) -> torch.Tensor:
     return _load_st(part)
 
 
-def _block_loader(e: _StEntry, b: Block) -> Callable[[], torch.Tensor]:
+def _block_loader(e: _StEntry, b: Block, full: Callable[[], torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+    """The loader of one block of ``e``: only its rows are read, unless ``full`` (e.g. FP8 dequantisation)
+    must see the whole tensor first."""
     def load() -> torch.Tensor:
-        W = _load_st(e) if b.rows is None else _load_st_rows(e, *b.rows)
+        if full is not None:
+            W = full()
+            W = W if b.rows is None else W[b.rows[0]:b.rows[1]]
+        else:
+            W = _load_st(e) if b.rows is None else _load_st_rows(e, *b.rows)
         return (W if b.take is None else b.take(W)).reshape(b.shape)  # (m, n)
+    return load
+
+
+def _fp8_scales(entries: list[_StEntry]) -> dict[str, _StEntry]:
+    """FP8 weights and their scale tensors (DeepSeek-V3 / Kimi K2 ``X.weight_scale_inv`` per 128×128 block,
+    compressed-tensors ``X.weight_scale`` per tensor or per row): weight name → scale entry."""
+    by_name = {e.name: e for e in entries}
+    out = {}
+    for e in entries:
+        for suffix in ("_scale_inv", "_scale"):
+            w = by_name.get(e.name[: -len(suffix)]) if e.name.endswith(suffix) else None
+            if w is not None and w.dtype.startswith("F8") and _float_matrix(e.dtype):
+                out[w.name] = e
+    return out
+
+
+def _fp8_loader(e: _StEntry, s: _StEntry, block: tuple[int, int]) -> Callable[[], torch.Tensor] | None:
+    """A loader of the dequantised FP8 weight ``e`` (its values times its scales ``s``: one per tensor, per row,
+    or per ``block`` tile as DeepSeek's ``weight_dequant``), or None when the scales' shape fits none of these."""
+    if len(e.shape) != 2:
+        return None
+    m, n = e.shape
+    b0, b1 = block
+    ss = tuple(s.shape)
+    if _numel(ss) == 1 or ss in ((m,), (m, 1)):
+        def expand(S: torch.Tensor) -> torch.Tensor:
+            return S.reshape(-1, 1) if S.numel() == m else S.reshape(1, 1)
+    elif len(ss) == 2 and ss == (-(-m // b0), -(-n // b1)):
+        def expand(S: torch.Tensor) -> torch.Tensor:  # (m/b0, n/b1) → (m, n)
+            return S.repeat_interleave(b0, 0)[:m].repeat_interleave(b1, 1)[:, :n]
+    else:
+        return None
+
+    def load() -> torch.Tensor:
+        W = _load_st(e)  # (m, n) fp32 of the FP8 values
+        return W.mul_(expand(_load_st(s)))
+
     return load
 
 

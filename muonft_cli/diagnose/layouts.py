@@ -77,6 +77,7 @@ class Layout:
     multi_query: bool = False
     n_experts: int | None = None
     has_config: bool = False
+    fp8_block: tuple[int, int] = (128, 128)  # quantization_config.weight_block_size of block-scaled FP8 weights
 
 
 def _int(*vals: Any) -> int | None:
@@ -111,7 +112,11 @@ def layout_from_config(cfg: dict | None) -> Layout:
         head_dim = hidden // heads
     n_exp = _int(ffn.get("moe_num_experts"), c.get("num_local_experts"), c.get("num_experts"),
                  c.get("n_routed_experts"))
-    return Layout(mt, hidden, heads, kv or heads, head_dim, falcon_new, multi_query, n_exp, True)
+    q = c.get("quantization_config") if isinstance(c.get("quantization_config"), dict) else {}
+    wb = q.get("weight_block_size")
+    block = (int(wb[0]), int(wb[1])) if isinstance(wb, list) and len(wb) == 2 and all(
+        isinstance(x, int) and x > 0 for x in wb) else (128, 128)
+    return Layout(mt, hidden, heads, kv or heads, head_dim, falcon_new, multi_query, n_exp, True, block)
 
 
 # ----------------------------------------------------------------------------------------------- splits
