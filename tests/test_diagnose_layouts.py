@@ -358,3 +358,34 @@ def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
     assert float((got - W).norm() / W.norm()) < 0.05  # and it is the weight, to FP8 precision
     assert [x["name"] for x in ck.excluded] == ["model.layers.0.self_attn.q_a_proj.weight_scale_inv"]
     assert "FP8 scales" in ck.excluded[0]["reason"] and len(ck.matrices) == 2
+
+
+def test_gguf_packed_experts_are_split_and_sampled(tmp_path):
+    """GGUF MoE files pack each layer's experts in one 3-D tensor (``blk.N.ffn_gate_exps``): split per expert,
+    each read alone, and sampled like the safetensors ones; the router (``ffn_gate_inp``) is its own type."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    E, I, H = 8, 12, 16
+    packed = {r: rng.standard_normal((E, I, H) if r != "down" else (E, H, I)).astype(np.float32)
+              for r in ("gate", "up", "down")}
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen2moe")
+    for r, a in packed.items():
+        w.add_tensor(f"blk.0.ffn_{r}_exps.weight", a)
+    w.add_tensor("blk.0.ffn_gate_inp.weight", rng.standard_normal((E, H)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((H, H)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = diagnose_io.open_checkpoint(tmp_path / "moe.gguf")
+    assert ck.n_tensors == 5 and not ck.excluded
+    exp = {(s.expert, s.layer_type): s for s in ck.matrices if s.expert is not None}
+    assert len(exp) == 3 * E
+    diagnose_io.reset_read_count()
+    torch.testing.assert_close(exp[(5, "down")].read(), torch.from_numpy(packed["down"][5]))
+    assert diagnose_io.read_count["max_bytes"] == H * I * 4  # one expert's bytes
+    assert {s.layer_type for s in ck.matrices if s.expert is None} == {"router", "q"}
+    rep = diagnose(tmp_path / "moe.gguf", mode="exact", sample_experts=2)
+    assert rep["n_matrices"] == 2 + 2 * 3 and rep["experts"]["experts"] == [0, 4]

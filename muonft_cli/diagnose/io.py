@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import weakref
 from dataclasses import dataclass, field
@@ -311,26 +312,35 @@ def _open_gguf(path: Path) -> Checkpoint:
                    "re-download or re-convert it") from None
     size = path.stat().st_size
     specs, skipped, excluded, n_tensors = [], [], [], 0
-
-    def qtype_name(t) -> str:
-        return GGMLQuantizationType(int(t.tensor_type)).name
-
     for t in reader.tensors:
         ne = [int(x) for x in t.shape]  # GGUF order: ne0 (columns) first
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise _bad(f"{path}: truncated file — tensor {t.name!r} runs past the end; re-download it")
         if len(ne) >= 2:
             n_tensors += 1
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        exps = re.match(r"^(blk\.\d+)\.ffn_(gate|up|down)_exps\.weight$", t.name) if len(ne) == 3 else None
+        if exps and min(ne[:2]) >= 2 and int(t.n_bytes) % ne[2] == 0:  # packed experts: ne = [cols, rows, E]
+            rows, cols, E, role = ne[1], ne[0], ne[2], exps.group(2)
+            per = int(t.n_bytes) // E
+            for e in range(E):
+                def load_e(t=t, rows=rows, cols=cols, qtype=qtype, e=e, per=per) -> torch.Tensor:
+                    buf = _pread(str(path), int(t.data_offset) + e * per, per)
+                    W = dequantize(np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1), qtype)  # (rows, cols)
+                    return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
+
+                specs.append(MatrixSpec(f"{t.name}[{e}][{role}]", role, (rows, cols), load_e, per, source=t.name,
+                                        expert=e, group=exps.group(1)))
+            continue
         if len(ne) != 2 or min(ne) < 2:
             if len(ne) > 2:
                 skipped.append(f"{t.name} {ne[::-1]}")
             if len(ne) >= 2:
                 why = "a vector: it has no spectrum" if len(ne) == 2 else \
-                    f"a {len(ne)}-D GGUF tensor (packed experts are not split in GGUF files)"
-                excluded.append({"name": t.name, "shape": ne[::-1], "dtype": qtype_name(t), "reason": why})
+                    f"a {len(ne)}-D GGUF tensor of no known layout"
+                excluded.append({"name": t.name, "shape": ne[::-1], "dtype": qtype.name, "reason": why})
             continue
         rows, cols = ne[1], ne[0]
-        qtype = GGMLQuantizationType(int(t.tensor_type))
 
         def load(t=t, rows=rows, cols=cols, qtype=qtype) -> torch.Tensor:
             buf = _pread(str(path), int(t.data_offset), int(t.n_bytes))
