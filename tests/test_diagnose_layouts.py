@@ -35,6 +35,8 @@ ARCHS = {
                                         multi_query=True),
     "falcon_mha": lambda: T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                          multi_query=False),
+    "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, multi_query=False),
+    "gpt_bigcode_mq": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, multi_query=True),
     "bloom": lambda: T.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
     "mpt": lambda: T.MptConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, expansion_ratio=2),
     "dbrx": lambda: T.DbrxConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4,
@@ -67,6 +69,8 @@ EXPECTED = {
     "falcon_mq": {"q", "k", "v", "o", "fc1", "fc2"},
     "falcon_mha": {"q", "k", "v", "o", "fc1", "fc2"},
     "bloom": {"q", "k", "v", "o", "fc1", "fc2"},
+    "gpt_bigcode": {"q", "k", "v", "o", "fc1", "fc2"},
+    "gpt_bigcode_mq": {"q", "k", "v", "o", "fc1", "fc2"},
     "mpt": {"q", "k", "v", "o", "up", "down"},
     "dbrx": {"q", "k", "v", "o", "gate", "up", "down", "router"},
     "mixtral": {"q", "k", "v", "o", "gate", "up", "down", "router"},
@@ -176,9 +180,12 @@ def _blocks(ck, source: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch,module", [("gpt_neox", "layers.0.attention.query_key_value"),
                                          ("phi3", "layers.0.self_attn.qkv_proj"),
-                                         ("dbrx", "blocks.0.norm_attn_norm.attn.Wqkv")])
+                                         ("dbrx", "blocks.0.norm_attn_norm.attn.Wqkv"),
+                                         ("gpt_bigcode", "h.0.attn.c_attn"),
+                                         ("gpt_bigcode_mq", "h.0.attn.c_attn")])
 def test_split_qkv_is_the_models_own_q_k_v(arch, module, saved):
-    """GPT-NeoX's per-head interleaved rows, Phi-3's GQA q|k|v, DBRX's Wqkv: the split blocks applied to the
+    """GPT-NeoX's per-head interleaved rows, Phi-3's GQA q|k|v, DBRX's Wqkv, GPT-BigCode's c_attn (per head, or
+    multi-query q|k|v): the split blocks applied to the
     attention input give exactly the q, k, v the model's attention receives."""
     model, d = saved[arch]
     x, q, k, v = _capture_eager(model, module)
@@ -389,3 +396,35 @@ def test_gguf_packed_experts_are_split_and_sampled(tmp_path):
     assert {s.layer_type for s in ck.matrices if s.expert is None} == {"router", "q"}
     rep = diagnose(tmp_path / "moe.gguf", mode="exact", sample_experts=2)
     assert rep["n_matrices"] == 2 + 2 * 3 and rep["experts"]["experts"] == [0, 4]
+
+
+@pytest.mark.parametrize("arch", ["internlm2", "chatglm"])
+def test_remote_code_layouts(arch):
+    """InternLM2 ``wqkv`` and ChatGLM2/3 ``query_key_value`` (remote-code models, no transformers class): the
+    blocks are what their modelling code makes of the fused projection — InternLM2
+    ``rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=2 + groups)`` then ``[..., :groups, :]``, ``[..., -2, :]``,
+    ``[..., -1, :]``; ChatGLM ``split([heads·hd, groups·hd, groups·hd])``."""
+    from muonft_cli.diagnose.layouts import blocks, layout_from_config
+
+    H, K, hd, d = 8, 2, 4, 32
+    W = torch.randn((H + 2 * K) * hd, d, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    y = W @ x
+    if arch == "internlm2":
+        cfg = {"model_type": "internlm2", "hidden_size": d, "num_attention_heads": H, "num_key_value_heads": K}
+        name = "model.layers.0.attention.wqkv.weight"
+        g = y.view(K, H // K + 2, hd)
+        ref = {"q": g[:, : H // K].reshape(-1), "k": g[:, -2].reshape(-1), "v": g[:, -1].reshape(-1)}
+    else:
+        cfg = {"model_type": "chatglm", "hidden_size": d, "num_attention_heads": H, "kv_channels": hd,
+               "multi_query_attention": True, "multi_query_group_num": K}
+        name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+        q, k, v = y.split([H * hd, K * hd, K * hd])
+        ref = {"q": q, "k": k, "v": v}
+    got = blocks(name, tuple(W.shape), layout_from_config(cfg))
+    assert [b.layer_type for b in got] == ["q", "k", "v"]
+    for b in got:
+        slab = W if b.rows is None else W[b.rows[0]:b.rows[1]]
+        M = slab if b.take is None else b.take(slab)
+        assert tuple(M.shape) == b.shape
+        torch.testing.assert_close(M @ x, ref[b.layer_type])
