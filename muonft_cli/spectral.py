@@ -378,8 +378,9 @@ def fused_qkv_split(name: str, shape: tuple[int, ...]) -> list[tuple[str, str, i
     """How to split a fused q|k|v matrix into its three blocks, or None if ``name`` is not one we can split.
 
     GPT-2's ``attn.c_attn.weight`` is a Conv1D of shape (d, 3d) holding [q | k | v] along columns; Phi-3's
-    ``qkv_proj`` and GGUF's ``attn_qkv`` hold [q; k; v] along rows (shape (3d, d), equal blocks only — grouped
-    -query layouts need the config and are left whole).
+    ``qkv_proj`` and GGUF's ``attn_qkv`` hold [q; k; v] along rows (shape (3d, d), equal blocks only). The
+    layouts that need config.json's head counts (grouped-query, per-head interleaved) are split by
+    `muonft_cli.diagnose.layouts`.
 
     Returns:
         [(block_name, layer_type, dim, slice), ...] for q, k, v, where ``W.narrow``/indexing along ``dim`` with

@@ -11,6 +11,11 @@ the largest matrix (plus its work buffers) however big the model is:
 - GGUF: the header and tensor table come from the `gguf` package's ``GGUFReader`` (it memory-maps the file but
   only the header pages are touched); each tensor's bytes are ``pread`` and dequantised with
   ``gguf.quants.dequantize``.
+- which matrices a tensor holds is `muonft_cli.diagnose.layouts`' business (fused q|k|v and gate|up, packed MoE
+  experts, with the checkpoint's config.json); a block whose rows are contiguous (one expert of a packed
+  tensor, the q rows of a q|k|v) is read alone, by its own byte range. FP8 weights with block scales
+  (DeepSeek-V3 / Kimi K2 ``weight_scale_inv``) are dequantised as they are read. GGUF ``ffn_*_exps`` packed
+  experts are read one expert at a time. Every ≥2-D tensor not analysed is recorded with its reason.
 - peft adapter dirs: ``lora_A``/``lora_B`` pairs become three matrices each (A, B, and the delta
   ``scale·B·A``), and with a base checkpoint the merged weight as well: the matrix peft's ``merge_and_unload``
   produces, ``W₀ + scale·B·A`` for LoRA, ``m ⊙ (W₀ + scale·B·A) / ‖W₀ + scale·B·A‖`` per output row for DoRA

@@ -11,8 +11,10 @@ matrix, so every feature is *relative to the random (Marchenko–Pastur) baselin
 - ``ent`` = log(D / D_random), D = (1 − H)·log r the entropy deficit in nats (0 random, > 0 concentrated,
             < 0 flatter than random — Muon's orthogonal updates flatten spectra)
 
-Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2) and then over types, so a model's
-many MLP matrices don't drown its attention matrices; a logistic model on those two averages gives
+Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2, a fused ``qkv`` left whole, the
+``mla_*`` projections of DeepSeek-style latent attention: `muonft_cli.spectral.HIDDEN_TYPES`; MoE routers,
+embeddings and heads are not weighed) and then over types, so a model's many MLP (and expert) matrices don't
+drown its attention matrices; a logistic model on those two averages gives
 P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `muonft pretrain` checkpoints and
 stored in `calibration.json` (with how they were produced and the leave-one-out accuracy).
 
