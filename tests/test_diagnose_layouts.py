@@ -428,3 +428,26 @@ def test_remote_code_layouts(arch):
         M = slab if b.take is None else b.take(slab)
         assert tuple(M.shape) == b.shape
         torch.testing.assert_close(M @ x, ref[b.layer_type])
+
+
+def test_gguf_fused_qkv_split_with_the_files_head_counts(tmp_path):
+    """GGUF ``attn_qkv`` (Phi-3, Falcon, Bloom, NeoX after llama.cpp's conversion) is [q; k; v] rows, sized by
+    the file's ``{arch}.attention.head_count`` / ``head_count_kv`` (grouped-query: unequal blocks)."""
+    import gguf
+    import numpy as np
+
+    H, K, hd = 4, 2, 8
+    W = np.random.default_rng(1).standard_normal(((H + 2 * K) * hd, H * hd)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
+    w.add_head_count(H)
+    w.add_head_count_kv(K)
+    w.add_embedding_length(H * hd)
+    w.add_tensor("blk.0.attn_qkv.weight", W)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = diagnose_io.open_checkpoint(tmp_path / "phi3.gguf")
+    got = {s.layer_type: s for s in ck.matrices}
+    assert {t: s.shape for t, s in got.items()} == {"q": (32, 32), "k": (16, 32), "v": (16, 32)}
+    torch.testing.assert_close(got["k"].read(), torch.from_numpy(W[32:48]))

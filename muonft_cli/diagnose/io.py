@@ -294,6 +294,18 @@ def _fp8_loader(e: _StEntry, s: _StEntry, block: tuple[int, int]) -> Callable[[]
 # ------------------------------------------------------------------------------------------------ gguf
 
 
+def _gguf_layout(reader) -> Layout:
+    """The head counts a GGUF file's metadata gives (``{arch}.attention.head_count`` …), for its ``attn_qkv``."""
+    arch = _gguf_field(reader, "general.architecture") or ""
+    heads = _gguf_field(reader, f"{arch}.attention.head_count")
+    kv = _gguf_field(reader, f"{arch}.attention.head_count_kv") or heads
+    hidden = _gguf_field(reader, f"{arch}.embedding_length")
+    hd = _gguf_field(reader, f"{arch}.attention.key_length") or (hidden // heads if hidden and heads else None)
+    ok = all(isinstance(v, int) and v > 0 for v in (heads, kv, hd))
+    return Layout(model_type="gguf", hidden=hidden, heads=heads if ok else None, kv_heads=kv if ok else None,
+                  head_dim=hd if ok else None, has_config=ok)
+
+
 def _gguf_field(reader, key: str):
     f = reader.fields.get(key)
     if f is None or not f.data:
@@ -353,6 +365,14 @@ def _open_gguf(path: Path) -> Checkpoint:
             W = dequantize(raw, qtype)  # (rows, cols) float32
             return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
 
+        if t.name.endswith("attn_qkv.weight"):  # llama.cpp writes every fused q|k|v as [q; k; v] rows
+            split = blocks(t.name, (rows, cols), _gguf_layout(reader))
+            if not isinstance(split, str) and len(split) == 3:
+                for b in split:
+                    specs.append(MatrixSpec(b.name, b.layer_type, b.shape,
+                                            (lambda load=load, r=b.rows: load()[r[0]:r[1]].contiguous()),
+                                            int(t.n_bytes) * b.shape[0] // rows, source=t.name))
+                continue
         specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes), source=t.name))
     prov = {"gguf": {k: _gguf_field(reader, k) for k in
                      ("general.architecture", "general.name", "general.basename", "general.organization",
