@@ -197,7 +197,7 @@ def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[M
             continue
         full = None
         if e.name in scale_of:
-            got = f"FP8 scales of {scale_of[e.name]} (applied when it is read)"
+            got = f"FP8 scales (of {scale_of[e.name]}, applied when it is read)"
         elif not _float_matrix(e.dtype):
             got = f"not a floating-point tensor ({e.dtype}): integer or packed-quantised data"
         else:
@@ -205,9 +205,9 @@ def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[M
             if e.name in scales and not isinstance(got, str):
                 full = _fp8_loader(e, scales[e.name], layout.fp8_block)
                 if full is None:
-                    got = (f"FP8 weight whose scales {scales[e.name].name} {list(scales[e.name].shape)} fit no "
-                           f"{layout.fp8_block[0]}×{layout.fp8_block[1]} block (config.json's "
-                           "quantization_config.weight_block_size)")
+                    got = (f"FP8 weight with scales of no known layout ({scales[e.name].name} "
+                           f"{list(scales[e.name].shape)} fit no {layout.fp8_block[0]}×{layout.fp8_block[1]} block "
+                           "of config.json's quantization_config.weight_block_size)")
         if isinstance(got, str):
             excluded.append({"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "reason": got})
             if len(e.shape) > 2:

@@ -592,12 +592,12 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
 def _experts_line(e: dict[str, Any]) -> str:
     """One evidence line saying how many MoE experts were analysed."""
     which = f" (experts {', '.join(map(str, e['experts']))})" if e.get("experts") else ""
+    layers = f"{e['moe_layers']} MoE layer{'s' if e['moe_layers'] != 1 else ''}"
     if e["not_analysed"] == 0:
-        return (f"MoE: all {e['experts_per_layer']} experts of each of {e['moe_layers']} layers analysed "
+        return (f"MoE: all {e['experts_per_layer']} experts of each of {layers} analysed "
                 f"({e['expert_matrices']} expert matrices)")
     return (f"MoE: {e['sample_experts']} of {e['experts_per_layer']} experts per layer analysed{which} in "
-            f"{e['moe_layers']} layers: {e['analysed']} of {e['expert_matrices']} expert matrices "
-            "(--sample-experts N; 0 = all)")
+            f"{layers}: {e['analysed']} of {e['expert_matrices']} expert matrices (--sample-experts N; 0 = all)")
 
 
 def _coverage(ck: Any, records: list[dict[str, Any]]) -> dict[str, int] | None:
