@@ -234,7 +234,7 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
         for col in ("name", "type", "shape", "stable rank", "entropy", "method"):
             mt.add_column(col)
         for r in report["matrices"]:
-            mt.add_row(r["name"], r["layer_type"], "×".join(map(str, r["shape"])), f"{r['stable_rank']:.2f}",
+            mt.add_row(escape(r["name"]), r["layer_type"], "×".join(map(str, r["shape"])), f"{r['stable_rank']:.2f}",
                        f"{r['svd_entropy']:.4f}", r["method"])
         console.print(mt)
     if report.get("kind") == "adapter":

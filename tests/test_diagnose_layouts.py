@@ -451,3 +451,17 @@ def test_gguf_fused_qkv_split_with_the_files_head_counts(tmp_path):
     got = {s.layer_type: s for s in ck.matrices}
     assert {t: s.shape for t, s in got.items()} == {"q": (32, 32), "k": (16, 32), "v": (16, 32)}
     torch.testing.assert_close(got["k"].read(), torch.from_numpy(W[32:48]))
+
+
+def test_block_names_are_printed_whole(saved):
+    """Block names end in ``[q]`` / ``[3][gate]``: the per-matrix table prints them, not as rich markup."""
+    import io as _io
+
+    from rich.console import Console
+
+    from muonft_cli.render import render_diagnose
+
+    rep = diagnose(saved["gpt_oss"][1], mode="exact", per_matrix=True, sample_experts=1)
+    buf = _io.StringIO()
+    render_diagnose(rep, Console(file=buf, width=300))
+    assert "model.layers.0.mlp.experts.gate_up_proj[0][gate]" in buf.getvalue()
