@@ -573,6 +573,9 @@ def diagnose(
     per_matrix: bool = _flag("--per-matrix", "Also list every matrix.", False),
     workers: Optional[int] = _O(None, "--workers", show_default="chosen from the cores",
                                 help="Matrices analysed concurrently."),
+    sample_experts: int = _O(4, "--sample-experts",
+                             help="MoE: routed experts analysed per layer (evenly spaced; shared experts always); "
+                                  "0 = all."),
     as_json: bool = _flag("--json", "One JSON document on stdout, nothing else.", False),
     quiet: bool = _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False),
 ) -> None:
@@ -588,7 +591,8 @@ def diagnose(
     bar = None if quiet else DiagnoseProgressBar()
     try:
         report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
-                      per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None)
+                      per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None,
+                      sample_experts=sample_experts)
     finally:
         if bar:
             bar.stop()

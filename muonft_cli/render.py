@@ -221,12 +221,20 @@ def render_diagnose(report: dict[str, Any], console: Any = None) -> None:
                   f"{d['random_stable_rank_ratio']:.3f}", f"{d['svd_entropy']:.3f}", f"{d['random_svd_entropy']:.3f}",
                   d.get("lean", ""))
     console.print(t)
+    if report.get("excluded"):  # every ≥2-D tensor not analysed, grouped by reason (kind of reason: up to ':')
+        why: dict[str, int] = {}
+        for x in report["excluded"]:
+            key = x["reason"].split(" (")[0].split(":")[0]
+            why[key] = why.get(key, 0) + 1
+        console.print(f"not analysed: {len(report['excluded'])} tensors — "
+                      + "; ".join(f"{n} × {k}" for k, n in why.items()) + " (listed under \"excluded\" in --json)",
+                      markup=False, soft_wrap=True)
     if report.get("matrices"):
         mt = Table(title="Matrices")
         for col in ("name", "type", "shape", "stable rank", "entropy", "method"):
             mt.add_column(col)
         for r in report["matrices"]:
-            mt.add_row(r["name"], r["layer_type"], "×".join(map(str, r["shape"])), f"{r['stable_rank']:.2f}",
+            mt.add_row(escape(r["name"]), r["layer_type"], "×".join(map(str, r["shape"])), f"{r['stable_rank']:.2f}",
                        f"{r['svd_entropy']:.4f}", r["method"])
         console.print(mt)
     if report.get("kind") == "adapter":

@@ -39,11 +39,18 @@ __all__ = [
     "fused_qkv_split",
 ]
 
-LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "embedding", "lm_head", "other")
-"""Every value `layer_type` can return."""
+LAYER_TYPES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "fc1", "fc2",
+               "mla_q_a", "mla_q_b", "mla_kv_a", "mla_kv_b", "router", "embedding", "lm_head", "other")
+"""Every value `layer_type` can return. ``qkv``: a fused q|k|v matrix left whole (its layout unknown: see
+`muonft_cli.diagnose.layouts`, which splits it when config.json gives the head counts). ``mla_*``: DeepSeek-V2/V3
+(Moonlight, Kimi K2) multi-head latent attention, ``q_a_proj`` / ``q_b_proj`` (query down / up projection),
+``kv_a_proj_with_mqa`` / ``kv_b_proj`` (key-value latent down projection with the shared RoPE key / up projection).
+``router``: an MoE router (``block_sparse_moe.gate``, ``mlp.gate``, ``mlp.router``, ``ffn.router.layer``)."""
 
-HIDDEN_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2")
-"""Hidden (transformer-block) matrix types: the ones Muon trains and the verdict weighs."""
+HIDDEN_TYPES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "fc1", "fc2",
+                "mla_q_a", "mla_q_b", "mla_kv_a", "mla_kv_b")
+"""Hidden (transformer-block) matrix types: the ones Muon trains and the verdict weighs. Routers (a few rows,
+one per expert), embeddings and heads are not among them."""
 
 # Above this many elements, `singular_values(method="auto")` uses the eigenvalues of the smaller Gram matrix
 # in fp64 (σ² is what every metric here weighs, so squaring the condition number costs nothing that matters).
@@ -283,8 +290,18 @@ _RULES: list[tuple[re.Pattern, str]] = [
     for p, t in [
         # embeddings / heads
         (r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-         r"embed_positions|shared|token_embd|tok_embeddings|embeddings)$", "embedding"),
+         r"embed_positions|shared|token_embd|tok_embeddings|embeddings|embed_in)$", "embedding"),
         (r"(^|\.)(lm_head|output|embed_out|cls\.predictions\.decoder)$", "lm_head"),
+        # MoE routers: Mixtral/Granite block_sparse_moe.gate, Qwen-MoE/DeepSeek/OLMoE mlp.gate, GPT-OSS/Llama-4
+        # mlp.router / feed_forward.router, DBRX ffn.router.layer, Switch router.classifier, GGUF ffn_gate_inp
+        (r"(^|\.)(block_sparse_moe|mlp|moe|feed_forward|ffn)\.(gate|router)$", "router"),
+        (r"(^|\.)router(\.(layer|classifier))?$", "router"),
+        (r"(^|\.)ffn_gate_inp(_shexp)?$", "router"),
+        # DeepSeek-V2/V3 multi-head latent attention
+        (r"(^|\.)q_a_proj$", "mla_q_a"),
+        (r"(^|\.)q_b_proj$", "mla_q_b"),
+        (r"(^|\.)kv_a_proj_with_mqa$", "mla_kv_a"),
+        (r"(^|\.)kv_b_proj$", "mla_kv_b"),
         # GPT-2: attn.c_attn (fused q|k|v, split by the reader), attn.c_proj, mlp.c_fc, mlp.c_proj
         (r"attn\.c_proj$", "o"),
         (r"mlp\.c_fc$", "fc1"),
@@ -297,9 +314,9 @@ _RULES: list[tuple[re.Pattern, str]] = [
         (r"attention\.output\.dense$", "o"),
         (r"(attention|attn|self_attn)\.wo$", "o"),
         (r"(self_attn|attention|attn)\.dense$", "o"),
-        (r"(^|\.)(gate_proj|w1|ffn_gate|wi_0)$", "gate"),
-        (r"(^|\.)(up_proj|w3|ffn_up|wi_1)$", "up"),
-        (r"(^|\.)(down_proj|w2|ffn_down)$", "down"),
+        (r"(^|\.)(gate_proj|w1|ffn_gate|ffn_gate_shexp|wi_0)$", "gate"),
+        (r"(^|\.)(up_proj|w3|v1|ffn_up|ffn_up_shexp|wi_1)$", "up"),
+        (r"(^|\.)(down_proj|w2|ffn_down|ffn_down_shexp)$", "down"),
         (r"(^|\.)(fc1|intermediate\.dense|wi|dense_h_to_4h|c_fc|lin1)$", "fc1"),
         (r"(^|\.)(fc2|dense_4h_to_h|lin2)$", "fc2"),
         (r"(DenseReluDense|mlp|ffn)\.wo$", "fc2"),
@@ -332,7 +349,9 @@ def layer_type(name: str) -> str:
     """Layer type of a parameter from its name, across architectures.
 
     Recognises Llama/Qwen/Mistral/Gemma (``q_proj`` … ``down_proj``, ``embed_tokens``, ``lm_head``), Mixtral
-    experts (``w1``/``w3``/``w2``), GPT-2 (``c_attn`` → ``"other"`` while fused, its blocks
+    experts (``w1``/``w3``/``w2``), DBRX experts (``w1``/``v1``/``w2``), MoE routers (→ ``"router"``),
+    DeepSeek MLA (``q_a_proj`` … → ``"mla_*"``), fused q|k|v (``c_attn``, ``qkv_proj``, ``query_key_value``,
+    ``Wqkv`` → ``"qkv"`` while fused), GPT-2 (its blocks
     ``...c_attn.weight[q]`` etc. from `fused_qkv_split` → q/k/v; ``attn.c_proj`` → o; ``mlp.c_fc`` and
     ``mlp.c_proj`` → fc1/fc2; ``wte``/``wpe``), BERT
     (``attention.self.query`` …, ``attention.output.dense`` → o, ``intermediate.dense``/``output.dense`` →
@@ -343,12 +362,12 @@ def layer_type(name: str) -> str:
     Returns:
         One of `LAYER_TYPES`.
     """
-    block = re.search(r"\[(q|k|v)\]$", name)
-    if block:  # a block of a fused q|k|v matrix, named by `fused_qkv_split`
+    block = re.search(r"\[(q|k|v|gate|up|down)\]$", name)
+    if block:  # a block of a fused matrix, named by `fused_qkv_split` or `muonft_cli.diagnose.layouts`
         return block.group(1)
     path = _module_path(name)
-    if re.search(r"(^|\.)(c_attn|qkv_proj|attn_qkv|Wqkv|query_key_value)$", path):
-        return "other"  # fused q|k|v left whole (see `fused_qkv_split`)
+    if re.search(r"(^|\.)(c_attn|qkv_proj|attn_qkv|Wqkv|wqkv|query_key_value)$", path):
+        return "qkv"  # fused q|k|v left whole (see `fused_qkv_split`)
     for pat, t in _RULES:
         if pat.search(path):
             return t
@@ -359,8 +378,9 @@ def fused_qkv_split(name: str, shape: tuple[int, ...]) -> list[tuple[str, str, i
     """How to split a fused q|k|v matrix into its three blocks, or None if ``name`` is not one we can split.
 
     GPT-2's ``attn.c_attn.weight`` is a Conv1D of shape (d, 3d) holding [q | k | v] along columns; Phi-3's
-    ``qkv_proj`` and GGUF's ``attn_qkv`` hold [q; k; v] along rows (shape (3d, d), equal blocks only — grouped
-    -query layouts need the config and are left whole).
+    ``qkv_proj`` and GGUF's ``attn_qkv`` hold [q; k; v] along rows (shape (3d, d), equal blocks only). The
+    layouts that need config.json's head counts (grouped-query, per-head interleaved) are split by
+    `muonft_cli.diagnose.layouts`.
 
     Returns:
         [(block_name, layer_type, dim, slice), ...] for q, k, v, where ``W.narrow``/indexing along ``dim`` with

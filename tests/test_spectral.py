@@ -119,7 +119,7 @@ def test_matrix_metrics_keys():
         ("model.layers.0.block_sparse_moe.experts.1.w1.weight", "gate"),
         ("model.layers.0.block_sparse_moe.experts.1.w2.weight", "down"),
         # GPT-2
-        ("transformer.h.0.attn.c_attn.weight", "other"),
+        ("transformer.h.0.attn.c_attn.weight", "qkv"),
         ("transformer.h.0.attn.c_attn.weight[k]", "k"),
         ("transformer.h.0.attn.c_proj.weight", "o"),
         ("transformer.h.0.mlp.c_fc.weight", "fc1"),

@@ -7,6 +7,8 @@ The engine returns data and never prints (the progress bar and tables are the "d
   per-matrix metrics and Marchenko–Pastur baselines streamed through a bounded pool of workers.
 - `io`: finding the 2-D matrices of an HF dir / .safetensors / peft adapter (LoRA, DoRA: merged as peft's
   ``merge_and_unload``) / .gguf and reading them one at a time by header offsets; the provenance files.
+- `layouts`: how fused (q|k|v, gate|up) and packed (MoE experts) tensors split into role-typed matrices, per
+  architecture, from config.json; why a tensor is not analysed; which experts ``--sample-experts`` keeps.
 - `fast`: Lanczos estimates of stable rank and SVD entropy with error bounds (and the exact fallback).
 - `verdict`: the spectral guess (adam | muon | unknown) with a calibrated confidence, provenance
   (``muonft.json``, Trainer files, known families), the fine-tuning recommendation, and the report document.

@@ -20,6 +20,7 @@ import torch
 
 from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
 from muonft_cli.diagnose.io import Checkpoint, MatrixSpec, open_checkpoint, recorded_base
+from muonft_cli.diagnose.layouts import DEFAULT_SAMPLE_EXPERTS, sample_experts as _sample_experts
 from muonft_cli.errors import UserInputError
 from muonft_cli.spectral import random_baseline
 
@@ -153,6 +154,7 @@ def diagnose(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     on_open: Callable[[Checkpoint], None] | None = None,
+    sample_experts: int = DEFAULT_SAMPLE_EXPERTS,
 ) -> dict[str, Any]:
     """Diagnose a checkpoint: spectra, optimizer guess, provenance, and a fine-tuning recommendation.
 
@@ -169,6 +171,9 @@ def diagnose(
         workers: see `analyse`.
         progress: ``progress(done, total, name)`` callback.
         on_open: called with the opened checkpoint before any matrix is read.
+        sample_experts: routed MoE experts analysed per layer (evenly spaced indices, the same for each
+            layer's gate/up/down; shared experts always); 0 = all. Bounds the time on models with thousands
+            of expert matrices; the report's ``experts`` says how many were analysed.
 
     Returns:
         The report (the ``--json`` document; schema in README "diagnose JSON").
@@ -181,6 +186,8 @@ def diagnose(
     if mode not in MODES:
         raise UserInputError(f"--mode {mode!r} is not one of {', '.join(MODES)}; use --exact or --fast")
     V.check_target(target_optim)
+    if isinstance(sample_experts, bool) or not isinstance(sample_experts, int) or sample_experts < 0:
+        raise UserInputError(f"--sample-experts {sample_experts!r} must be a whole number ≥ 0 (0 = every expert)")
     t0 = time.perf_counter()
     ck = open_checkpoint(path, base)
     if ck.kind == "adapter" and base is None:  # the base the adapter's own metadata names, when it is local
@@ -189,6 +196,7 @@ def diagnose(
             ck = open_checkpoint(path, found, base_source=source)
         else:
             ck.base_note = note
+    ck.matrices, ck.not_sampled, ck.experts = _sample_experts(ck.matrices, sample_experts)
     if on_open:
         on_open(ck)
     records = analyse(ck, mode=mode, workers=workers, progress=progress)

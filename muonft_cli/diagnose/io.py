@@ -11,6 +11,11 @@ the largest matrix (plus its work buffers) however big the model is:
 - GGUF: the header and tensor table come from the `gguf` package's ``GGUFReader`` (it memory-maps the file but
   only the header pages are touched); each tensor's bytes are ``pread`` and dequantised with
   ``gguf.quants.dequantize``.
+- which matrices a tensor holds is `muonft_cli.diagnose.layouts`' business (fused q|k|v and gate|up, packed MoE
+  experts, with the checkpoint's config.json); a block whose rows are contiguous (one expert of a packed
+  tensor, the q rows of a q|k|v) is read alone, by its own byte range. FP8 weights with block scales
+  (DeepSeek-V3 / Kimi K2 ``weight_scale_inv``) are dequantised as they are read. GGUF ``ffn_*_exps`` packed
+  experts are read one expert at a time. Every ≥2-D tensor not analysed is recorded with its reason.
 - peft adapter dirs: ``lora_A``/``lora_B`` pairs become three matrices each (A, B, and the delta
   ``scale·B·A``), and with a base checkpoint the merged weight as well: the matrix peft's ``merge_and_unload``
   produces, ``W₀ + scale·B·A`` for LoRA, ``m ⊙ (W₀ + scale·B·A) / ‖W₀ + scale·B·A‖`` per output row for DoRA
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import weakref
 from dataclasses import dataclass, field
@@ -36,7 +42,8 @@ from muonft_cli.errors import UserInputError
 from muonft_cli.models.lora import lora_scale, plain_name
 from muonft_cli.models.safetensors import TensorEntry as _StEntry
 from muonft_cli.models.safetensors import index_shards, read_header
-from muonft_cli.spectral import fused_qkv_split, layer_type, lora_part
+from muonft_cli.diagnose.layouts import Block, Layout, blocks, layout_from_config
+from muonft_cli.spectral import layer_type, lora_part
 
 __all__ = ["MatrixSpec", "Checkpoint", "open_checkpoint", "recorded_base", "read_count", "reset_read_count"]
 
@@ -78,6 +85,9 @@ class MatrixSpec:
     load: Callable[[], torch.Tensor]
     nbytes: int = 0
     role: str = "weight"  # weight | lora_A | lora_B | lora_delta | merged
+    source: str = ""  # the checkpoint tensor it is read from (several matrices may share one: fused, packed)
+    expert: int | None = None  # a routed MoE expert's index (`muonft_cli.diagnose.layouts.sample_experts`)
+    group: str | None = None  # that expert's MoE layer
 
     def read(self) -> torch.Tensor:
         """The matrix as fp32, shape ``self.shape`` (counted as live until garbage-collected)."""
@@ -98,6 +108,11 @@ class Checkpoint:
     adapter_config: dict | None = None
     base_source: str | None = None  # an adapter's base: "--base", or the file it was read from (muonft.json, ...)
     base_note: str | None = None  # why an adapter has no base (none recorded, not found, a hub id)
+    excluded: list[dict] = field(default_factory=list)  # ≥2-D tensors not analysed: name, shape, dtype, reason
+    n_tensors: int = 0  # ≥2-D tensors in the checkpoint (read from, excluded, or only experts not sampled)
+    not_sampled: list[MatrixSpec] = field(default_factory=list)  # expert matrices left out by sampling
+    experts: dict | None = None  # the expert sampling summary (`layouts.sample_experts`), None without MoE
+    notes: list[str] = field(default_factory=list)  # layout notes for the report (e.g. fused q|k|v left whole)
 
 
 def _bad(msg: str) -> UserInputError:
@@ -171,35 +186,124 @@ def _float_matrix(dt: str) -> bool:
     return _ST_DTYPES[dt][0] is not None and _ST_DTYPES[dt][0].is_floating_point
 
 
-def _specs_from_entries(entries: list[_StEntry]) -> tuple[list[MatrixSpec], list[str]]:
-    specs, skipped = [], []
+def _specs_from_entries(entries: list[_StEntry], layout: Layout) -> tuple[list[MatrixSpec], list[str], list[dict]]:
+    """The matrices of safetensors entries (fused and packed tensors split by `layouts.blocks`), the >2-D
+    tensors not analysed (the report's ``skipped``), and every ≥2-D tensor not analysed with its reason."""
+    specs, skipped, excluded = [], [], []
+    scales = _fp8_scales(entries)  # FP8 weight name → its scale tensor
+    scale_of = {s.name: w for w, s in scales.items()}
     for e in entries:
-        if len(e.shape) != 2 or not _float_matrix(e.dtype) or min(e.shape) < 2:
+        if len(e.shape) < 2:
+            continue
+        full = None
+        if e.name in scale_of:
+            got = f"FP8 scales (of {scale_of[e.name]}, applied when it is read)"
+        elif not _float_matrix(e.dtype):
+            got = f"not a floating-point tensor ({e.dtype}): integer or packed-quantised data"
+        else:
+            got = blocks(e.name, tuple(e.shape), layout)
+            if e.name in scales and not isinstance(got, str):
+                full = _fp8_loader(e, scales[e.name], layout.fp8_block)
+                if full is None:
+                    got = (f"FP8 weight with scales of no known layout ({scales[e.name].name} "
+                           f"{list(scales[e.name].shape)} fit no {layout.fp8_block[0]}×{layout.fp8_block[1]} block "
+                           "of config.json's quantization_config.weight_block_size)")
+        if isinstance(got, str):
+            excluded.append({"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "reason": got})
             if len(e.shape) > 2:
                 skipped.append(f"{e.name} {list(e.shape)} {e.dtype}")
             continue
-        split = fused_qkv_split(e.name, e.shape)
-        if split:
-            for bname, btype, dim, sl in split:
-                shape = (e.shape[0], sl.stop - sl.start) if dim == 1 else (sl.stop - sl.start, e.shape[1])
-                specs.append(MatrixSpec(bname, btype, shape, _slice_loader(e, dim, sl), e.nbytes // 3))
-            continue
-        specs.append(MatrixSpec(e.name, layer_type(e.name), (e.shape[0], e.shape[1]), _st_loader(e), e.nbytes))
-    return specs, skipped
+        whole = len(got) == 1 and got[0].rows is None and got[0].take is None
+        for b in got:
+            nbytes = e.nbytes if whole else e.nbytes * b.shape[0] * b.shape[1] // max(1, _numel(e.shape))
+            load = (full or _st_loader(e)) if whole else _block_loader(e, b, full)
+            specs.append(MatrixSpec(b.name, b.layer_type, b.shape, load, nbytes, source=e.name, expert=b.expert,
+                                    group=b.group))
+    return specs, skipped, excluded
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _st_loader(e: _StEntry) -> Callable[[], torch.Tensor]:
     return lambda: _load_st(e)
 
 
-def _slice_loader(e: _StEntry, dim: int, sl: slice) -> Callable[[], torch.Tensor]:
+def _load_st_rows(e: _StEntry, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of the first dimension of a safetensors tensor, read alone, as fp32.
+    Shape: (r1 - r0, *e.shape[1:])."""
+    row = e.nbytes // e.shape[0]
+    part = _StEntry(e.path, e.name, e.dtype, (r1 - r0, *e.shape[1:]), e.offset + r0 * row, (r1 - r0) * row)
+    return _load_st(part)
+
+
+def _block_loader(e: _StEntry, b: Block, full: Callable[[], torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+    """The loader of one block of ``e``: only its rows are read, unless ``full`` (e.g. FP8 dequantisation)
+    must see the whole tensor first."""
     def load() -> torch.Tensor:
-        W = _load_st(e)  # (d, 3d) or (3d, d)
-        return (W[:, sl] if dim == 1 else W[sl, :]).contiguous()
+        if full is not None:
+            W = full()
+            W = W if b.rows is None else W[b.rows[0]:b.rows[1]]
+        else:
+            W = _load_st(e) if b.rows is None else _load_st_rows(e, *b.rows)
+        return (W if b.take is None else b.take(W)).reshape(b.shape)  # (m, n)
+    return load
+
+
+def _fp8_scales(entries: list[_StEntry]) -> dict[str, _StEntry]:
+    """FP8 weights and their scale tensors (DeepSeek-V3 / Kimi K2 ``X.weight_scale_inv`` per 128×128 block,
+    compressed-tensors ``X.weight_scale`` per tensor or per row): weight name → scale entry."""
+    by_name = {e.name: e for e in entries}
+    out = {}
+    for e in entries:
+        for suffix in ("_scale_inv", "_scale"):
+            w = by_name.get(e.name[: -len(suffix)]) if e.name.endswith(suffix) else None
+            if w is not None and w.dtype.startswith("F8") and _float_matrix(e.dtype):
+                out[w.name] = e
+    return out
+
+
+def _fp8_loader(e: _StEntry, s: _StEntry, block: tuple[int, int]) -> Callable[[], torch.Tensor] | None:
+    """A loader of the dequantised FP8 weight ``e`` (its values times its scales ``s``: one per tensor, per row,
+    or per ``block`` tile as DeepSeek's ``weight_dequant``), or None when the scales' shape fits none of these."""
+    if len(e.shape) != 2:
+        return None
+    m, n = e.shape
+    b0, b1 = block
+    ss = tuple(s.shape)
+    if _numel(ss) == 1 or ss in ((m,), (m, 1)):
+        def expand(S: torch.Tensor) -> torch.Tensor:
+            return S.reshape(-1, 1) if S.numel() == m else S.reshape(1, 1)
+    elif len(ss) == 2 and ss == (-(-m // b0), -(-n // b1)):
+        def expand(S: torch.Tensor) -> torch.Tensor:  # (m/b0, n/b1) → (m, n)
+            return S.repeat_interleave(b0, 0)[:m].repeat_interleave(b1, 1)[:, :n]
+    else:
+        return None
+
+    def load() -> torch.Tensor:
+        W = _load_st(e)  # (m, n) fp32 of the FP8 values
+        return W.mul_(expand(_load_st(s)))
+
     return load
 
 
 # ------------------------------------------------------------------------------------------------ gguf
+
+
+def _gguf_layout(reader) -> Layout:
+    """The head counts a GGUF file's metadata gives (``{arch}.attention.head_count`` …), for its ``attn_qkv``."""
+    arch = _gguf_field(reader, "general.architecture") or ""
+    heads = _gguf_field(reader, f"{arch}.attention.head_count")
+    kv = _gguf_field(reader, f"{arch}.attention.head_count_kv") or heads
+    hidden = _gguf_field(reader, f"{arch}.embedding_length")
+    hd = _gguf_field(reader, f"{arch}.attention.key_length") or (hidden // heads if hidden and heads else None)
+    ok = all(isinstance(v, int) and v > 0 for v in (heads, kv, hd))
+    return Layout(model_type="gguf", hidden=hidden, heads=heads if ok else None, kv_heads=kv if ok else None,
+                  head_dim=hd if ok else None, has_config=ok)
 
 
 def _gguf_field(reader, key: str):
@@ -224,17 +328,36 @@ def _open_gguf(path: Path) -> Checkpoint:
         raise _bad(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]}); "
                    "re-download or re-convert it") from None
     size = path.stat().st_size
-    specs, skipped = [], []
+    specs, skipped, excluded, n_tensors = [], [], [], 0
     for t in reader.tensors:
         ne = [int(x) for x in t.shape]  # GGUF order: ne0 (columns) first
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise _bad(f"{path}: truncated file — tensor {t.name!r} runs past the end; re-download it")
+        if len(ne) >= 2:
+            n_tensors += 1
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        exps = re.match(r"^(blk\.\d+)\.ffn_(gate|up|down)_exps\.weight$", t.name) if len(ne) == 3 else None
+        if exps and min(ne[:2]) >= 2 and int(t.n_bytes) % ne[2] == 0:  # packed experts: ne = [cols, rows, E]
+            rows, cols, E, role = ne[1], ne[0], ne[2], exps.group(2)
+            per = int(t.n_bytes) // E
+            for e in range(E):
+                def load_e(t=t, rows=rows, cols=cols, qtype=qtype, e=e, per=per) -> torch.Tensor:
+                    buf = _pread(str(path), int(t.data_offset) + e * per, per)
+                    W = dequantize(np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1), qtype)  # (rows, cols)
+                    return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
+
+                specs.append(MatrixSpec(f"{t.name}[{e}][{role}]", role, (rows, cols), load_e, per, source=t.name,
+                                        expert=e, group=exps.group(1)))
+            continue
         if len(ne) != 2 or min(ne) < 2:
             if len(ne) > 2:
                 skipped.append(f"{t.name} {ne[::-1]}")
+            if len(ne) >= 2:
+                why = "a vector: it has no spectrum" if len(ne) == 2 else \
+                    f"a {len(ne)}-D GGUF tensor of no known layout"
+                excluded.append({"name": t.name, "shape": ne[::-1], "dtype": qtype.name, "reason": why})
             continue
         rows, cols = ne[1], ne[0]
-        qtype = GGMLQuantizationType(int(t.tensor_type))
 
         def load(t=t, rows=rows, cols=cols, qtype=qtype) -> torch.Tensor:
             buf = _pread(str(path), int(t.data_offset), int(t.n_bytes))
@@ -242,7 +365,15 @@ def _open_gguf(path: Path) -> Checkpoint:
             W = dequantize(raw, qtype)  # (rows, cols) float32
             return torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).reshape(rows, cols)
 
-        specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes)))
+        if t.name.endswith("attn_qkv.weight"):  # llama.cpp writes every fused q|k|v as [q; k; v] rows
+            split = blocks(t.name, (rows, cols), _gguf_layout(reader))
+            if not isinstance(split, str) and len(split) == 3:
+                for b in split:
+                    specs.append(MatrixSpec(b.name, b.layer_type, b.shape,
+                                            (lambda load=load, r=b.rows: load()[r[0]:r[1]].contiguous()),
+                                            int(t.n_bytes) * b.shape[0] // rows, source=t.name))
+                continue
+        specs.append(MatrixSpec(t.name, layer_type(t.name), (rows, cols), load, int(t.n_bytes), source=t.name))
     prov = {"gguf": {k: _gguf_field(reader, k) for k in
                      ("general.architecture", "general.name", "general.basename", "general.organization",
                       "general.finetune", "general.size_label")}}
@@ -250,7 +381,9 @@ def _open_gguf(path: Path) -> Checkpoint:
     quant = sorted({GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors})
     prov["gguf"]["tensor_types"] = quant
     del reader
-    return Checkpoint(str(path), "gguf", specs, prov, skipped, size)
+    ck = Checkpoint(str(path), "gguf", specs, prov, skipped, size)
+    ck.excluded, ck.n_tensors = excluded, n_tensors
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -427,6 +560,24 @@ def recorded_base(path: str | os.PathLike) -> tuple[str | None, str | None, str 
     return None, None, "the adapter records no base model (muonft.json, adapter_config.json): pass --base PATH"
 
 
+def _st_checkpoint(p: Path, kind: str, entries: list[_StEntry], files: list[str], folder: Path) -> Checkpoint:
+    """A safetensors checkpoint's matrices, split by the layout its folder's config.json describes."""
+    cfg = None
+    if (folder / "config.json").is_file():
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cfg = None  # provenance reports it as not valid JSON
+    specs, skipped, excluded = _specs_from_entries(entries, layout_from_config(cfg))
+    ck = Checkpoint(str(p), kind, specs, _dir_provenance(folder), skipped, sum(Path(f).stat().st_size for f in files))
+    ck.excluded, ck.n_tensors = excluded, sum(len(e.shape) >= 2 for e in entries)
+    whole = sorted({s.source for s in specs if s.layer_type == "qkv"})
+    if whole:
+        ck.notes.append(f"{len(whole)} fused q|k|v matrices analysed whole (type qkv): their head layout needs "
+                        f"config.json's head counts{' (none beside the checkpoint)' if cfg is None else ''}")
+    return ck
+
+
 def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None, *,
                     base_source: str | None = None) -> Checkpoint:
     """Find the matrices of a checkpoint without reading them.
@@ -460,9 +611,7 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
         ck = _open_gguf(p)
     elif p.is_file() and p.suffix == ".safetensors":
         entries, files = _st_entries(p)
-        specs, skipped = _specs_from_entries(entries)
-        ck = Checkpoint(str(p), "safetensors", specs, _dir_provenance(p.parent), skipped,
-                        sum(Path(f).stat().st_size for f in files))
+        ck = _st_checkpoint(p, "safetensors", entries, files, p.parent)
     elif p.is_dir():
         entries, files = _st_entries(p)
         if not files:
@@ -470,8 +619,7 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
                 if any(p.glob("*.bin")) else ""
             raise _bad(f"{p}: not a checkpoint — no *.safetensors, adapter_config.json or .gguf inside{hint}; "
                        "pass a model dir, a .safetensors/.gguf file or an adapter dir")
-        specs, skipped = _specs_from_entries(entries)
-        ck = Checkpoint(str(p), "hf", specs, _dir_provenance(p), skipped, sum(Path(f).stat().st_size for f in files))
+        ck = _st_checkpoint(p, "hf", entries, files, p)
     else:
         raise _bad(f"{p}: not a checkpoint (expected a model dir, .safetensors, .gguf, or adapter dir)")
     if not ck.matrices:

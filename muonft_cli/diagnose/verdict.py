@@ -11,8 +11,10 @@ matrix, so every feature is *relative to the random (Marchenko–Pastur) baselin
 - ``ent`` = log(D / D_random), D = (1 − H)·log r the entropy deficit in nats (0 random, > 0 concentrated,
             < 0 flatter than random — Muon's orthogonal updates flatten spectra)
 
-Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2) and then over types, so a model's
-many MLP matrices don't drown its attention matrices; a logistic model on those two averages gives
+Features are averaged per layer type (q, k, v, o, gate/up/down or fc1/fc2, a fused ``qkv`` left whole, the
+``mla_*`` projections of DeepSeek-style latent attention: `muonft_cli.spectral.HIDDEN_TYPES`; MoE routers,
+embeddings and heads are not weighed) and then over types, so a model's many MLP (and expert) matrices don't
+drown its attention matrices; a logistic model on those two averages gives
 P(muon). Its weights are fitted by `bench/calibrate_diagnose.py` on labelled `muonft pretrain` checkpoints and
 stored in `calibration.json` (with how they were produced and the leave-one-out accuracy).
 
@@ -510,6 +512,10 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
     else:
         spectral = spectral_verdict(verdict_records)
     evidence = list(spectral["evidence"])
+    experts = getattr(ck, "experts", None)
+    if experts:
+        evidence.append(_experts_line(experts))
+    evidence += [f"layout: {n}" for n in getattr(ck, "notes", [])]
     if ck.kind == "adapter" and ck.base is not None:
         evidence.insert(0, f"base: {ck.base.path} ({_base_said(ck)})")
     prov_files = dict(ck.provenance)
@@ -536,8 +542,8 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
                             "~6–7 for LoRA-Muon, ~3–5 for LoRA-Adam)")
     # the base's size for LR scaling: parameters in its matrices
     size_src = ck.base if (ck.kind == "adapter" and ck.base is not None) else (None if ck.kind == "adapter" else ck)
-    n_params = sum(s.shape[0] * s.shape[1] for s in size_src.matrices if s.role in ("weight", "merged")) \
-        if size_src is not None else None
+    n_params = sum(s.shape[0] * s.shape[1] for s in [*size_src.matrices, *getattr(size_src, "not_sampled", [])]
+                   if s.role in ("weight", "merged")) if size_src is not None else None  # experts not sampled too
     if prov["family"]:
         family, source = prov["family"], prov["source"]
     elif spectral["optimizer_guess"] != "unknown":
@@ -576,5 +582,31 @@ def build_report(ck: Any, records: list[dict[str, Any]], *, mode: str, target_op
         "provenance": {k: prov[k] for k in ("optimizer", "family", "source", "finetune_optimizer")},
         "layer_types": _layer_table(records, spectral["layer_leans"]),
         "skipped": list(ck.skipped),
+        "excluded": list(getattr(ck, "excluded", [])),
+        "experts": experts,
+        "coverage": _coverage(ck, records),
         "recommendation": rec,
     }
+
+
+def _experts_line(e: dict[str, Any]) -> str:
+    """One evidence line saying how many MoE experts were analysed."""
+    which = f" (experts {', '.join(map(str, e['experts']))})" if e.get("experts") else ""
+    layers = f"{e['moe_layers']} MoE layer{'s' if e['moe_layers'] != 1 else ''}"
+    if e["not_analysed"] == 0:
+        return (f"MoE: all {e['experts_per_layer']} experts of each of {layers} analysed "
+                f"({e['expert_matrices']} expert matrices)")
+    return (f"MoE: {e['sample_experts']} of {e['experts_per_layer']} experts per layer analysed{which} in "
+            f"{layers}: {e['analysed']} of {e['expert_matrices']} expert matrices (--sample-experts N; 0 = all)")
+
+
+def _coverage(ck: Any, records: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Where every ≥2-D tensor of the checkpoint went: ``analysed`` (at least one matrix read from it),
+    ``not_sampled`` (only MoE experts left out by sampling), ``excluded`` (with a reason, in ``excluded``);
+    they add up to ``tensors``. None for an adapter (its matrices are pairs and products, not tensors)."""
+    if ck.kind == "adapter" or not getattr(ck, "n_tensors", 0):
+        return None
+    read = {s.source for s in ck.matrices}
+    left = {s.source for s in getattr(ck, "not_sampled", [])} - read
+    return {"tensors": ck.n_tensors, "analysed": len(read), "not_sampled": len(left),
+            "excluded": len(getattr(ck, "excluded", [])), "matrices": len(records)}
