@@ -324,7 +324,8 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
                 "lora_cast_inputs": lora and autocast and half_base,
                 "lora_in": sum(layer0.values()), "lora_r": len(layer0) * (cfg.lora.rank or 0)}
     autocast_copies = 0
-    if autocast and not half_base:  # bf16 casts of every fp32 Linear weight, kept for the backward pass
+    if autocast and not half_base and strategy != "fsdp":  # bf16 casts of every fp32 Linear weight, kept for
+        # the backward pass (FSDP2 computes in bf16 through its MixedPrecisionPolicy instead: gathers in bf16)
         linear_trainable = sum(r.param.numel() for r in routes if r.param.ndim == 2 and r.reason == "hidden matrix")
         autocast_copies = int(2 * (linear_trainable + linear_frozen) * shard)
 
@@ -353,7 +354,7 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
     if strategy == "fsdp":  # the unsharded parameters of two layers (current + prefetched) and one layer's grads
         layer_params = (total_params - shape["vocab"] * shape["hidden"] * (1 if shape["tied_embeddings"] else 2)) \
             / max(1, shape["layers"])
-        per_param = {"fp32": 4, "bf16": 2, "fp16": 2, "nf4": NF4_BYTES_PER_PARAM}[base_dtype]
+        per_param = {"fp32": 2 if autocast else 4, "bf16": 2, "fp16": 2, "nf4": NF4_BYTES_PER_PARAM}[base_dtype]
         layer_trainable = trainable / max(1, shape["layers"])
         fsdp_gather = int(2 * layer_params * per_param + 4 * layer_trainable)
     persistent = weights + opt_state + gradients + ddp_buckets
