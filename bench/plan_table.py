@@ -5,7 +5,8 @@ CliRunner), planned for one micro-batch of 1 × 1024 tokens with bf16 compute, p
 columns repeat the plan with `--gpu-memory 24GiB` and `80GiB`. No weights exist or are read: DIR holds only
 config.json. Writes bench/results/plan_llama7b.json and prints the markdown table.
 
-    python bench/plan_table.py
+    python bench/plan_table.py            # plan every row, write the JSON, print the table
+    python bench/plan_table.py --table    # print the table of the JSON already written
 """
 
 from __future__ import annotations
@@ -55,17 +56,31 @@ def main() -> None:
         shutil.rmtree(tmp)
     out = REPO / "bench" / "results" / "plan_llama7b.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print("| run (per GPU, micro-batch 1 × 1024, bf16 compute) | weights | grads | optimizer state | activations "
-          "| total GiB | fits 24 GiB | largest micro-batch 24 / 80 GiB |")
-    print("|---|---:|---:|---:|---:|---:|:---:|---:|")
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table of `main`'s results (binary units: GiB = 2**30)."""
+    from muonft_cli.render import human_bytes as hb
+
+    lines = ["| run (per GPU) | weights | gradients (+ DDP buckets) | optimizer state | activations | other¹ "
+             "| **total** | fits 24 GiB | largest micro-batch, 24 / 80 GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|:---:|---:|"]
     for row in results:
         p = row["24GiB"]
         b = p["bytes"]
         grads = b["gradients"] + b["ddp_buckets"]
-        print(f"| {row['label']} | {gib(b['weights'])} | {gib(grads)} | {gib(b['optimizer_state'])} | "
-              f"{gib(b['activations'])} | **{gib(b['total'])}** | {'yes' if p['fits'] else 'no'} | "
-              f"{p['max_micro_batch']} / {row['80GiB']['max_micro_batch']} |")
+        other = b["total"] - b["weights"] - grads - b["optimizer_state"] - b["activations"]
+        lines.append(f"| {row['label']} | {hb(b['weights'])} | {hb(grads)} | {hb(b['optimizer_state'])} | "
+                     f"{hb(b['activations'])} | {hb(other)} | **{hb(b['total'])}** | "
+                     f"{'yes' if p['fits'] else 'no'} | {p['max_micro_batch']} / {row['80GiB']['max_micro_batch']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--table"]:
+        print(table(json.loads((REPO / "bench" / "results" / "plan_llama7b.json").read_text())))
+    else:
+        main()

@@ -55,7 +55,7 @@ def _hf_config(cfg: Any, mode: str) -> tuple[Any, str]:
             ids = {"vocab_size": len(tok)}
         return models.load.pretrain_config(cfg.model, ids), cfg.model.model_config or f"preset {cfg.model.preset}"
     name = cfg.model.name_or_path
-    if name.startswith("builtin:"):
+    if name.startswith("builtin:") or name.lower().endswith(".gguf"):
         raise UserInputError(f"--plan: '{name}' is a GGUF file and has no config.json: pass the HF folder or hub "
                              "id of the original model (--plan builds the model from its config.json alone)")
     p = Path(name).expanduser()
