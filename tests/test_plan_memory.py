@@ -155,10 +155,37 @@ def test_plan_bad_input(tmp_path, tiny_model_dir):
 MEASURED_MODEL = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
                   "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000,
                   "max_position_embeddings": 256, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
-MEASURED_RUNS = {  # ~58 M parameters: full fine-tuning with AdamW, and LoRA-Muon
+MEASURED_RUNS = {  # ~58 M parameters: full fine-tuning with AdamW, LoRA-Muon, LoRA-Muon on a bf16 base
     "full-adamw": ["optimizer.name=adamw", "train.micro_batch_size=4", "data.seq_len=64"],
     "lora-muon": ["optimizer.name=muon", "lora.rank=8", "train.micro_batch_size=4", "data.seq_len=64"],
+    "lora-muon-bf16": ["optimizer.name=muon", "lora.rank=8", "train.micro_batch_size=4", "data.seq_len=64",
+                       "model.base_dtype=bf16"],
 }
+CUDA_RUNS = {
+    "full-adamw-bf16-autocast": ["optimizer.name=adamw", "model.dtype=bf16", "train.micro_batch_size=4",
+                                 "data.seq_len=256"],
+    "lora-muon-bf16-base": ["optimizer.name=muon", "lora.rank=8", "model.base_dtype=bf16",
+                            "train.micro_batch_size=8", "data.seq_len=256"],
+}
+
+
+def _measure_and_compare(tmp_path: Path, runs: dict[str, list[str]], device: str) -> None:
+    d = tmp_path / "m58"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(MEASURED_MODEL))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0"}
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "tests" / "_helpers_memory.py"), str(d),
+                                     json.dumps(sets), "2", device], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, sets in runs.items()}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        measured = json.loads(stdout.strip().splitlines()[-1])["measured"]
+        sets = [a for s in runs[name] for a in ("--set", s)]
+        planned = plan("--model", d, "--device", device, *sets)["bytes"]["total"]
+        assert abs(planned / measured - 1) <= 0.15, (name, planned, measured)
 
 
 @pytest.mark.slow
@@ -168,19 +195,12 @@ def test_plan_total_within_15_percent_of_measured_peak_rss(tmp_path):
     plan of the same run. glibc's malloc gets a fixed mmap threshold in those processes: its default, dynamic
     one keeps freed activation blocks in the heap and makes RSS grow step by step, an allocator effect the
     plan (like torch.cuda.max_memory_allocated on a GPU) does not model."""
-    d = tmp_path / "m58"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(MEASURED_MODEL))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "MALLOC_TRIM_THRESHOLD_": "0"}
-    procs = {name: subprocess.Popen([sys.executable, str(REPO / "tests" / "_helpers_memory.py"), str(d),
-                                     json.dumps(sets), "2"], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, sets in MEASURED_RUNS.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr
-        measured = json.loads(stdout.strip().splitlines()[-1])["measured"]
-        sets = [a for s in MEASURED_RUNS[name] for a in ("--set", s)]
-        planned = plan("--model", d, "--device", "cpu", *sets)["bytes"]["total"]
-        assert abs(planned / measured - 1) <= 0.15, (name, planned, measured)
+    _measure_and_compare(tmp_path, MEASURED_RUNS, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_total_within_15_percent_of_cuda_max_memory_allocated(tmp_path):
+    """On a GPU: torch.cuda.max_memory_allocated over two steps against the plan (bf16 autocast over fp32
+    weights; LoRA on a bf16 base)."""
+    _measure_and_compare(tmp_path, CUDA_RUNS, "cuda")
