@@ -144,8 +144,8 @@ def _layer_bytes(s: dict[str, Any], seq: int, c: dict[str, Any]) -> int:
     `c`: `compute` (bytes of a matmul output), `cast_copies` (bf16 autocast over fp32 weights: every Linear
     that needs its input saves its own bf16 cast of it), `lora_fp32_inputs` (a half-precision base without
     autocast: peft casts each LoRA A input to fp32 and A saves it), `lora_cast_inputs` (a half-precision base
-    under autocast: that fp32 copy is cast back, and A saves the bf16 cast), `consumers` (Linears reading the attention / MLP norm
-    output that need it saved: 3 and 2 in full fine-tuning, the LoRA targets among them under LoRA),
+    under autocast: that fp32 copy is cast back, and A saves the bf16 cast), `consumers` (Linears reading the
+    attention / MLP norm output that need it saved: 3 and 2 in full fine-tuning, the LoRA targets among them),
     `lora_in` (Σ in-features of the layer's LoRA targets), `lora_r` (Σ ranks of its LoRA A outputs).
     """
     h, i = s["hidden"], s["intermediate"]
@@ -291,17 +291,18 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
     trainable_ids = {id(r.param) for r in routes}
     frozen = [(n, p) for n, p in model.named_parameters() if id(p) not in trainable_ids]
 
-    # weights: trainable fp32; a frozen base in its dtype (NF4: its Linear weights, the rest fp32 as
-    # peft's prepare_model_for_kbit_training leaves them)
+    # weights: trainable fp32; a frozen base in its dtype (NF4: its Linear weights but the head, the rest fp32
+    # as peft's prepare_model_for_kbit_training leaves them)
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
+    linears = {id(m.weight): m is head for m in model.modules() if isinstance(m, torch.nn.Linear)}
     weights = 4 * trainable
     linear_frozen = 0
-    for n, p in frozen:
+    for _, p in frozen:
         if base_dtype == "nf4":
-            is_linear_weight = p.ndim == 2 and ".base_layer." in n
-            weights += NF4_BYTES_PER_PARAM * p.numel() if is_linear_weight else 4 * p.numel()
+            weights += (NF4_BYTES_PER_PARAM if linears.get(id(p)) is False else 4) * p.numel()
         else:
             weights += _DTYPE_BYTES[base_dtype] * p.numel()
-        if p.ndim == 2 and ".base_layer." in n:
+        if id(p) in linears:
             linear_frozen += p.numel()
     weights = int(weights * shard)
     gradients = int(4 * trainable * shard)
@@ -326,7 +327,7 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
     autocast_copies = 0
     if autocast and not half_base and strategy != "fsdp":  # bf16 casts of every fp32 Linear weight, kept for
         # the backward pass (FSDP2 computes in bf16 through its MixedPrecisionPolicy instead: gathers in bf16)
-        linear_trainable = sum(r.param.numel() for r in routes if r.param.ndim == 2 and r.reason == "hidden matrix")
+        linear_trainable = sum(r.param.numel() for r in routes if id(r.param) in linears)
         autocast_copies = int(2 * (linear_trainable + linear_frozen) * shard)
 
     local, micro = local_sizes(cfg.train.batch_size, cfg.train.micro_batch_size, world)

@@ -202,8 +202,8 @@ def plan_table(plan: dict[str, Any]):
     t.add_column("term")
     t.add_column("bytes", justify="right")
     t.add_column("", style="dim")
-    t.add_row("parameters", f"{plan['params']:,}", f"{plan['trainable_params']:,} trainable "
-              f"({plan['muon_params']:,} in Muon)")
+    in_muon = f" ({plan['muon_params']:,} in Muon)" if plan.get("muon_params") else ""
+    t.add_row("parameters", f"{plan['params']:,}", f"{plan['trainable_params']:,} trainable{in_muon}")
     rows = [("weights", b["weights"], ""), ("gradients", b["gradients"], ""),
             ("optimizer state", b["optimizer_state"], ""),
             ("activations", b["activations"], f"gradient checkpointing {ckpt}; "

@@ -147,6 +147,8 @@ def test_plan_bad_input(tmp_path, tiny_model_dir):
         one_line_error(r, needle)
     r = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--world-size", "2"])
     one_line_error(r, "--plan")
+    r = runner.invoke(app, ["pretrain", "--plan", "--model-config", str(tmp_path / "absent.json")])
+    one_line_error(r, "does not exist")
     assert sorted(os.listdir(empty)) == []
 
 
