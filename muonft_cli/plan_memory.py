@@ -275,6 +275,9 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
     shard = 1.0 / world if strategy == "fsdp" else 1.0
 
     hf_config, source = _hf_config(cfg, mode)
+    if mode == "pretrain" and not cfg.model.tokenizer:
+        notes.append(f"vocabulary planned at --vocab-size {cfg.model.vocab_size} (the BPE trained on the data may "
+                     "come out smaller)")
     model = _meta_model(hf_config, cfg.model.trust_remote_code)
     shape = _shape(model.config)
     total_params = sum(p.numel() for p in model.parameters())
@@ -348,8 +351,9 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
 
         ns_bytes = resolve_ns_dtype("auto", "cpu").itemsize
     step_ws = (0 if on_cuda else int(4 * adamw_numel * shard))
-    if optim_name != "adamw":
-        step_ws += _muon_workspace(routes, ns_bytes, DEFAULT_CHUNK_BYTES, world if strategy != "single" else 1)
+    if optim_name != "adamw":  # the AdamW group steps first, its copy freed before Newton–Schulz runs
+        step_ws = max(step_ws, _muon_workspace(routes, ns_bytes, DEFAULT_CHUNK_BYTES,
+                                               world if strategy != "single" else 1))
     ddp_buckets = gradients if strategy == "ddp" else 0  # DDP's flat gradient buckets beside .grad
     fsdp_gather = 0
     if strategy == "fsdp":  # the unsharded parameters of two layers (current + prefetched) and one layer's grads
