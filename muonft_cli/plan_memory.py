@@ -385,7 +385,8 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
         notes.append("the CUDA context and allocator caching (~0.5-1 GiB) are not in the total")
     return {
         "model": source, "mode": mode, "device": "cuda" if on_cuda else "cpu", "world_size": world,
-        "strategy": strategy, "base_dtype": base_dtype, "compute_dtype": "bf16" if acts_cfg["compute"] == 2 else "fp32",
+        "strategy": strategy, "base_dtype": base_dtype,
+        "compute_dtype": "fp32" if acts_cfg["compute"] == 4 else "fp16" if base_dtype == "fp16" else "bf16",
         "optimizer": optim_name, "lora_rank": cfg.lora.rank, "micro_batch_size": micro, "local_batch_size": local,
         "seq_len": seq, "gradient_checkpointing": ckpt,
         "params": int(total_params + (trainable if lora else 0)), "trainable_params": int(trainable),
