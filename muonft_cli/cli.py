@@ -163,14 +163,36 @@ def _cpu_dtype_note(cfg: Any) -> None:
 _PRETRAIN_BASE = {"optimizer": {"lr": 1e-3}}
 
 
+def _plan_cmd(mode: str, flags: dict[str, Any], config: Optional[str], overrides: Optional[list[str]],
+              plan_opts: dict[str, Any], as_json: bool) -> None:
+    """`pretrain` / `finetune` with --plan: the memory plan of that run, printed; nothing is written."""
+    from muonft_cli import config as cfgmod
+
+    cfg = _run(cfgmod.resolve, config, flags, overrides, _PRETRAIN_BASE if mode == "pretrain" else None)
+    from muonft_cli import plan_memory, render
+
+    gpu = _run(plan_memory.parse_bytes, plan_opts["gpu_memory"]) if plan_opts["gpu_memory"] else None
+    plan = _run(plan_memory.plan_memory, cfg, mode, world_size=plan_opts["world_size"], gpu_memory=gpu)
+    if as_json:
+        _json(plan)
+    else:
+        render.print_plan(plan)
+
+
 def _train_cmd(mode: str, flags: dict[str, Any], config: Optional[str], overrides: Optional[list[str]],
-               resume: bool, as_json: bool, quiet: bool) -> None:
-    """Shared body of `pretrain` / `finetune`: flags -> config -> train.run -> print."""
+               resume: bool, as_json: bool, quiet: bool, plan_opts: Optional[dict[str, Any]] = None) -> None:
+    """Shared body of `pretrain` / `finetune`: flags -> config -> train.run -> print (or, with --plan, the
+    memory plan)."""
     import os
     from pathlib import Path
 
     from muonft_cli import config as cfgmod
 
+    if plan_opts and plan_opts["plan"]:
+        return _plan_cmd(mode, flags, config, overrides, plan_opts, as_json)
+    if plan_opts and (plan_opts["world_size"] is not None or plan_opts["gpu_memory"] is not None):
+        _err("--world-size and --gpu-memory are planning options: add --plan (a run takes its world size "
+             "from torchrun)")
     base = _PRETRAIN_BASE if mode == "pretrain" else None
     out = flags.get("output.dir")
     if resume and out and (Path(out).expanduser() / "config.yaml").is_file():
@@ -308,6 +330,13 @@ def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
         ("overwrite", Optional[bool], _flag("--overwrite/--no-overwrite", "Replace a run already in --out.")),
         ("config", Optional[str], _O(None, "--config", help="YAML recipe: a file or recipe:NAME (`muonft recipes`).")),
         ("set_", Optional[list[str]], _O(None, "--set", help="key.path=value override (repeatable).")),
+        ("plan", bool, _flag("--plan", "Print the memory plan of this run per device (weights, gradients, "
+                                       "optimizer state, activations; built from config.json alone, nothing "
+                                       "written) and exit.", False)),
+        ("world_size", Optional[int], _O(None, "--world-size", show_default="$WORLD_SIZE or 1",
+                                         help="--plan: the number of devices (torchrun processes) to plan for.")),
+        ("gpu_memory", Optional[str], _O(None, "--gpu-memory", show_default="the local GPU's, if any",
+                                         help="--plan: memory of one GPU to fit into, e.g. 24GiB or 80GB.")),
         ("as_json", bool, _flag("--json", "Print one JSON summary line on stdout.", False)),
         ("quiet", bool, _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False)),
     ]
@@ -356,6 +385,10 @@ def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _plan_opts(kw: dict[str, Any]) -> dict[str, Any]:
+    return {"plan": kw["plan"], "world_size": kw["world_size"], "gpu_memory": kw["gpu_memory"]}
+
+
 @app.command()
 @_train_options("pretrain")
 def pretrain(
@@ -370,7 +403,7 @@ def pretrain(
     flags = _common_flags({"tokenizer": tokenizer, **common})
     flags.update({"model.preset": preset, "model.model_config": model_config, "model.vocab_size": vocab_size})
     _train_cmd("pretrain", flags, common["config"], common["set_"], common["resume"], common["as_json"],
-               common["quiet"])
+               common["quiet"], _plan_opts(common))
 
 
 @app.command()
@@ -396,7 +429,7 @@ def finetune(
                   "lora.targets": _split_targets(lora_targets), "lora.variant": lora_variant,
                   "lora.merge": merge})
     _train_cmd("finetune", flags, common["config"], common["set_"], common["resume"], common["as_json"],
-               common["quiet"])
+               common["quiet"], _plan_opts(common))
 
 
 # ------------------------------------------------------------------ sweep (engine: sweep/)

@@ -28,6 +28,10 @@ from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
+#: `model.base_dtype`: the dtype a LoRA run's frozen base is loaded in (auto: bf16 on CUDA, fp32 otherwise).
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: `train.strategy` under torchrun: replicate (DDP) or shard (FSDP2) weights, gradients and optimizer state.
+STRATEGIES = ("ddp", "fsdp")
 PRESETS = ("tiny", "small")
 #: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")
@@ -45,6 +49,9 @@ class ModelConfig:
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on CUDA; CPU runs stay fp32)"})
     trust_remote_code: bool = False
     offline: bool = field(default=False, metadata={"help": "never contact the hub (sets HF_HUB_OFFLINE=1)"})
+    base_dtype: str = field(default="auto", metadata={
+        "help": "auto | fp32 | bf16 | fp16: the frozen base of a LoRA run (auto: bf16 on CUDA, fp32 otherwise)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA)"})
 
 
 @dataclass
@@ -121,6 +128,7 @@ class TrainConfig:
                 "checkpoint; 0 = off"})
     keep_last: int = 2
     gradient_checkpointing: bool = False
+    strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp (FSDP2) under torchrun"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads); null = "
                                                                 "torch's default"})
@@ -304,6 +312,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
     choice("model.preset", cfg.model.preset, PRESETS)
+    choice("model.base_dtype", cfg.model.base_dtype, BASE_DTYPES)
+    choice("train.strategy", cfg.train.strategy, STRATEGIES)
     positive("optimizer.lr", cfg.optimizer.lr)
     if cfg.optimizer.adamw_lr is not None:
         positive("optimizer.adamw_lr", cfg.optimizer.adamw_lr)
@@ -448,7 +458,8 @@ def to_dict(cfg: Any) -> dict:
 #: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
 ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
-                              "train.run_name": None}
+                              "train.run_name": None, "model.base_dtype": "auto", "model.load_in_4bit": False,
+                              "train.strategy": "ddp"}
 
 
 def stable_view(data: dict) -> dict:

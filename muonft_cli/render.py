@@ -173,6 +173,69 @@ def print_eval(report: dict[str, Any]) -> None:
     Console().print(eval_tables(report))
 
 
+# ----------------------------------------------------------------------------------------- memory plan
+
+
+def human_bytes(n: float | None) -> str:
+    """Bytes as a person reads them: binary units (GiB = 2**30), three significant digits."""
+    if n is None:
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_table(plan: dict[str, Any]):
+    """The `--plan` table: one row per term of the per-device total (`muonft_cli.plan_memory`)."""
+    from rich.table import Table
+
+    b = plan["bytes"]
+    ckpt = "on" if plan["gradient_checkpointing"] else "off"
+    lora = f", LoRA r={plan['lora_rank']}" if plan["lora_rank"] else ", full fine-tuning"
+    title = (f"memory plan per device: {plan['model']} | {plan['optimizer']}"
+             f"{lora} | "
+             f"{plan['world_size']} device(s), {plan['strategy']} | base {plan['base_dtype']}, compute "
+             f"{plan['compute_dtype']} on {plan['device']} | micro-batch {plan['micro_batch_size']} x "
+             f"{plan['seq_len']} tokens")
+    t = Table(title=title, title_justify="left")
+    t.add_column("term")
+    t.add_column("bytes", justify="right")
+    t.add_column("", style="dim")
+    in_muon = f" ({plan['muon_params']:,} in Muon)" if plan.get("muon_params") else ""
+    t.add_row("parameters", f"{plan['params']:,}", f"{plan['trainable_params']:,} trainable{in_muon}")
+    rows = [("weights", b["weights"], ""), ("gradients", b["gradients"], ""),
+            ("optimizer state", b["optimizer_state"], ""),
+            ("activations", b["activations"], f"gradient checkpointing {ckpt}; "
+             f"{human_bytes(b['activations_checkpointed'])} with, "
+             f"{human_bytes(b['activations_not_checkpointed'])} without"),
+            ("optimizer-step workspace", b["step_workspace"], "transient, after the activations are freed"),
+            ("DDP gradient buckets", b["ddp_buckets"], ""), ("FSDP2 all-gathered layers", b["fsdp_gather"], ""),
+            ("autocast bf16 weight copies", b["autocast_copies"], "")]
+    for name, value, note in rows:
+        if value or name in ("weights", "gradients", "optimizer state", "activations"):
+            t.add_row(name, human_bytes(value), note)
+    budget = plan.get("gpu_memory")
+    verdict = ("" if plan["fits"] is None else
+               f"fits {human_bytes(budget)}" if plan["fits"] else f"does NOT fit {human_bytes(budget)}")
+    t.add_row("[bold]total[/]", f"[bold]{human_bytes(b['total'])}[/]", verdict)
+    return t
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    """Print the memory plan on stdout (it is the command's output), and its notes and fit on stderr."""
+    from rich.console import Console
+
+    Console().print(plan_table(plan))
+    if plan.get("max_micro_batch") is not None:
+        mmb = plan["max_micro_batch"]
+        print(f"largest micro-batch that fits {human_bytes(plan['gpu_memory'])}: {mmb}"
+              + (" (not even 1: shard with --strategy fsdp, use LoRA, a smaller --seq-len or "
+                 "--gradient-checkpointing)" if mmb == 0 else ""), file=sys.stderr)
+    for note in plan.get("notes") or []:
+        print(f"note: {note}", file=sys.stderr)
+
+
 # -------------------------------------------------------------------------------------------- diagnose
 
 

@@ -315,51 +315,62 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
 # --------------------------------------------------------------------------------------------- pretraining
 
 
+def pretrain_config(model_cfg: Any, ids: dict[str, Any]) -> Any:
+    """The transformers config `muonft pretrain` builds: `model_cfg.preset` "tiny" / "small" (Llama) or
+    `model_cfg.model_config` (a config.json, or a folder holding one), with the vocabulary size and bos/eos/pad
+    ids of `ids` (`vocab_size`, `bos_token_id`, ...). One `UserInputError` line for a missing or unusable file."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = getattr(model_cfg, "model_config", None)
+    preset = getattr(model_cfg, "preset", None)
+    if not path:
+        if preset not in PRESETS:
+            raise UserInputError(f"unknown preset {preset!r}: use --preset {' | '.join(PRESETS)} or "
+                                 "--model-config config.json")
+        return LlamaConfig(max_position_embeddings=PRESET_MAX_POSITIONS, tie_word_embeddings=False,
+                           **PRESETS[preset], **ids)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UserInputError(f"model config '{path}' does not exist: pass the path of a config.json")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserInputError(f"model config '{path}' is not valid JSON: fix it") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserInputError(f"model config '{path}' has no model_type: pass a transformers config.json")
+    model_type = data.pop("model_type")
+    for k in ("architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        data.pop(k, None)
+    data.update(ids)
+    try:  # the values come from the user's file: unknown model types, wrong types, inconsistent sizes
+        return AutoConfig.for_model(model_type, **data)
+    except (KeyError, TypeError, *_config_errors()) as e:
+        raise UserInputError(f"model config '{path}' cannot build a causal LM ({first_line(e)}): fix it") from None
+
+
 def build_pretrain_model(model_cfg: Any, tokenizer: Any) -> torch.nn.Module:
     """A freshly initialised fp32 causal LM for `muonft pretrain`.
 
     `model_cfg.preset` "tiny" (Llama, 4 layers, hidden 128: ≈1.9 M parameters at vocab 4096, trains in minutes
     on 2 CPU cores) or "small" (6 layers, hidden 384: ≈13.8 M), or `model_cfg.model_config`, the path of a
-    transformers config.json (or a folder holding one). The vocabulary size and bos/eos/pad ids come from
-    `tokenizer`. Uses the caller's RNG state (seed first).
+    transformers config.json (or a folder holding one): `pretrain_config`. The vocabulary size and bos/eos/pad
+    ids come from `tokenizer`. Uses the caller's RNG state (seed first).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     ensure_pad_token(tokenizer)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = getattr(model_cfg, "model_config", None)
-    preset = getattr(model_cfg, "preset", None)
-    if path:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise UserInputError(f"model config '{path}' does not exist: pass the path of a config.json")
+    config = pretrain_config(model_cfg, ids)
+    if getattr(model_cfg, "model_config", None):
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserInputError(f"model config '{path}' is not valid JSON: fix it") from None
-        if not isinstance(data, dict) or "model_type" not in data:
-            raise UserInputError(f"model config '{path}' has no model_type: pass a transformers config.json")
-        model_type = data.pop("model_type")
-        for k in ("architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-            data.pop(k, None)
-        data.update(ids)
-        try:  # the values come from the user's file: unknown model types, wrong types, inconsistent sizes
-            config = AutoConfig.for_model(model_type, **data)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except (KeyError, TypeError, *_config_errors()) as e:
-            raise UserInputError(f"model config '{path}' cannot build a causal LM ({first_line(e)}): fix it") \
-                from None
+            raise UserInputError(f"model config '{model_cfg.model_config}' cannot build a causal LM "
+                                 f"({first_line(e)}): fix it") from None
     else:
-        if preset not in PRESETS:
-            raise UserInputError(f"unknown preset {preset!r}: use --preset {' | '.join(PRESETS)} or "
-                                 "--model-config config.json")
-        from transformers import LlamaForCausalLM
-
-        config = LlamaConfig(max_position_embeddings=PRESET_MAX_POSITIONS, tie_word_embeddings=False,
-                             **PRESETS[preset], **ids)
         model = LlamaForCausalLM(config)
     model.float()
     if model.generation_config is not None:
