@@ -29,6 +29,7 @@ from muonft_cli.errors import ConfigError, UserInputError
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
 PRESETS = ("tiny", "small")
+STRATEGIES = ("ddp", "fsdp")  # train.strategy under torchrun
 #: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")
 
@@ -129,6 +130,9 @@ class TrainConfig:
                 "no backend"})
     run_name: str | None = field(default=None, metadata={
         "help": "the run's name in the logging backends (W&B run name); null = the --out directory's name"})
+    strategy: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (weights, gradients and optimizer state replicated) | fsdp (FSDP2 "
+                "fully_shard, sharded Muon); a single process runs unsharded either way"})
 
 
 @dataclass
@@ -304,6 +308,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
     choice("model.preset", cfg.model.preset, PRESETS)
+    choice("train.strategy", cfg.train.strategy, STRATEGIES)
     positive("optimizer.lr", cfg.optimizer.lr)
     if cfg.optimizer.adamw_lr is not None:
         positive("optimizer.adamw_lr", cfg.optimizer.adamw_lr)
@@ -448,7 +453,7 @@ def to_dict(cfg: Any) -> dict:
 #: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
 ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
-                              "train.run_name": None}
+                              "train.run_name": None, "train.strategy": "ddp"}
 
 
 def stable_view(data: dict) -> dict:
