@@ -179,10 +179,13 @@ def test_fsdp_kill9_after_second_checkpoint_resumes_to_the_same_curve(tmp_path, 
 @pytest.mark.slow
 def test_fsdp_lora_follows_one_process_and_saves_a_plain_adapter(tmp_path, tiny_model_dir, corpus):
     lora = ["--optim", "muon", "--lora-rank", "4", "--lora-dropout", "0"]
-    _single(_args(tiny_model_dir, corpus, tmp_path / "one", *lora))
+    one = _single(_args(tiny_model_dir, corpus, tmp_path / "one", *lora))
     two = _summary(_torchrun(_args(tiny_model_dir, corpus, tmp_path / "two", *lora, "--strategy", "fsdp")))
     _assert_curve(tmp_path / "one", tmp_path / "two")
-    assert two["lora"] and sum(two["ortho_per_rank"]) > 0 and min(two["ortho_per_rank"]) > 0
+    assert two["lora"] and sum(two["ortho_per_rank"]) == one["ortho_per_rank"][0] and min(two["ortho_per_rank"]) > 0
+    # the frozen base is sharded too: each rank holds about half of the weights
+    whole = one["local_bytes_per_rank"][0]["params"]
+    assert all(0.45 * whole <= r["params"] <= 0.55 * whole for r in two["local_bytes_per_rank"])
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
