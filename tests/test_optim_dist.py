@@ -163,3 +163,15 @@ def test_fsdp2_sharded_muon_matches_single_process(tmp_path):
         assert sum(rep[name]["param_elems"][0] for rep in reports) == total
         assert all(rep[name]["param_elems"][0] <= 0.55 * total for rep in reports)
         assert all(rep[name]["state_elems"][0] <= 0.55 * rep[name]["state_elems"][1] for rep in reports)
+
+
+def test_sharded_owners_balance_ns_flops_not_counts():
+    from muonft_cli.optim.sharded import assign_owners, ns_flops, row_split
+
+    mixed = [ns_flops(r, 4096, 5) for r in (2048, 1024, 1024, 1024, 1024, 512, 512, 512, 512)]
+    owners = assign_owners(mixed, 2)
+    load = [sum(c for c, o in zip(mixed, owners) if o == k) for k in range(2)]
+    assert max(load) / min(load) < 1.3  # round-robin by count: the 2048-row one and half the rest on rank 0
+    rr = [sum(c for i, c in enumerate(mixed) if i % 2 == k) for k in range(2)]
+    assert max(rr) / min(rr) > 2
+    assert row_split(5, 2) == [3, 2] and row_split(1, 2) == [1, 0] and row_split(7, 4) == [2, 2, 2, 1]

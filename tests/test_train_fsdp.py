@@ -223,3 +223,16 @@ def test_fsdp_two_nodes_on_localhost_match_one_node(tmp_path, fsdp_muon, wide, c
     assert summary["world_size"] == 2 and summary["strategy"] == "fsdp"
     assert summary["ortho_per_rank"] == fsdp_muon["two"]["ortho_per_rank"]
     assert _losses(tmp_path / "two") == pytest.approx(_losses(fsdp_muon["dir"] / "two"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_under_accelerate_launch_is_the_torchrun_run(tmp_path, fsdp_muon, wide, corpus):
+    """`accelerate launch --multi_gpu --num_processes 2` sets the torchrun environment: the same run."""
+    pytest.importorskip("accelerate")
+    args = _args(wide, corpus, tmp_path / "acc", "--optim", "muon", "--strategy", "fsdp")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "muonft_cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert _summary(r)["strategy"] == "fsdp"
+    assert _losses(tmp_path / "acc") == pytest.approx(_losses(fsdp_muon["dir"] / "two"), rel=1e-6)

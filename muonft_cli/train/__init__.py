@@ -61,8 +61,11 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
 
     Returns:
         The summary dict: out, mode, optim, steps, tokens, train_loss (mean of the last <= 10 steps),
-        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size and
+        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size,
         ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon),
+        local_bytes_per_rank (each rank's {params, grads, optimizer_state} bytes of its local tensors or shards,
+        measured after this process's first step; None entries when it ran none), strategy ("fsdp" | "ddp" |
+        None for one process),
         and ``optim_choice`` ({requested, chosen, source, reason, confidence, ...}) for an `--optim auto` run.
 
     Raises:

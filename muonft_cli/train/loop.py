@@ -14,6 +14,9 @@ Owns
   last one, whichever comes first; SIGINT/SIGTERM (checked between steps and between validation batches) →
   checkpoint of the last finished step, then `TrainingInterrupted`; NaN/inf loss or gradient norm →
   `TrainingDivergedError` (the last good checkpoint is kept);
+- FSDP2 (`fsdp`): a gradient reduce-scatter after every micro-batch (the gradients accumulate sharded; skipping
+  the sync would hold full-size unsharded gradients between micro-batches), the clip norm over the
+  DTensor gradients, validation on every rank (the forward gathers the shards; a signal is noticed after it);
 - the run summary.
 """
 
@@ -167,8 +170,6 @@ class Loop:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for j, b in enumerate(micro):
             sync = self.ddp is None or j == len(micro) - 1
-            if self.fsdp:  # FSDP2: reduce-scatter the gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(j == len(micro) - 1)
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with device_mod.autocast(self.device, self.autocast_dtype):
                     outputs = net(input_ids=b["input_ids"].to(self.device),
