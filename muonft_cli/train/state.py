@@ -160,8 +160,6 @@ def load_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer: tor
     """Restore weights, optimizer, scheduler and this rank's RNG states from `checkpoints/step-N`; return the
     saved `TrainerState`. Bad input when the process count, the strategy (`strategy`: "fsdp" for an FSDP2
     model; anything else reads the replicated format) or the training data changed."""
-    from safetensors.torch import load_file
-
     d = checkpoint_dir(out, step)
     saved = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
     was_sharded, sharded = saved.get("strategy") == "fsdp", strategy == "fsdp"
