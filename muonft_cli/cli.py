@@ -314,6 +314,9 @@ def _train_option_list(mode: str) -> list[tuple[str, Any, Any]]:
                                     help="fp32 | bf16. bf16 is autocast on CUDA only; a CPU run computes in fp32.")),
         ("device", Optional[str], _O(None, "--device", show_default=d("train.device"),
                                      help="auto | cpu | cuda[:N] (auto: CUDA when present).")),
+        ("strategy", Optional[str], _O(None, "--strategy", show_default=d("train.strategy"),
+                                       help="Under torchrun: ddp (replicated) | fsdp (FSDP2, sharded weights, "
+                                            "gradients, optimizer state and Muon). One process: unsharded.")),
         ("threads", Optional[int], _O(None, "--threads", show_default="torch's default",
                                       help="CPU threads for this run (torch.set_num_threads).")),
         ("report_to", Optional[list[str]], _O(None, "--report-to", show_default="none", metavar="BACKEND",
@@ -381,7 +384,7 @@ def _common_flags(kw: dict[str, Any]) -> dict[str, Any]:
         "model.tokenizer": kw["tokenizer"], "model.dtype": kw["dtype"], "model.offline": kw["offline"],
         "model.trust_remote_code": kw["trust_remote_code"], "train.device": kw["device"],
         "train.threads": kw["threads"], "train.gradient_checkpointing": kw["gradient_checkpointing"],
-        "train.report_to": kw["report_to"],
+        "train.report_to": kw["report_to"], "train.strategy": kw["strategy"],
     }
 
 

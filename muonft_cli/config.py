@@ -128,7 +128,6 @@ class TrainConfig:
                 "checkpoint; 0 = off"})
     keep_last: int = 2
     gradient_checkpointing: bool = False
-    strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp (FSDP2) under torchrun"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads); null = "
                                                                 "torch's default"})
@@ -137,6 +136,9 @@ class TrainConfig:
                 "no backend"})
     run_name: str | None = field(default=None, metadata={
         "help": "the run's name in the logging backends (W&B run name); null = the --out directory's name"})
+    strategy: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (weights, gradients and optimizer state replicated) | fsdp (FSDP2 "
+                "fully_shard, sharded Muon); a single process runs unsharded either way"})
 
 
 @dataclass

@@ -82,3 +82,96 @@ def test_two_process_gloo_split(tmp_path):
         for rep in reports:
             assert rep[name]["ranks_agree"]
             assert rep[name]["max_err_vs_single"] < 1e-6, (name, rep[name])
+
+
+# ------------------------------------------------------------------------------------------ FSDP2 shards
+
+# wide, tall, thin (Gram path), uneven rows (5 rows over 2 ranks), fewer rows than ranks, a 4-D kernel
+FSDP_SHAPES = [(72, 80), (72, 80), (96, 40), (8, 96), (96, 8), (5, 70), (1, 66), (16, 4, 3, 3)]
+
+
+def _fsdp_params(sharded: bool, world: int):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    mods = torch.nn.ModuleList()
+    for s in FSDP_SHAPES:
+        m = torch.nn.Module()
+        m.w = torch.nn.Parameter(torch.randn(*s))
+        m.b = torch.nn.Parameter(torch.randn(s[0]))  # 1-D: the auxiliary AdamW group
+        mods.append(m)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        for m in mods:
+            fully_shard(m, mesh=mesh)
+    return mods
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.tensor import distribute_tensor
+
+        from muonft_cli.optim import Muon
+
+        report = {}
+        for name, kw in [("nesterov", {}), ("plain_small_chunks", {"nesterov": False, "ns_chunk_bytes": 1})]:
+            runs = {}
+            for sharded in (True, False):
+                mods = _fsdp_params(sharded, world)
+                ws = [m.w for m in mods]
+                bs = [m.b for m in mods]
+                opt = Muon([{"params": ws}, {"params": bs, "kind": "adamw"}], lr=0.02, weight_decay=0.01,
+                           ns_dtype="fp32", **kw)
+                for step in range(STEPS):
+                    g = torch.Generator().manual_seed(100 + step)
+                    for p in ws + bs:
+                        full = torch.randn(p.shape, generator=g)
+                        p.grad = distribute_tensor(full, p.device_mesh, p.placements) if sharded else full
+                    opt.step()
+                full_w = [p.full_tensor() if sharded else p.detach() for p in ws + bs]
+                local_bytes = sum(p.to_local().numel() if sharded else p.numel() for p in ws)
+                state_bytes = sum((v.to_local() if sharded else v).numel() for st in opt.state.values()
+                                  for v in st.values() if torch.is_tensor(v) and v.ndim > 0)
+                runs[sharded] = (full_w, opt.ns_matrices_done, local_bytes, state_bytes)
+            err = max((a - b).abs().max().item() for a, b in zip(runs[True][0], runs[False][0]))
+            report[name] = {"max_err": err, "ns_done": runs[True][1], "single_ns_done": runs[False][1],
+                            "param_elems": [runs[True][2], runs[False][2]],
+                            "state_elems": [runs[True][3], runs[False][3]]}
+        with open(os.path.join(out_dir, f"fsdp{rank}.json"), "w") as fh:
+            json.dump(report, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_muon_matches_single_process(tmp_path):
+    """Muon over fully_shard DTensors (gather each matrix to one owner, NS there, rows sent back) gives the
+    single-process weights; the NS work is split and each rank holds about half the parameters and state."""
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    reports = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in range(world)]
+    for name in ("nesterov", "plain_small_chunks"):
+        done = [rep[name]["ns_done"] for rep in reports]
+        assert reports[0][name]["single_ns_done"] == STEPS * len(FSDP_SHAPES)
+        assert sum(done) == STEPS * len(FSDP_SHAPES) and min(done) > 0, done
+        for rep in reports:
+            assert rep[name]["max_err"] < 1e-5, (name, rep[name])
+        total = reports[0][name]["param_elems"][1]
+        assert sum(rep[name]["param_elems"][0] for rep in reports) == total
+        assert all(rep[name]["param_elems"][0] <= 0.55 * total for rep in reports)
+        assert all(rep[name]["state_elems"][0] <= 0.55 * rep[name]["state_elems"][1] for rep in reports)
+
+
+def test_sharded_owners_balance_ns_flops_not_counts():
+    from muonft_cli.optim.sharded import assign_owners, ns_flops, row_split
+
+    mixed = [ns_flops(r, 4096, 5) for r in (2048, 1024, 1024, 1024, 1024, 512, 512, 512, 512)]
+    owners = assign_owners(mixed, 2)
+    load = [sum(c for c, o in zip(mixed, owners) if o == k) for k in range(2)]
+    assert max(load) / min(load) < 1.3  # round-robin by count: the 2048-row one and half the rest on rank 0
+    rr = [sum(c for i, c in enumerate(mixed) if i % 2 == k) for k in range(2)]
+    assert max(rr) / min(rr) > 2
+    assert row_split(5, 2) == [3, 2] and row_split(1, 2) == [1, 0] and row_split(7, 4) == [2, 2, 2, 1]

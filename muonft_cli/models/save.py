@@ -86,12 +86,12 @@ def _generation_config(model: torch.nn.Module):
     return gen
 
 
-def _save_adapter(model: Any, d: Path, variant: str) -> bool:
+def _save_adapter(model: Any, d: Path, variant: str, state_dict: dict | None = None) -> bool:
     """Save the peft adapter into `d`; PiSSA/OLoRA converted to a plain LoRA. Returns whether converted."""
     from safetensors.torch import save_file
 
     if variant not in ("pissa", "olora"):
-        model.save_pretrained(str(d))
+        model.save_pretrained(str(d), **({"state_dict": state_dict} if state_dict is not None else {}))
         return False
     initial = initial_adapter_state(model)
     if initial is None:
@@ -117,7 +117,7 @@ def _save_adapter(model: Any, d: Path, variant: str) -> bool:
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None,
-               *, merge: bool = False) -> Path:
+               *, merge: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory atomically (temp dir + rename; an existing `out_dir` is replaced).
 
     - peft model → adapter (`adapter_config.json` + `adapter_model.safetensors`) that loads with plain
@@ -139,6 +139,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
         provenance: what the engine records (optimizer and settings, lr, steps, tokens, seed, ...; for an
             `--optim auto` run also ``optim_choice``, the decision of `muonft_cli.diagnose.auto`).
         merge: also write the merged full model (adapters only).
+        state_dict: the tensors to write instead of the model's own (an FSDP2 model's consolidated state dict,
+            `muonft_cli.train.rundir.consolidated_state_dict`; for an adapter its trainable tensors); None = the
+            model's.
 
     Returns:
         `out_dir` as a Path.
@@ -169,7 +172,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
             lora = dict(getattr(model, "_muonft_lora", {}) or {})
             # the variant apply_lora recorded; an adapter loaded from disk (continued training) saves as is
             variant = lora.get("variant") or "lora"
-            converted = _save_adapter(model, tmp, variant)
+            converted = _save_adapter(model, tmp, variant, state_dict)
             cfg_path = tmp / "adapter_config.json"
             acfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             if info.get("base_model"):
@@ -189,7 +192,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
                 _write_json(mdir / PROVENANCE_FILE, {**info, "format": "full", "merged_from_adapter": True})
                 del merged
         else:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
             if not (tmp / "generation_config.json").is_file():
                 _generation_config(model).save_pretrained(str(tmp))
             info["format"] = "full"

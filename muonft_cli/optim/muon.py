@@ -18,6 +18,9 @@ are flattened to (out, −1).
 Distributed NS (used by the engine under torchrun, with DDP-synchronised gradients): after
 ``opt.set_distributed()`` each matrix is orthogonalised by one rank and the results are all-gathered
 (:mod:`.plan`), so every rank applies the same update and keeps identical state.
+With FSDP2 (``fully_shard``: DTensor parameters sharded by rows) no hook is needed: each matrix has one
+owner rank, balanced by NS FLOPs, that gathers its full input, orthogonalises it and returns every rank its
+rows (:mod:`.sharded`; Muon and muon-pe).
 ``opt.ns_matrices_done`` / ``opt.ns_matrices_last_step`` count the matrices this rank orthogonalised.
 """
 
@@ -226,6 +229,12 @@ class MuonFamily(torch.optim.Optimizer):
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
         raise NotImplementedError  # implemented by each optimizer below
 
+    def _apply_sharded(self, chunk: list[Item], params: list[Tensor], outs: list[Tensor]) -> None:
+        """Apply the results to the local row shards ``params`` (FSDP2, :mod:`.sharded`); ``outs[i]`` holds
+        the rows of ``chunk[i]``'s result this rank owns."""
+        raise NotImplementedError(f"{type(self).__name__} does not run over FSDP2 shards yet: use Muon "
+                                  "(or muon-pe), or the DDP strategy")
+
 
 class Muon(MuonFamily):
     """Muon for hidden matrices plus an auxiliary AdamW for ``kind="adamw"`` groups.
@@ -253,6 +262,15 @@ class Muon(MuonFamily):
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
         for g, s, params, updates in self._planner.by_group(chunk, outs):
             U.apply_updates_(params, updates, g["lr"], g["weight_decay"], s)
+
+    def _apply_sharded(self, chunk: list[Item], params: list[Tensor], outs: list[Tensor]) -> None:
+        sets: dict[tuple[int, float], tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+        for it, p, o in zip(chunk, params, outs):
+            entry = sets.setdefault((id(it.group), it.scale), (it.group, [], []))
+            entry[1].append(p)
+            entry[2].append(o)
+        for (_, s), (g, ps, os_) in sets.items():
+            U.apply_updates_(ps, os_, g["lr"], g["weight_decay"], s)
 
     def _apply_gram(self, chunk: list[Item], Q: Tensor, X: Tensor) -> bool:
         if X.device.type != "cpu" or not all(it.param.is_contiguous() and it.param.dtype == X.dtype for it in chunk):

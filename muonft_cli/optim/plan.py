@@ -18,6 +18,9 @@ the update math (that is :mod:`.update`; the NS iterations are :mod:`.orthogonal
   in an order every rank derives identically) is orthogonalised only by rank ``i mod world_size``, and
   the results are exchanged with ``torch.distributed.all_gather`` (one collective per chunk) so every
   rank applies the same update.  Thin matrices are computed by every rank unless ``shard_thin``.
+* FSDP2: when the parameters are row-sharded DTensors (``fully_shard``), each matrix gets one owner
+  (balanced by NS FLOPs) that gathers its full input, orthogonalises it and sends every rank its rows back
+  (:mod:`.sharded`); no ``set_distributed`` is needed, the DTensors' mesh is the group.
 
 The optimizer (:mod:`.muon`) owns the state and the per-algorithm rule; the planner calls back into it
 through :class:`UpdateRule`.
@@ -32,6 +35,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from . import sharded
 from . import update as U
 from .orthogonalize import (
     _PE_NORM_SCALE,
@@ -88,6 +92,7 @@ class Chunk(NamedTuple):
     steps: int
     thin: bool  # Gram-space path
     stack_dtype: torch.dtype
+    sharded: bool = False  # FSDP2 row-sharded DTensors: gather to owners, redistribute (:mod:`.sharded`)
 
 
 class UpdateRule(Protocol):
@@ -147,7 +152,9 @@ class StepPlanner:
         """One Muon step over the ``kind="muon"`` groups; returns how many matrices this rank orthogonalised."""
         self._done = 0
         for chunk in self._current(param_groups, state, rule):
-            if chunk.owners is not None:
+            if chunk.sharded:
+                self._done += sharded.run_chunk(self, chunk, rule)
+            elif chunk.owners is not None:
                 self._chunk_sharded(chunk, rule)
             else:
                 self._chunk_local(chunk, rule)
@@ -198,10 +205,26 @@ class StepPlanner:
             key = (it.wide, it.flip, g["ns_method"], g["ns_steps"], thin, dtypes[dkey], it.param.device, it.param.dtype)
             buckets[key].append(it)
         rank, world = self.world()
+        fsdp = any(sharded.is_sharded(it.param) for it in items)
+        if fsdp:  # FSDP2: every matrix is sharded; owners balanced by NS FLOPs over the whole plan
+            if not all(sharded.is_sharded(it.param) for it in items):
+                raise RuntimeError("sharded Muon needs every Muon matrix sharded by fully_shard (or none)")
+            _, rank, world = sharded.shard_group(items[0].param)
+            owner = dict(zip(map(id, items), sharded.assign_owners(
+                [sharded.ns_flops(*it.wide, it.group["ns_steps"]) for it in items], world)))
         offset = 0  # running position, so round-robin continues across buckets
         chunks: list[Chunk] = []
         for key, bucket in buckets.items():
             (r, c), _, method, steps, thin, cdtype, _, pdtype = key
+            if fsdp:
+                stack_dtype = pdtype if thin or method == "svd" else cdtype
+                # each owner stacks about 1/world of a chunk: world x the single-process chunk size
+                per_chunk = world * max(1, self.ns_chunk_bytes // max(1, r * c * stack_dtype.itemsize))
+                for start in range(0, len(bucket), per_chunk):
+                    part = bucket[start : start + per_chunk]
+                    chunks.append(Chunk(part, [owner[id(it)] for it in part], rank, world, method, steps, thin,
+                                        stack_dtype, True))
+                continue
             shard = world > 1 and (not thin or self.shard_thin)
             stack_dtype = pdtype if thin or method == "svd" else cdtype
             chunk_bytes = self.ns_chunk_bytes

@@ -2,7 +2,8 @@
 
 The package, one job per module:
 
-- `build`: the mode rules, seeding, the model / tokenizer / data splits, the optimizer and the DDP wrapper;
+- `build`: the mode rules, seeding, the model / tokenizer / data splits, the optimizer and the DDP / FSDP2
+  wrapper (`train.strategy`);
 - `schedule`: the step budget and the lr schedule (linear warmup, then cosine to `min_lr_ratio`);
 - `batching`: the data order, global and micro-batches, and the next-token loss (shared with `evaluate`);
 - `loop`: the optimizer steps, validation, checkpoints on schedule and on signals, the summary;
@@ -26,8 +27,8 @@ from muonft_cli.config import RunConfig
 from muonft_cli.train import distributed as dist_mod
 from muonft_cli.train import report_to, rundir, schedule, state as state_mod
 from muonft_cli.train.batching import collate, epoch_order, global_batch, micro_batch_size, n_targets, token_nll_sum
-from muonft_cli.train.build import (MODES, build_model_and_data, build_optimizer, check_inputs, data_notice, set_seed,
-                                   wrap_ddp)
+from muonft_cli.train.build import (MODES, build_model_and_data, build_optimizer, check_inputs, check_strategy,
+                                   data_notice, set_seed, strategy_note, wrap_ddp, wrap_fsdp)
 from muonft_cli.errors import TrainingInterrupted
 from muonft_cli.train.loop import Loop
 from muonft_cli.train.rundir import RESUME_MAY_CHANGE, RUN_FILES
@@ -60,8 +61,11 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
 
     Returns:
         The summary dict: out, mode, optim, steps, tokens, train_loss (mean of the last <= 10 steps),
-        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size and
+        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size,
         ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon),
+        local_bytes_per_rank (each rank's {params, grads, optimizer_state} bytes of its local tensors or shards,
+        measured after this process's first step; None entries when it ran none), strategy ("fsdp" | "ddp" |
+        None for one process),
         and ``optim_choice`` ({requested, chosen, source, reason, confidence, ...}) for an `--optim auto` run.
 
     Raises:
@@ -77,6 +81,7 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
     check_inputs(cfg, mode)
     cfg, resolved = auto_mod.resolve_config(cfg, mode)  # `auto`: decided from the base, streamed, no model load
     optim_choice = resolved or optim_choice
+    check_strategy(cfg)  # --strategy fsdp's rules, on the resolved optimizer
     report_to.check(cfg.train.report_to)  # an unknown or missing backend: bad input, before any work
     sink = sink or NullSink()
     out = Path(cfg.output.dir).expanduser()
@@ -117,20 +122,21 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
     t0, device = time.perf_counter(), info.device
     built = build_model_and_data(cfg, mode, out, resume, device)
     local_batch, micro = micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size, info.world_size)
+    fsdp = wrap_fsdp(built.model, info, cfg)  # before the optimizer: it must hold the sharded parameters
     trainable, optimizer = build_optimizer(built.model, cfg, info)
     steps = total_steps(cfg.train, built.n_train)
     scheduler = schedule.make_scheduler(optimizer, steps, cfg.schedule)
     loop = Loop(cfg=cfg, mode=mode, out=out, info=info, sink=sink if info.is_main else NullSink(),
                 model=built.model, tokenizer=built.tokenizer, splits=built.splits, trainable=trainable,
-                optimizer=optimizer, scheduler=scheduler, total_steps=steps, micro=micro, t0=t0)
+                optimizer=optimizer, scheduler=scheduler, total_steps=steps, micro=micro, t0=t0, fsdp=fsdp)
     if resume and ckpt_step is not None:
         loop.state = state_mod.load_checkpoint(out, ckpt_step, built.model, optimizer, scheduler, info,
-                                               built.n_train, device)
+                                               built.n_train, device, strategy=loop.strategy)
     dist_mod.barrier(info)
     if info.is_main:
         env = rundir.env_record(info, device, loop.autocast_dtype, mode, loop.state.step if resume else None,
                                 built.model, trainable, getattr(built.splits, "info", None), steps,
-                                cfg.train.batch_size, local_batch, micro)
+                                cfg.train.batch_size, local_batch, micro, strategy=loop.strategy)
         rundir.write_run_files(out, cfg, resume, loop.state.step, built.tokenizer if mode == "pretrain" else None,
                                env)
     dist_mod.barrier(info)
@@ -138,8 +144,9 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
     if info.is_main and cfg.train.report_to:  # packages checked before any work (`run`); rank 0 only logs
         loop.reporter = report_to.Reporter(cfg.train.report_to, out, loop.state.step if resume else None,
                                            cfg.train.run_name, config_mod.to_dict(cfg))
-    if (note := data_notice(built.splits)) is not None:
-        loop.sink.on_message(note)
+    for note in (strategy_note(cfg, info), data_notice(built.splits)):
+        if note is not None:
+            loop.sink.on_message(note)
     if resume:
         loop.sink.on_message(f"resuming {out} at step {loop.state.step} of {steps}" if ckpt_step is not None
                              else f"{out} has no checkpoint: starting over from step 0")

@@ -4,7 +4,7 @@ Owns: the mode rules of `pretrain` / `finetune` (`check_inputs`), seeding, build
 from a preset or config for pretrain, with a BPE tokenizer trained on the training documents unless
 `--tokenizer` is given; a loaded one, optionally with LoRA, for finetune), the train/val splits, the
 optimizer over the trainable parameters (with its distributed Newton–Schulz split switched on under
-torchrun), and the DDP wrapper.
+torchrun), and the DDP or FSDP2 wrapper (`train.strategy`, with its input rules `check_strategy`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,35 @@ def check_inputs(cfg: RunConfig, mode: str) -> None:
         raise UserInputError("--merge only applies to LoRA runs: add --lora-rank R or drop --merge")
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UserInputError("pass either --steps or --epochs, not both")
+
+
+#: The optimizers that run over FSDP2 shards (sharded Muon applies whole-matrix updates row by row; AdaMuon's
+#: norm and NorMuon's rescale need whole-matrix statistics the owner does not send back yet).
+FSDP_OPTIMIZERS = ("adamw", "muon", "muon-pe")
+
+
+def check_strategy(cfg: RunConfig) -> None:
+    """`train.strategy: fsdp` rules that need nothing built (after `--optim auto` is resolved); bad input."""
+    if cfg.train.strategy != "fsdp":
+        return
+    if cfg.optimizer.name not in FSDP_OPTIMIZERS:
+        raise UserInputError(f"--strategy fsdp runs {', '.join(FSDP_OPTIMIZERS)}; {cfg.optimizer.name} is not "
+                             f"sharded yet: use --strategy ddp or --optim muon")
+    if cfg.lora.merge:
+        raise UserInputError("--merge is not available with --strategy fsdp: drop --merge and merge final/ "
+                             "afterwards (peft: PeftModel.from_pretrained(base, final).merge_and_unload())")
+    if cfg.lora.rank is not None and cfg.lora.variant in ("pissa", "olora"):
+        raise UserInputError(f"--lora-variant {cfg.lora.variant} is not available with --strategy fsdp (its "
+                             "adapter is converted against the initial weights at save): use lora, rslora or "
+                             "dora, or --strategy ddp")
+
+
+def strategy_note(cfg: RunConfig, info: dist_mod.DistInfo) -> str | None:
+    """The line to show when `--strategy fsdp` runs in a single process (nothing to shard), else None."""
+    if cfg.train.strategy == "fsdp" and not info.distributed:
+        return ("--strategy fsdp with one process: nothing to shard, training runs unsharded (launch with "
+                "torchrun --nproc-per-node N to shard)")
+    return None
 
 
 def set_seed(seed: int) -> int:
@@ -148,24 +177,34 @@ def _pretrain_tokenizer(cfg: RunConfig, out: Path, resume: bool) -> Any:
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig,
                     info: dist_mod.DistInfo) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """(trainable parameters, optimizer); under torchrun the optimizer's distributed hook is switched on, so
-    each rank orthogonalises its round-robin share of the matrices (the plain-DDP arrangement of the paper's §4.7)."""
+    """(trainable parameters, optimizer); under torchrun with DDP the optimizer's distributed hook is switched on,
+    so each rank orthogonalises its round-robin share of the matrices (the plain-DDP arrangement of the paper's
+    §4.7). Under FSDP2 the parameters are DTensors and Muon shards itself (`muonft_cli.optim.sharded`)."""
     from muonft_cli import optim
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise MuonftError("the model has no trainable parameters (check --lora-targets)")
     optimizer = optim.build_optimizer(model, cfg.optimizer)
-    if info.distributed:
+    if info.distributed and not dist_mod.is_fsdp(model):
         hook = getattr(optimizer, "set_distributed", None)
         if hook is not None:
             hook()  # the default process group, which `distributed.init_from_env` joined
     return trainable, optimizer
 
 
+def wrap_fsdp(model: torch.nn.Module, info: dist_mod.DistInfo, cfg: RunConfig) -> bool:
+    """Shard the model with FSDP2 (in place) under torchrun with `train.strategy: fsdp`; whether it did.
+    Before the optimizer is built: the optimizer must hold the sharded (DTensor) parameters."""
+    if not info.distributed or cfg.train.strategy != "fsdp":
+        return False
+    dist_mod.fsdp_wrap(model, info)
+    return True
+
+
 def wrap_ddp(model: torch.nn.Module, info: dist_mod.DistInfo, device: torch.device) -> Any:
-    """The model wrapped in DistributedDataParallel under torchrun, else None."""
-    if not info.distributed:
+    """The model wrapped in DistributedDataParallel under torchrun (and not sharded by FSDP2), else None."""
+    if not info.distributed or dist_mod.is_fsdp(model):
         return None
     from torch.nn.parallel import DistributedDataParallel as DDP
 

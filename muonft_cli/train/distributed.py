@@ -5,6 +5,9 @@ backend (NCCL on GPU, gloo on CPU), deterministic sharding of each global batch 
 `DistributedSampler` idea, applied per optimizer step so that the data position is one integer), and small
 collectives the training loop needs (sum of a scalar, gathering picklable objects, a barrier).
 
+Under `train.strategy: fsdp` it also owns the FSDP2 wrapping (`fsdp_wrap`: `fully_shard` on every decoder
+layer, then on the root, over a 1-D device mesh) and reading a sharded tensor's local part (`local`).
+
 Only rank 0 writes files; the others compute. The Muon work split (each rank orthogonalises its
 round-robin share of the matrices and the results are all-gathered — the plain-DDP arrangement the paper's
 §4.7 used for full fine-tuning) lives in `muonft_cli.optim`; `train.build` switches it on through the
@@ -80,6 +83,45 @@ def init_from_env(device_pref: str = "auto") -> DistInfo:
         owns = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     device=device, backend=dist.get_backend(), owns_group=owns)
+
+
+def fsdp_wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2: `fully_shard` on each decoder layer (the classes the HF model lists
+    in `_no_split_modules`; for a peft model, its base's), then on the root, over a 1-D mesh of every rank.
+    Parameters become DTensors sharded by rows (dim 0); frozen ones (a LoRA base) are sharded too.
+    Returns the same module object (its class becomes FSDP2's subclass)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """True when `model` was sharded by `fsdp_wrap` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard, any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_value(t: Any) -> Any:
+    """A replicated/partial DTensor (e.g. the global grad norm over DTensors) as a plain tensor; others as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def cleanup(info: DistInfo) -> None:

@@ -14,6 +14,9 @@ Owns
   last one, whichever comes first; SIGINT/SIGTERM (checked between steps and between validation batches) →
   checkpoint of the last finished step, then `TrainingInterrupted`; NaN/inf loss or gradient norm →
   `TrainingDivergedError` (the last good checkpoint is kept);
+- FSDP2 (`fsdp`): a gradient reduce-scatter after every micro-batch (the gradients accumulate sharded; skipping
+  the sync would hold full-size unsharded gradients between micro-batches), the clip norm over the
+  DTensor gradients, validation on every rank (the forward gathers the shards; a signal is noticed after it);
 - the run summary.
 """
 
@@ -113,10 +116,17 @@ class Loop:
     total_steps: int
     micro: int
     ddp: Any = None
+    fsdp: bool = False  # the model is sharded with FSDP2 (`train.strategy: fsdp` under torchrun)
     reporter: Any = None  # `report_to.Reporter` on rank 0 when `train.report_to` names a backend
     state: TrainerState = field(default_factory=TrainerState)
     optim_choice: dict[str, Any] | None = None  # the `--optim auto` decision (`muonft_cli.diagnose.auto`)
     t0: float = field(default_factory=time.perf_counter)
+    local_bytes: dict[str, int] | None = None  # this rank's parameter / gradient / optimizer-state bytes
+
+    @property
+    def strategy(self) -> str | None:
+        """How the ranks share the model: "fsdp" (sharded), "ddp" (replicated), None (one process)."""
+        return "fsdp" if self.fsdp else ("ddp" if self.info.distributed else None)
 
     @property
     def device(self) -> torch.device:
@@ -132,16 +142,17 @@ class Loop:
 
     def identity(self) -> dict[str, Any]:
         """The run facts a checkpoint records beside the state."""
-        return {"world_size": self.info.world_size, "data_seed": self.cfg.train.seed, "n_train": self.n_train,
-                "total_steps": self.total_steps}
+        ident = {"world_size": self.info.world_size, "data_seed": self.cfg.train.seed, "n_train": self.n_train,
+                 "total_steps": self.total_steps}
+        return ident | ({"strategy": "fsdp"} if self.fsdp else {})  # DDP checkpoints keep their old keys
 
     def save_checkpoint(self) -> Path:
         return state_mod.save_checkpoint(self.out, self.state, self.model, self.optimizer, self.scheduler,
-                                         self.info, self.cfg.train.keep_last, self.identity())
+                                         self.info, self.cfg.train.keep_last, self.identity(), sharded=self.fsdp)
 
     def save_model(self, name: str) -> Path:
         return rundir.save_model(self.out, name, self.model, self.tokenizer, self.cfg, self.mode, self.state,
-                                 self.info, optim_choice=self.optim_choice)
+                                 self.info, optim_choice=self.optim_choice, sharded=self.fsdp)
 
     def train_step(self) -> tuple[float, float, int, float]:
         """One optimizer step over the global batch; returns (loss, grad_norm, input tokens, lr used)."""
@@ -169,10 +180,12 @@ class Loop:
             loss_sum += nll.detach().double()
         dist_mod.all_reduce_sum(loss_sum, self.info)
         loss = float(loss_sum) / max(n_global, 1.0)
+        # over DTensor gradients (FSDP2) torch computes the global norm; full_value makes it a plain tensor
         if t.clip is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, t.clip))
+            gnorm = float(dist_mod.full_value(torch.nn.utils.clip_grad_norm_(self.trainable, t.clip)))
         else:
-            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
+            gnorm = float(dist_mod.full_value(torch.nn.utils.get_total_norm(
+                [p.grad for p in self.trainable if p.grad is not None])))
         if not math.isfinite(loss) or not math.isfinite(gnorm):
             self.optimizer.zero_grad(set_to_none=True)
             last = state_mod.checkpoint_steps(self.out)
@@ -184,22 +197,36 @@ class Loop:
                 f"({where}); lower --lr (now {self.cfg.optimizer.lr:g}) or keep --clip on")
         lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step runs at, before the scheduler moves it
         self.optimizer.step()
+        if self.local_bytes is None:
+            self.local_bytes = self.measure_local_bytes()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         st.position += t.batch_size
         return loss, gnorm, in_tokens, lr
 
+    def measure_local_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds (local shards under FSDP2): parameters, gradients, optimizer state."""
+        def nbytes(t: torch.Tensor) -> int:
+            t = dist_mod.local(t)
+            return t.numel() * t.element_size()
+
+        state = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        return {"params": sum(nbytes(p) for p in self.model.parameters()),
+                "grads": sum(nbytes(p.grad) for p in self.trainable if p.grad is not None),
+                "optimizer_state": sum(nbytes(v) for v in state)}
+
     def evaluate(self, stop: _Stop | None = None) -> dict | None:
         """Validation loss on rank 0 (broadcast); None without a validation split, or when `stop` was set
-        during the pass (then `stop.during_validation` is True)."""
+        during the pass (then `stop.during_validation` is True). Under FSDP2 every rank runs the pass (the
+        forward all-gathers the shards) and a signal is noticed after it."""
         from muonft_cli.evaluate import evaluate_loss
 
         if self.splits.val is None or len(self.splits.val) == 0:
             return None
         res = None
-        if self.info.is_main:
+        if self.info.is_main or self.fsdp:
             self.model.eval()
-            data = self.splits.val if stop is None else _Stoppable(self.splits.val, stop)
+            data = self.splits.val if stop is None or self.fsdp else _Stoppable(self.splits.val, stop)
             try:
                 res = evaluate_loss(self.model, data, self.cfg.eval.batch_size, self.device,
                                     max_batches=self.cfg.eval.max_batches, autocast_dtype=self.autocast_dtype)
@@ -306,6 +333,8 @@ class Loop:
             "best_val_loss": best, "best_val_ppl": best_ppl, "best_step": st.best_step,
             "final": final, "runtime_s": round(time.perf_counter() - self.t0, 3),
             "world_size": self.info.world_size, "ortho_per_rank": per_rank,
+            "local_bytes_per_rank": dist_mod.all_gather_object(self.local_bytes, self.info),
+            "strategy": self.strategy,
             "lora": self.cfg.lora.rank is not None,
             "data_rows_dropped": (getattr(self.splits, "info", None) or {}).get("rows_dropped", 0),
         }

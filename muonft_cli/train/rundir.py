@@ -248,22 +248,45 @@ def provenance(cfg: RunConfig, mode: str, state: TrainerState,
 
 
 def save_model(out: Path, name: str, model: Any, tokenizer: Any, cfg: RunConfig, mode: str,
-               state: TrainerState, info: dist_mod.DistInfo, optim_choice: dict[str, Any] | None = None) -> Path:
-    """Save the model as `out/name` (`final` or `best`) with its provenance; collective (a barrier)."""
+               state: TrainerState, info: dist_mod.DistInfo, optim_choice: dict[str, Any] | None = None,
+               sharded: bool = False) -> Path:
+    """Save the model as `out/name` (`final` or `best`) with its provenance; collective (a barrier). A model
+    sharded with FSDP2 (`sharded`) is consolidated first (collective): the full state dict on rank 0's CPU (for
+    a LoRA run only the adapter's tensors), so the folder is a plain HF model / peft adapter."""
     from muonft_cli import models
 
     path = out / name
+    state_dict = consolidated_state_dict(model, adapter_only=cfg.lora.rank is not None) if sharded else None
     if info.is_main:
         models.save_model(model, tokenizer, path, provenance(cfg, mode, state, optim_choice),
-                           merge=cfg.lora.merge)
+                          merge=cfg.lora.merge, state_dict=state_dict)
     dist_mod.barrier(info)
     return path
 
 
+def consolidated_state_dict(model: Any, adapter_only: bool) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model, on rank 0's CPU (empty on the other ranks);
+    collective. `adapter_only`: just the trainable tensors (a LoRA adapter), gathered one by one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if adapter_only:
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                full = dist_mod.full_value(p.detach())
+                if rank0:
+                    out[n] = full.cpu()
+        return out
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def env_record(info: dist_mod.DistInfo, device: torch.device, autocast: torch.dtype | None, mode: str,
                resumed_from: int | None, model: torch.nn.Module, trainable: list, data_info: Any,
-               steps: int, batch_size: int, local_batch: int, micro: int) -> dict[str, Any]:
-    """The run-specific part of `env.json` (key order as written)."""
+               steps: int, batch_size: int, local_batch: int, micro: int,
+               strategy: str | None = None) -> dict[str, Any]:
+    """The run-specific part of `env.json` (key order as written; `strategy` — ddp | fsdp, None for a single
+    process — last)."""
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -282,4 +305,5 @@ def env_record(info: dist_mod.DistInfo, device: torch.device, autocast: torch.dt
         "batch_size": batch_size,
         "micro_batch_size": micro,
         "accumulation_steps": math.ceil(local_batch / micro),
+        "strategy": strategy,
     }
