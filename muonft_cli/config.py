@@ -31,6 +31,8 @@ DTYPES = ("fp32", "bf16")
 PRESETS = ("tiny", "small")
 #: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")
+#: `optimizer.trust_norm` values (`auto`: from the base's pretraining optimizer, `muonft_cli.diagnose.auto`)
+TRUST_NORMS = ("auto", "spectral", "max")
 
 
 @dataclass
@@ -92,6 +94,16 @@ class OptimizerConfig:
     adamw_lr: float | None = field(default=None, metadata={"help": "Muon's auxiliary AdamW group lr"})
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     lora_a: str = field(default="muon", metadata={"help": "muon | adamw: where LoRA A matrices go"})
+    # mismatch mitigations for full fine-tuning (`muonft_cli.optim.constraints`; docs/formulas.md), all off
+    anchor_decay: float = field(default=0.0, metadata={"help": "λ of W <- W - lr·λ·(W - W0), decay toward the "
+                                                               "pretrained weights W0 (L2-SP); 0 = off"})
+    trust_radius: float | None = field(default=None, metadata={"help": "ρ: keep ||W - W0|| <= ρ·||W0|| in "
+                                                                       "trust_norm (projection); null = off"})
+    trust_norm: str = field(default="auto", metadata={"help": "auto | spectral | max: the trust region's norm; "
+                                                              "auto = spectral for a Muon-pretrained base, max "
+                                                              "for an Adam-pretrained one"})
+    update_rank: int | None = field(default=None, metadata={"help": "muon/muon-pe: apply only the top-k "
+                                                                    "directions of each update; null = full"})
 
 
 @dataclass
@@ -301,6 +313,15 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     choice("optimizer.scaling", cfg.optimizer.scaling, SCALINGS)
     choice("optimizer.ns_dtype", cfg.optimizer.ns_dtype, ("auto", "bf16", "fp32"))
     choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
+    choice("optimizer.trust_norm", cfg.optimizer.trust_norm, TRUST_NORMS)
+    positive("optimizer.anchor_decay", cfg.optimizer.anchor_decay, allow_zero=True)
+    if cfg.optimizer.trust_radius is not None:
+        positive("optimizer.trust_radius", cfg.optimizer.trust_radius)
+    if cfg.optimizer.update_rank is not None:
+        positive("optimizer.update_rank", cfg.optimizer.update_rank)
+        if cfg.optimizer.name not in ("muon", "muon-pe", AUTO_OPTIMIZER):
+            p.append(f"optimizer.update_rank: limits Muon's update, so it needs optimizer.name muon or muon-pe "
+                     f"(got {cfg.optimizer.name}); unset it")
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
     choice("model.preset", cfg.model.preset, PRESETS)
@@ -448,7 +469,8 @@ def to_dict(cfg: Any) -> dict:
 #: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
 ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
-                              "train.run_name": None}
+                              "train.run_name": None, "optimizer.anchor_decay": 0.0, "optimizer.trust_radius": None,
+                              "optimizer.trust_norm": "auto", "optimizer.update_rank": None}
 
 
 def stable_view(data: dict) -> dict:
