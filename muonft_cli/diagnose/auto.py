@@ -53,8 +53,8 @@ def _family(rep: dict[str, Any]) -> tuple[str | None, str, float | None, str]:
     if rep.get("optimizer_guess") in ("adam", "muon"):
         fam, conf = rep["optimizer_guess"], rep["confidence"]
         return fam, "spectral", conf, f"the spectra look {fam}-pretrained (confidence {conf:.2f})"
-    return None, "unknown", None, (f"pretraining unknown ({rep.get('unknown_reason') or 'no provenance, no '
-                                   f"spectral signal'})")
+    why = rep.get("unknown_reason") or "no provenance, no spectral signal"
+    return None, "unknown", None, f"pretraining unknown ({why})"
 
 
 def resolve_mitigations(cfg: Any, mode: str) -> tuple[Any, dict[str, Any] | None]:

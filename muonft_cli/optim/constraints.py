@@ -40,7 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "STATE_KEY", "TRUST_ITERS", "TRUST_NORMS", "TRUST_RANK", "Constraints", "ConstraintSpec", "anchor_decay_",
-    "attach", "drift_norms", "max_clip_", "spectral_clip_", "top_k_project",
+    "attach", "drift_norms", "max_clip_", "rank_basis_width", "spectral_clip_", "top_k_project",
 ]
 
 #: the key of the constraint state inside ``optimizer.state_dict()``
@@ -133,7 +133,8 @@ def top_k_project(update: Tensor, ns_input: Tensor, k: int, basis: Tensor, iters
         update: O, (rows, cols).
         ns_input: X = G + βM (Nesterov) or M, same shape.
         k: rank (≤ min(rows, cols)).
-        basis: (rows, k) orthonormal warm start.
+        basis: (rows, w) orthonormal warm start, w ≥ k (oversampled, :func:`rank_basis_width`: the subspace
+            iteration converges at the rate (σ_{w+1}/σ_k)^(2·iters), not (σ_{k+1}/σ_k)^(2·iters)).
         iters: subspace iterations.
 
     Returns:
@@ -143,8 +144,15 @@ def top_k_project(update: Tensor, ns_input: Tensor, k: int, basis: Tensor, iters
     q = basis.float()
     for _ in range(iters):
         q = torch.linalg.qr(x @ (x.mT @ q))[0]
+    ub = torch.linalg.svd(q.mT @ x, full_matrices=False)[0]  # the oversampled basis, sorted by singular value
+    qk = q @ ub[:, :k]
     o = update.float()
-    return (q @ (q.mT @ o)).to(update.dtype), q.to(basis.dtype)
+    return (qk @ (qk.mT @ o)).to(update.dtype), (q @ ub).to(basis.dtype)
+
+
+def rank_basis_width(k: int, rows: int, cols: int) -> int:
+    """Columns of the rank-limited update's warm-start basis: k oversampled by max(k, 4), at most min(rows, cols)."""
+    return min(k + max(k, 4), rows, cols)
 
 
 def _spectral_norm(x: Tensor) -> float:

@@ -251,7 +251,7 @@ class Muon(MuonFamily):
         ns_chunk_bytes: max bytes of stacked NS input per batched call (bounds extra memory).
         update_rank: k: apply only the top-k directions of each orthogonalised update, ``O_k = Q·(Qᵀ·O)``
             with Q the top-k left singular vectors of the NS input (:func:`.constraints.top_k_project`;
-            state ``rank_basis``, rows×k, warm-started); None = the full update.
+            state ``rank_basis``, rows × (k + max(k, 4)) oversampled, warm-started); None = the full update.
     """
 
     def __init__(self, params: Iterable[Any], *args: Any, update_rank: int | None = None, **kwargs: Any) -> None:
@@ -275,7 +275,8 @@ class Muon(MuonFamily):
         k = min(self.update_rank, it.rows, it.cols)
         basis, iters = st.get("rank_basis"), C.TRUST_ITERS
         if basis is None:
-            basis, iters = C._start_basis(it.rows, k, o.device, torch.float32), C._FIRST_ITERS
+            width = C.rank_basis_width(k, it.rows, it.cols)
+            basis, iters = C._start_basis(it.rows, width, o.device, torch.float32), C._FIRST_ITERS
         o_k, st["rank_basis"] = C.top_k_project(o2, x, k, basis, iters)
         return o_k.reshape(o.shape)
 
