@@ -648,8 +648,30 @@ class SweepBaseSection:
 
 
 @dataclass
+class SweepWhere:
+    """Which cells of the grid a variant applies to (unset = any): methods, optimizers, bases, and whether the
+    optimizer matches the base's pretraining optimizer (`matched: false` = the mismatched cells)."""
+
+    methods: list[str] | None = None
+    optims: list[str] | None = None
+    bases: list[str] | None = None
+    matched: bool | None = None
+
+
+@dataclass
+class SweepVariant:
+    """Extra cells: the grid cells matching `where`, again, with the run overrides `set` ({key.path: value})."""
+
+    name: str | None = field(default=None, metadata={"help": "the row label and cell-id part"})
+    where: SweepWhere | None = None
+    set: dict[str, Any] | None = field(default=None, metadata={"help": "config.key -> value for these cells"})
+    lr: list[float] | None = field(default=None, metadata={"help": "their LRs (default: the cell's own grid)"})
+
+
+@dataclass
 class SweepSection:
-    """The `sweep:` section: the grid (bases x methods x optimizers x LRs x ranks x seeds x extra axes)."""
+    """The `sweep:` section: the grid (bases x methods x optimizers x LRs x ranks x seeds x extra axes), and
+    variants (some of its cells again, with overrides)."""
 
     name: str | None = field(default=None, metadata={"help": "default: the recipe file's stem"})
     bases: dict[str, SweepBaseSection] | None = None
@@ -664,6 +686,8 @@ class SweepSection:
     metric: str = field(default="final", metadata={"help": "final | best validation PPL of a run"})
     reference_data: str | None = field(default=None, metadata={"help": "forgetting (default: eval.reference_data)"})
     per_optim: dict[str, dict[str, Any]] | None = field(default=None, metadata={"help": "optim -> run overrides"})
+    variants: list[SweepVariant] | None = field(default=None, metadata={
+        "help": "extra cells beside the grid: the cells matching `where`, with the overrides `set`"})
 
 
 def _sweep_problems(sec: SweepSection) -> list[str]:
@@ -718,6 +742,29 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
     for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
         if not isinstance(values, list) or not values:
             p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
+    names: list[str] = []
+    for i, v in enumerate(sec.variants) if isinstance(sec.variants, list) else ():
+        where = f"sweep.variants[{i}]"
+        if not isinstance(v, SweepVariant):
+            continue
+        if not v.name or any(not (c.isalnum() or c in "-_.+=") for c in str(v.name)):
+            p.append(f"{where}.name: give each variant a name of letters, digits and -_.+= (it labels its rows and "
+                     f"cell ids), got {v.name!r}")
+        names.append(str(v.name))
+        if not v.set:
+            p.append(f"{where}.set: expected a mapping config.key -> value, e.g. set: {{optimizer.anchor_decay: 0.1}}")
+        w = v.where
+        if isinstance(w, SweepWhere):
+            if w.methods is not None:
+                grid(f"{where}.where.methods", w.methods, SWEEP_METHODS)
+            if w.optims is not None:
+                grid(f"{where}.where.optims", w.optims, requested)
+            if w.bases is not None and isinstance(sec.bases, dict):
+                grid(f"{where}.where.bases", w.bases, tuple(sec.bases))
+        if v.lr is not None:
+            grid(f"{where}.lr", v.lr, positive=True)
+    if len(set(names)) != len(names):
+        p.append(f"sweep.variants: names must differ, got {names}")
     if sec.lr is None:
         p.append("sweep.lr: missing; give the LR grid per method and optimizer, e.g. "
                  "lr: {full: {adamw: [1e-5, 3e-5]}, lora: {adamw: [1e-4, 3e-4]}}")
