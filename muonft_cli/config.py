@@ -742,7 +742,6 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
     for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
         if not isinstance(values, list) or not values:
             p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
-    names: list[str] = []
     for i, v in enumerate(sec.variants) if isinstance(sec.variants, list) else ():
         where = f"sweep.variants[{i}]"
         if not isinstance(v, SweepVariant):
@@ -750,7 +749,6 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
         if not v.name or any(not (c.isalnum() or c in "-_.+=") for c in str(v.name)):
             p.append(f"{where}.name: give each variant a name of letters, digits and -_.+= (it labels its rows and "
                      f"cell ids), got {v.name!r}")
-        names.append(str(v.name))
         if not v.set:
             p.append(f"{where}.set: expected a mapping config.key -> value, e.g. set: {{optimizer.anchor_decay: 0.1}}")
         w = v.where
@@ -763,8 +761,6 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
                 grid(f"{where}.where.bases", w.bases, tuple(sec.bases))
         if v.lr is not None:
             grid(f"{where}.lr", v.lr, positive=True)
-    if len(set(names)) != len(names):
-        p.append(f"sweep.variants: names must differ, got {names}")
     if sec.lr is None:
         p.append("sweep.lr: missing; give the LR grid per method and optimizer, e.g. "
                  "lr: {full: {adamw: [1e-5, 3e-5]}, lora: {adamw: [1e-4, 3e-4]}}")
