@@ -307,3 +307,9 @@ def test_mitigation_keys_at_their_defaults_keep_old_cell_hashes():
     assert config_hash(plain) == config_hash(old)
     on = cfgmod.to_dict(cfgmod.from_dict({"optimizer": {"anchor_decay": 0.1}}))
     assert config_hash(on) != config_hash(plain)
+
+
+def test_large_matrices_take_a_power_iteration_spectral_norm_close_to_the_exact_one(monkeypatch):
+    monkeypatch.setattr(C, "EXACT_NORM_MAX_DIM", 8)
+    x = _spiked(40, 24, [5.0, 3.0])
+    assert C._spectral_norm(x) == pytest.approx(float(torch.linalg.matrix_norm(x.double(), ord=2)), rel=1e-5)

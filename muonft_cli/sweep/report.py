@@ -299,7 +299,7 @@ def _table1(groups: list[dict], bases: dict[str, dict]) -> tuple[list[dict], lis
     return ordered, reduction
 
 
-DRIFT_KEYS = ("fro_rel", "spectral_rel", "max_rel")
+DRIFT_KEYS = ("fro_rel", "fro_rel_hidden", "spectral_rel", "max_rel")
 
 
 def _without_variant(axes: list) -> list:
@@ -431,10 +431,10 @@ def _mitigation_markdown(summary: dict) -> list[str]:
     """The "Mismatch mitigations" section: each variant on a mismatched cell against the same cell without it."""
     lines = ["## Mismatch mitigations — mismatched full fine-tuning with an update constraint", "",
              "(gap: to the matched optimizer on the same base; closed: share of the plain mismatched cell's gap the "
-             "variant removes; drift at the best LR: ‖W − W₀‖_F / ‖W₀‖_F, the largest ‖ΔW‖₂/‖W₀‖₂ of a hidden "
-             "matrix, the largest max|ΔW| / max|W₀|)", "",
-             "| base | fine-tune | best LR | value | gap | closed | forgetting | drift F | drift spectral | drift max |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "variant removes; drift at the best LR: ‖W − W₀‖_F / ‖W₀‖_F over all matrices and over the hidden "
+             "ones, the largest ‖ΔW‖₂/‖W₀‖₂ of a hidden matrix, the largest max|ΔW| / max|W₀|)", "",
+             "| base | fine-tune | best LR | value | gap | closed | forgetting | drift F | drift F hidden | "
+             "drift spectral | drift max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     done = set()
     for r in summary["mitigation"]:
         key = (r["base"], r["method"], r["optim"], r["rank"])
@@ -448,19 +448,21 @@ def _mitigation_markdown(summary: dict) -> list[str]:
                     ch = "—" if g["forgetting"] is None else f"{100 * g['forgetting']:+.1f} %"
                     lines.append(f"| {r['base_label']} | {g['label']} (none) | {fmt_num(g['best_lr'], 'g')} | "
                                  f"{fmt_num(col.get('value'))} | {fmt_num(col.get('gap'), '+.3f')} | 0 % | {ch} | "
-                                 f"{_fmt_drift(g['drift'], 'fro_rel')} | {_fmt_drift(g['drift'], 'spectral_rel')} | "
+                                 f"{_fmt_drift(g['drift'], 'fro_rel')} | {_fmt_drift(g['drift'], 'fro_rel_hidden')} | "
+                                 f"{_fmt_drift(g['drift'], 'spectral_rel')} | "
                                  f"{_fmt_drift(g['drift'], 'max_rel')} |")
         closed = "—" if r["gap_closed_pct"] is None else f"{r['gap_closed_pct']:.0f} %"
         ch = "—" if r["forgetting"] is None else f"{100 * r['forgetting']:+.1f} %"
         lines.append(f"| {r['base_label']} | {r['label']} | {fmt_num(r['best_lr'], 'g')} | {fmt_num(r['value'])} | "
                      f"{fmt_num(r['gap'], '+.3f')} | {closed} | {ch} | {_fmt_drift(r['drift'], 'fro_rel')} | "
+                     f"{_fmt_drift(r['drift'], 'fro_rel_hidden')} | "
                      f"{_fmt_drift(r['drift'], 'spectral_rel')} | {_fmt_drift(r['drift'], 'max_rel')} |")
     return lines + [""]
 
 
 CSV_FIELDS = ("base", "pretrained_with", "method", "optim", "rank", "axes", "matched", "best_lr", "ppl_mean",
               "ppl_std", "n_seeds", "normalised", "normalised_std", "gap", "ref_ppl_mean", "ref_ppl_std",
-              "forgetting", "edge", "drift_fro_rel", "drift_spectral_rel", "drift_max_rel")
+              "forgetting", "edge", "drift_fro_rel", "drift_fro_rel_hidden", "drift_spectral_rel", "drift_max_rel")
 
 
 def to_csv(summary: dict) -> str:
