@@ -20,9 +20,11 @@ pretrained weights), learning rate η of its group at this step:
   above ``ρ·‖W₀‖₂``; ``max`` (Adam-pretrained) clamps every entry of Δ to ``±ρ·max|W₀|``.  Both are the
   exact Euclidean projections onto their balls.  The spectral one finds the top-k singular triplets of Δ
   (k = :data:`TRUST_RANK` at first) by subspace iteration warm-started from the last step's right singular
-  vectors (:data:`TRUST_ITERS` iterations; one Δᵀ·(Δ·V) and a thin QR each) and falls back to an exact SVD
-  when the smallest of them still exceeds the radius (more directions may be over it); k then doubles for
-  that matrix, so the iteration learns to track every direction the projection holds at the radius.
+  vectors (:data:`TRUST_ITERS` iterations; one Δᵀ·(Δ·V) and a thin QR each), clips them, and checks the result
+  with one more block iteration; it falls back to an exact SVD when the smallest tracked one still exceeds the
+  radius (more directions may be over it) or the check finds the result over the radius by more than
+  :data:`TRUST_TOL` (inexact triplets); k then doubles for that matrix, so the iteration learns to track every
+  direction the projection holds at the radius.
 
 Hooks: :func:`attach` uses torch's ``register_step_pre_hook`` / ``register_step_post_hook`` and the
 state-dict hooks, so ``build_optimizer`` still returns a plain ``torch.optim.AdamW`` or a Muon-family object.
@@ -50,6 +52,8 @@ TRUST_NORMS = ("spectral", "max")
 TRUST_RANK = 8
 TRUST_ITERS = 2
 _FIRST_ITERS = 8  # from the deterministic start basis (the first step after an anchor is taken)
+#: relative excess over the spectral radius the subspace path may leave before the exact SVD is used instead
+TRUST_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,25 @@ def spectral_clip_(w: Tensor, anchor: Tensor, radius: float, basis: Tensor, iter
         v = torch.linalg.qr(delta.mT @ (delta @ v))[0]
     ub, s, vbh = torch.linalg.svd(delta @ v, full_matrices=False)  # Δ·V = Ub·S·Vbh: Δ's top-k triplets
     right = v @ vbh.mT
-    exact = bool(s[-1] > radius) and s.numel() < min(delta.shape)
-    if exact:  # the k-th is over the radius too: more directions may be; project exactly
-        u_all, s_all, vh_all = torch.linalg.svd(delta, full_matrices=False)
-        over = s_all > radius
-        if over.any():
-            fix = (u_all[:, over] * (s_all[over] - radius)) @ vh_all[over]
-            w.sub_(fix.to(w.dtype))
-        grown = min(2 * v.shape[1], vh_all.shape[0])  # track twice as many directions from now on
-        return vh_all[:grown].mT.contiguous().to(basis.dtype), True
-    excess = (s - radius).clamp(min=0.0)
-    if bool(excess.any()):
-        w.sub_(((ub * excess) @ right.mT).to(w.dtype))
-    return right.to(basis.dtype), False
+    full = s.numel() >= min(delta.shape)
+    if not (bool(s[-1] > radius) and not full):
+        excess = (s - radius).clamp(min=0.0)
+        if not bool(excess.any()):
+            return right.to(basis.dtype), False
+        clipped = delta - (ub * excess) @ right.mT
+        # check the result: one more block iteration from the same directions estimates its top singular value;
+        # the triplets were inexact (directions just under the radius mix into the top ones) when it is over
+        check = torch.linalg.qr(clipped.mT @ (clipped @ right))[0]
+        if full or float(torch.linalg.matrix_norm(clipped @ check, ord=2)) <= radius * (1.0 + TRUST_TOL):
+            w.sub_(((ub * excess) @ right.mT).to(w.dtype))
+            return right.to(basis.dtype), False
+    # more directions may be over the radius than the basis tracks: project exactly, and track twice as many
+    u_all, s_all, vh_all = torch.linalg.svd(delta, full_matrices=False)
+    over = s_all > radius
+    if over.any():
+        w.sub_(((u_all[:, over] * (s_all[over] - radius)) @ vh_all[over]).to(w.dtype))
+    grown = min(2 * v.shape[1], vh_all.shape[0])
+    return vh_all[:grown].mT.contiguous().to(basis.dtype), True
 
 
 def top_k_project(update: Tensor, ns_input: Tensor, k: int, basis: Tensor, iters: int) -> tuple[Tensor, Tensor]:

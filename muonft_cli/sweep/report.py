@@ -336,6 +336,9 @@ def _mitigation(table1: list[dict], groups: list[dict], bases: dict[str, dict]) 
                         "gap_plain": gp, "gap_closed_pct": share, "forgetting": g.get("forgetting"),
                         "drift": g.get("drift"), "plain_drift": (by_key.get(
                             (base, r["method"], r["optim"], r["rank"], str(plain_axes))) or {}).get("drift")})
+    order = list(bases)
+    out.sort(key=lambda m: (order.index(m["base"]) if m["base"] in order else 99, m["method"], m["optim"],
+                            m["rank"] or 0, m["variant"]))
     return out
 
 
