@@ -107,8 +107,6 @@ def config_hash(obj: Any) -> str:
 
 
 def _fmt_value(v: Any) -> str:
-    if isinstance(v, dict):
-        return "+".join(f"{k.split('.')[-1]}={_fmt_value(x)}" for k, x in v.items()) or "none"
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (list, tuple)):
