@@ -847,7 +847,7 @@ def test_variants_add_the_matching_cells_again_with_their_overrides_and_leave_th
     ({"name": "x", "where": {"optims": ["adamw"]}, "set": {"optimizer.update_rank": 2}}, "optimizer.update_rank"),
     ({"name": "x", "where": {"methods": ["ful"]}, "set": {"optimizer.anchor_decay": 1.0}}, "did you mean 'full'"),
     ({"name": "x", "where": {"bases": ["adam"], "optims": ["adamw"], "matched": False},
-      "set": {"optimizer.anchor_decay": 1.0}}, "applies to no cell"),
+      "set": {"optimizer.anchor_decay": 1.0}}, "'x' applies to no cell"),
     ({"name": "a b", "set": {"optimizer.anchor_decay": 1.0}}, "sweep.variants[0].name"),
     ({"name": "x", "set": {"optimizer.anchr_decay": 1.0}}, "did you mean 'anchor_decay'"),
 ])

@@ -234,14 +234,15 @@ def _variant_applies(where: dict, b: BaseSpec, method: str, optim: str) -> bool:
     return True
 
 
-def _variants(sec: C.SweepSection, run: dict, problems: list[str]) -> list[dict]:
-    """The section's variants as plain dicts, each override validated on the run recipe."""
+def _variants(sec: C.SweepSection, problems: list[str]) -> list[dict]:
+    """The section's variants as plain dicts; overrides of keys the sweep owns are refused here, the others are
+    validated with each cell they apply to (`_expand`)."""
     out = []
     for i, v in enumerate(sec.variants or []):
         if not isinstance(v, C.SweepVariant) or not v.set:
             continue
         for key, value in v.set.items():
-            if key in _OWNED_KEYS:  # the rest is validated with each cell it applies to (`_expand`)
+            if key in _OWNED_KEYS:
                 problems.append(f"sweep.variants[{i}].set.{key}: set by the sweep itself; a variant may not change it")
         where = C.to_dict(v.where) if isinstance(v.where, C.SweepWhere) else {}
         out.append({"name": str(v.name), "where": where, "set": dict(v.set),
@@ -286,16 +287,17 @@ def plan_from_dict(recipe: dict, origin: str = "recipe") -> SweepPlan:
         for v in values:
             _validate_run(_apply_dotted(run, key, v), f"sweep.axes.{key}={v!r}: ", problems)
         axes[key] = values
-    variants = _variants(sec, run, problems)
+    variants = _variants(sec, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     args = dict(bases=bases, methods=sec.methods, optims=sec.optims, lrs=_lr_grids(sec), lora_ranks=sec.lora_ranks,
                 alpha_equals_2r=sec.alpha_equals_2r, seeds=sec.seeds, axes=axes, metric=sec.metric,
                 reference_data=reference, variants=variants)
     cells = _expand(args, run, sec.per_optim or {}, problems)
-    used = {v for c in cells for k, v in c.axes if k == "variant"}
-    problems += [f"sweep.variants: '{v['name']}' applies to no cell of the grid (check its where: and lr:)"
-                 for v in variants if v["name"] not in used and not problems]
+    if not problems:
+        problems += [f"sweep.variants: '{v['name']}' applies to no cell of the grid (check its where:)"
+                     for v in variants if not any(_variant_applies(v["where"], b, m, o) for b in bases.values()
+                                                  for m in sec.methods for o in sec.optims)]
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     ids = [c.id for c in cells]
