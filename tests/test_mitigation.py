@@ -335,3 +335,13 @@ def test_spectral_trust_region_holds_when_singular_values_cluster_at_the_radius(
         a = w0[id(r.param)].double()
         d = r.param.detach().double() - a
         assert torch.linalg.matrix_norm(d, ord=2) <= 0.1 * torch.linalg.matrix_norm(a, ord=2) * (1 + 2e-3), r.name
+
+
+def test_cli_lora_run_records_the_drift_of_its_merged_update(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(corpus), "--optim", "muon",
+                            "--lr", "3e-2", "--lora-rank", "4", "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    drift = json.loads((out / "summary.json").read_text())["drift"]
+    assert drift["matrices"] == 14 and drift["fro"] > 0  # 2 layers x 7 adapted linears; embeddings untouched
+    assert drift["fro_rel"] == pytest.approx(drift["fro_rel_hidden"])

@@ -310,10 +310,16 @@ class Loop:
     def drift(self) -> dict[str, Any] | None:
         """‖W − W₀‖ of the trained matrices (`optim.constraints.drift_norms`) for full fine-tuning: against the
         optimizer's anchors under a mitigation, else against the base's weights read back from its safetensors
-        one tensor at a time; None for pretraining, LoRA and bases that are not a local safetensors folder."""
-        if self.mode != "finetune" or self.cfg.lora.rank is not None:
+        one tensor at a time; for LoRA (`lora`/`rslora`) the merged update s·B·A of every adapted matrix against its
+        base weight; None for pretraining, other LoRA variants and bases that are not a local safetensors folder."""
+        if self.mode != "finetune":
             return None
         from muonft_cli.optim.constraints import drift_norms
+
+        if self.cfg.lora.rank is not None:
+            if self.cfg.lora.variant not in ("lora", "rslora"):
+                return None  # DoRA rescales, PiSSA / OLoRA move the base weights: s·B·A is not W − W₀
+            return drift_norms((m.base_layer.weight + d, m.base_layer.weight, True) for m, d in self._lora_deltas())
 
         cons = getattr(self.optimizer, "constraints", None)
         if cons is not None:
@@ -338,6 +344,14 @@ class Loop:
                             yield named[k], h.get_tensor(k), id(named[k]) in hidden
 
         return drift_norms(pairs())
+
+    def _lora_deltas(self):
+        """(peft LoRA layer, its merged update s·B·A) for every adapted linear layer."""
+        for mod in self.model.modules():
+            if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and "default" in getattr(
+                    mod, "lora_A", {}):
+                with torch.no_grad():
+                    yield mod, mod.get_delta_weight("default")
 
     def summary(self, final: str | None) -> dict[str, Any]:
         """The run summary (see `muonft_cli.train.run`); collective (gathers the ranks' Muon counters)."""
