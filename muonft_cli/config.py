@@ -35,6 +35,8 @@ STRATEGIES = ("ddp", "fsdp")
 PRESETS = ("tiny", "small")
 #: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")
+#: `optimizer.trust_norm` values (`auto`: from the base's pretraining optimizer, `muonft_cli.diagnose.auto`)
+TRUST_NORMS = ("auto", "spectral", "max")
 
 
 @dataclass
@@ -99,6 +101,16 @@ class OptimizerConfig:
     adamw_lr: float | None = field(default=None, metadata={"help": "Muon's auxiliary AdamW group lr"})
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     lora_a: str = field(default="muon", metadata={"help": "muon | adamw: where LoRA A matrices go"})
+    # mismatch mitigations for full fine-tuning (`muonft_cli.optim.constraints`; docs/formulas.md), all off
+    anchor_decay: float = field(default=0.0, metadata={"help": "λ of W <- W - lr·λ·(W - W0), decay toward the "
+                                                               "pretrained weights W0 (L2-SP); 0 = off"})
+    trust_radius: float | None = field(default=None, metadata={"help": "ρ: keep ||W - W0|| <= ρ·||W0|| in "
+                                                                       "trust_norm (projection); null = off"})
+    trust_norm: str = field(default="auto", metadata={"help": "auto | spectral | max: the trust region's norm; "
+                                                              "auto = spectral for a Muon-pretrained base, max "
+                                                              "for an Adam-pretrained one"})
+    update_rank: int | None = field(default=None, metadata={"help": "muon/muon-pe: apply only the top-k "
+                                                                    "directions of each update; null = full"})
 
 
 @dataclass
@@ -311,6 +323,15 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     choice("optimizer.scaling", cfg.optimizer.scaling, SCALINGS)
     choice("optimizer.ns_dtype", cfg.optimizer.ns_dtype, ("auto", "bf16", "fp32"))
     choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
+    choice("optimizer.trust_norm", cfg.optimizer.trust_norm, TRUST_NORMS)
+    positive("optimizer.anchor_decay", cfg.optimizer.anchor_decay, allow_zero=True)
+    if cfg.optimizer.trust_radius is not None:
+        positive("optimizer.trust_radius", cfg.optimizer.trust_radius)
+    if cfg.optimizer.update_rank is not None:
+        positive("optimizer.update_rank", cfg.optimizer.update_rank)
+        if cfg.optimizer.name not in ("muon", "muon-pe", AUTO_OPTIMIZER):
+            p.append(f"optimizer.update_rank: limits Muon's update, so it needs optimizer.name muon or muon-pe "
+                     f"(got {cfg.optimizer.name}); unset it")
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
     choice("model.preset", cfg.model.preset, PRESETS)
@@ -461,7 +482,8 @@ def to_dict(cfg: Any) -> dict:
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
 ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
                               "train.run_name": None, "model.base_dtype": "auto", "model.load_in_4bit": False,
-                              "train.strategy": "ddp"}
+                              "train.strategy": "ddp", "optimizer.anchor_decay": 0.0, "optimizer.trust_radius": None,
+                              "optimizer.trust_norm": "auto", "optimizer.update_rank": None}
 
 
 def stable_view(data: dict) -> dict:
@@ -639,8 +661,30 @@ class SweepBaseSection:
 
 
 @dataclass
+class SweepWhere:
+    """Which cells of the grid a variant applies to (unset = any): methods, optimizers, bases, and whether the
+    optimizer matches the base's pretraining optimizer (`matched: false` = the mismatched cells)."""
+
+    methods: list[str] | None = None
+    optims: list[str] | None = None
+    bases: list[str] | None = None
+    matched: bool | None = None
+
+
+@dataclass
+class SweepVariant:
+    """Extra cells: the grid cells matching `where`, again, with the run overrides `set` ({key.path: value})."""
+
+    name: str | None = field(default=None, metadata={"help": "the row label and cell-id part"})
+    where: SweepWhere | None = None
+    set: dict[str, Any] | None = field(default=None, metadata={"help": "config.key -> value for these cells"})
+    lr: list[float] | None = field(default=None, metadata={"help": "their LRs (default: the cell's own grid)"})
+
+
+@dataclass
 class SweepSection:
-    """The `sweep:` section: the grid (bases x methods x optimizers x LRs x ranks x seeds x extra axes)."""
+    """The `sweep:` section: the grid (bases x methods x optimizers x LRs x ranks x seeds x extra axes), and
+    variants (some of its cells again, with overrides)."""
 
     name: str | None = field(default=None, metadata={"help": "default: the recipe file's stem"})
     bases: dict[str, SweepBaseSection] | None = None
@@ -655,6 +699,8 @@ class SweepSection:
     metric: str = field(default="final", metadata={"help": "final | best validation PPL of a run"})
     reference_data: str | None = field(default=None, metadata={"help": "forgetting (default: eval.reference_data)"})
     per_optim: dict[str, dict[str, Any]] | None = field(default=None, metadata={"help": "optim -> run overrides"})
+    variants: list[SweepVariant] | None = field(default=None, metadata={
+        "help": "extra cells beside the grid: the cells matching `where`, with the overrides `set`"})
 
 
 def _sweep_problems(sec: SweepSection) -> list[str]:
@@ -709,6 +755,25 @@ def _sweep_problems(sec: SweepSection) -> list[str]:
     for key, values in (sec.axes or {}).items() if isinstance(sec.axes, dict) else ():
         if not isinstance(values, list) or not values:
             p.append(f"sweep.axes.{key}: expected a non-empty list of values, got {values!r}")
+    for i, v in enumerate(sec.variants) if isinstance(sec.variants, list) else ():
+        where = f"sweep.variants[{i}]"
+        if not isinstance(v, SweepVariant):
+            continue
+        if not v.name or any(not (c.isalnum() or c in "-_.+=") for c in str(v.name)):
+            p.append(f"{where}.name: give each variant a name of letters, digits and -_.+= (it labels its rows and "
+                     f"cell ids), got {v.name!r}")
+        if not v.set:
+            p.append(f"{where}.set: expected a mapping config.key -> value, e.g. set: {{optimizer.anchor_decay: 0.1}}")
+        w = v.where
+        if isinstance(w, SweepWhere):
+            if w.methods is not None:
+                grid(f"{where}.where.methods", w.methods, SWEEP_METHODS)
+            if w.optims is not None:
+                grid(f"{where}.where.optims", w.optims, requested)
+            if w.bases is not None and isinstance(sec.bases, dict):
+                grid(f"{where}.where.bases", w.bases, tuple(sec.bases))
+        if v.lr is not None:
+            grid(f"{where}.lr", v.lr, positive=True)
     if sec.lr is None:
         p.append("sweep.lr: missing; give the LR grid per method and optimizer, e.g. "
                  "lr: {full: {adamw: [1e-5, 3e-5]}, lora: {adamw: [1e-4, 3e-4]}}")

@@ -625,6 +625,8 @@ PINNED_PLANS = {
                                 {"adam": "2dd81e0f1bd2", "muon": "b1b56db83ccf"}],
     "mismatch-small.yaml": [84, "2c52b727e9611b81", "40da17592e89e95b",
                             {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
+    "mismatch-mitigation.yaml": [66, "5a5066bb76c979c7", "52db7ac9ec04c84c",
+                                 {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
     "sweep-finetune.yaml": [60, "7da45a891ce66f1b", "8377e32d85fafe9a", {"model": "dc5d36813fe7"}],
     "sweep-rank-study.yaml": [486, "8c0a67ca6ac6a558", "b1e3dd3cdd385013", {"llama2-7b": "9a63c25391fc"}],
     "micro-axes": [288, "b812fa01ca3d4a8b", "8ec1a8a2a1854b95", {"adam": "a79f95179abc", "muon": "c61a07e24f29"}],
@@ -854,3 +856,68 @@ def test_dry_run_names_every_missing_base_path_at_once(tmp_path):
         assert f"sweep.bases.{name}.path:" in lines[0]
     assert "hub" not in lines[0].replace("a hub id", "") and "sweep.bases.here" not in lines[0]
     assert res.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------ variants (issue 14 §2)
+
+
+def test_variants_add_the_matching_cells_again_with_their_overrides_and_leave_the_grid_alone():
+    plain = S.plan_from_dict(micro_recipe())
+    rec = micro_recipe(variants=[
+        {"name": "anc", "where": {"methods": ["full"], "matched": False}, "set": {"optimizer.anchor_decay": 1.0}},
+        {"name": "rk2", "where": {"methods": ["full"], "optims": ["muon"], "matched": False}, "lr": [1e-3],
+         "set": {"optimizer.update_rank": 2}}])
+    plan = S.plan_from_dict(rec)
+    assert [(c.id, c.hash) for c in plan.cells if not c.axes] == [(c.id, c.hash) for c in plain.cells]
+    extra = [c for c in plan.cells if c.axes]
+    anc = [c for c in extra if c.axes == (("variant", "anc"),)]
+    # mismatched full cells only: adam base + muon, muon base + adamw; each with its own LR grid, 2 seeds
+    assert {(c.base, c.optim) for c in anc} == {("adam", "muon"), ("muon", "adamw")} and len(anc) == 2 * 3 * 2
+    assert all(c.config["optimizer"]["anchor_decay"] == 1.0 and c.id.endswith("-variant=anc") for c in anc)
+    rk = [c for c in extra if c.axes == (("variant", "rk2"),)]
+    assert {(c.base, c.optim, c.lr) for c in rk} == {("adam", "muon", 1e-3)} and len(rk) == 2
+    assert len({c.hash for c in plan.cells}) == len(plan.cells)
+
+
+@pytest.mark.parametrize("variant,needle", [
+    ({"name": "x", "set": {"optimizer.lr": 1.0}}, "set by the sweep itself"),
+    ({"name": "x", "where": {"optims": ["adamw"]}, "set": {"optimizer.update_rank": 2}}, "optimizer.update_rank"),
+    ({"name": "x", "where": {"methods": ["ful"]}, "set": {"optimizer.anchor_decay": 1.0}}, "did you mean 'full'"),
+    ({"name": "x", "where": {"bases": ["adam"], "optims": ["adamw"], "matched": False},
+      "set": {"optimizer.anchor_decay": 1.0}}, "'x' applies to no cell"),
+    ({"name": "a b", "set": {"optimizer.anchor_decay": 1.0}}, "sweep.variants[0].name"),
+    ({"name": "x", "set": {"optimizer.anchr_decay": 1.0}}, "did you mean 'anchor_decay'"),
+])
+def test_bad_variants_are_config_errors_naming_the_problem(variant, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        S.plan_from_dict(micro_recipe(variants=[variant]))
+    assert any(needle in p for p in e.value.problems), e.value.problems
+
+
+def test_report_shows_each_mitigation_against_the_plain_mismatched_cell():
+    cells, bases = paper_cells()
+    drift = {"fro_rel": 0.5, "fro_rel_hidden": 0.3, "spectral_rel": 0.4, "max_rel": 0.9}
+    for c in cells:
+        c["drift"] = drift if c["method"] == "full" else None
+    # Muon-pretrained + Full-Adam (gap +.023) with two anchors: one closes about half the gap, one makes it worse
+    for name, value in (("anc1", 0.728), ("anc9", 0.75)):
+        for seed in range(3):
+            cells.append({"id": f"v-{name}-{seed}", "base": "muon", "method": "full", "optim": "adamw", "rank": None,
+                          "axes": [["variant", name]], "lr": 1e-3, "seed": seed, "status": "done",
+                          "ppl": 20 * value, "ref_ppl": 28.0, "drift": {**drift, "fro_rel": 0.1 * (seed + 1)}})
+    s = R.aggregate(cells, bases)
+    rows = {r["variant"]: r for r in s["mitigation"]}
+    assert rows["anc1"]["gap"] == pytest.approx(0.012) and rows["anc1"]["gap_plain"] == pytest.approx(0.023)
+    assert rows["anc1"]["gap_closed_pct"] == pytest.approx(100 * 0.011 / 0.023)
+    assert rows["anc9"]["gap_closed_pct"] == pytest.approx(100 * (0.023 - 0.034) / 0.023)  # negative: it hurts
+    assert rows["anc1"]["forgetting"] == pytest.approx(28 / 25 - 1)
+    assert rows["anc1"]["drift"]["fro_rel"] == pytest.approx(0.2) and rows["anc1"]["plain_drift"] == pytest.approx(drift)
+    t1 = {r["label"]: r for r in s["table1"]}
+    assert t1["Full-Adam (anc1)"]["cols"]["muon"]["gap"] == pytest.approx(0.012)  # against the plain matched row
+    md = R.to_markdown(s)
+    assert "## Mismatch mitigations" in md
+    assert "| muon | Full-Adam (none) | 0.001 | 0.739 | +0.023 | 0 % | +24.0 % | 0.5 | 0.3 | 0.4 | 0.9 |" in md
+    assert "| muon | Full-Adam (anc1) | 0.001 | 0.728 | +0.012 | 48 % | +12.0 % | 0.2 | 0.3 | 0.4 | 0.9 |" in md
+    assert "-48 %" in md
+    header = R.to_csv(s).splitlines()[0]
+    assert header.endswith("drift_fro_rel,drift_fro_rel_hidden,drift_spectral_rel,drift_max_rel")

@@ -91,6 +91,7 @@ def test_fsdp_bad_input_is_one_line(tmp_path, tiny_model_dir, corpus):
         (["--strategy", "zero3"], ("train.strategy", "ddp, fsdp")),
         (["--strategy", "fsdp", "--optim", "adamuon"], ("--strategy fsdp", "adamuon", "--strategy ddp")),
         (["--strategy", "fsdp", "--lora-rank", "4", "--merge"], ("--merge", "--strategy fsdp")),
+        (["--strategy", "fsdp", "--set", "optimizer.anchor_decay=1.0"], ("mitigations", "--strategy ddp")),
         (["--strategy", "fsdp", "--lora-rank", "4", "--lora-variant", "pissa"], ("pissa", "--strategy ddp")),
     ]:
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"

@@ -3,7 +3,8 @@ was pretrained.
 
 Owns `choose` (the decision, from diagnose's provenance and spectral verdict: one streamed read of the base with
 `muonft_cli.diagnose.analyse`, no model load) and `resolve_config` (a run config with ``optimizer.name: auto``
-turned into a concrete one, plus the decision to record). Rule (paper §5):
+turned into a concrete one, plus the decision to record), and `resolve_mitigations` (``optimizer.trust_norm: auto``
+made concrete from the same provenance). Rule (paper §5):
 
 - full fine-tuning → the matched optimizer: Adam-pretrained → ``adamw``, Muon-pretrained → ``muon``;
 - LoRA → ``muon`` (matches or beats LoRA-Adam at moderate rank with half the optimizer state);
@@ -22,7 +23,7 @@ from typing import Any
 
 from muonft_cli._common import AUTO_OPTIMIZER as AUTO
 
-__all__ = ["AUTO", "choose", "resolve_config"]
+__all__ = ["AUTO", "choose", "resolve_config", "resolve_mitigations"]
 
 
 def _read_base(model: str) -> dict[str, Any]:
@@ -44,6 +45,44 @@ def _read_base(model: str) -> dict[str, Any]:
             "unknown_reason": "the base is not on disk (a hub id): only its name was checked"}
 
 
+def _family(rep: dict[str, Any]) -> tuple[str | None, str, float | None, str]:
+    """(pretraining family or None, where it came from, confidence, the reason in words) of a base's report."""
+    prov = rep["provenance"]
+    if prov.get("family"):
+        return prov["family"], prov["source"], 1.0, f"{prov['source']} says {prov['optimizer']}"
+    if rep.get("optimizer_guess") in ("adam", "muon"):
+        fam, conf = rep["optimizer_guess"], rep["confidence"]
+        return fam, "spectral", conf, f"the spectra look {fam}-pretrained (confidence {conf:.2f})"
+    why = rep.get("unknown_reason") or "no provenance, no spectral signal"
+    return None, "unknown", None, f"pretraining unknown ({why})"
+
+
+def resolve_mitigations(cfg: Any, mode: str) -> tuple[Any, dict[str, Any] | None]:
+    """``cfg`` with ``optimizer.trust_norm: auto`` made concrete for a trust region (``trust_radius`` set):
+    ``spectral`` for a Muon-pretrained base, ``max`` for an Adam-pretrained one (the norm its implicit bias keeps
+    small, paper §3.1), and the decision ``{trust_norm, source, reason}``; unchanged with None otherwise.
+    Raises `UserInputError` when the pretraining optimizer is unknown, for a pretrain run, or for
+    ``update_rank`` beside a resolved optimizer that is not Muon."""
+    from muonft_cli.errors import UserInputError
+
+    opt = cfg.optimizer
+    if opt.update_rank is not None and opt.name not in ("muon", "muon-pe"):
+        raise UserInputError(f"optimizer.update_rank limits Muon's update, but the optimizer is {opt.name}: unset "
+                             "update_rank or pass --optim muon")
+    if opt.trust_radius is None or opt.trust_norm != "auto":
+        return cfg, None
+    if mode != "finetune" or not cfg.model.name_or_path:
+        raise UserInputError("optimizer.trust_norm auto follows the base's pretraining optimizer, so it is for "
+                             "finetune: set optimizer.trust_norm=spectral or max")
+    family, source, _, said = _family(_read_base(cfg.model.name_or_path))
+    if family is None:
+        raise UserInputError(f"optimizer.trust_norm auto: {said}; set optimizer.trust_norm=spectral (a "
+                             "Muon-pretrained base) or max (an Adam-pretrained one)")
+    norm = "spectral" if family == "muon" else "max"
+    return (dataclasses.replace(cfg, optimizer=dataclasses.replace(opt, trust_norm=norm)),
+            {"trust_norm": norm, "source": source, "reason": f"{said}: the {norm} norm"})
+
+
 def choose(model: str, *, lora: bool, lr: float | None = None) -> dict[str, Any]:
     """Decide the optimizer for fine-tuning ``model`` (full, or LoRA when ``lora``).
 
@@ -57,16 +96,7 @@ def choose(model: str, *, lora: bool, lr: float | None = None) -> dict[str, Any]
     from muonft_cli.diagnose import verdict as V
 
     rep = _read_base(model)
-    prov = rep["provenance"]
-    if prov.get("family"):
-        family, source, conf = prov["family"], prov["source"], 1.0
-        said = f"{source} says {prov['optimizer']}"
-    elif rep.get("optimizer_guess") in ("adam", "muon"):
-        family, source, conf = rep["optimizer_guess"], "spectral", rep["confidence"]
-        said = f"the spectra look {family}-pretrained (confidence {conf:.2f})"
-    else:
-        family, source, conf = None, "unknown", None
-        said = f"pretraining unknown ({rep.get('unknown_reason') or 'no provenance, no spectral signal'})"
+    family, source, conf, said = _family(rep)
     warning = None
     if lora:
         chosen = "muon"

@@ -6,6 +6,8 @@
   ``kind="adamw"`` groups that owns the state, :mod:`.muon`; the pure update rules (:func:`update_scale`,
   ``muon_update`` and friends), :mod:`.update`; batched and optionally distributed NS, :mod:`.plan`.
 * :func:`split_params` — route every trainable parameter once, with reasons, :mod:`.routing`.
+* the mismatch mitigations (``optimizer.anchor_decay``, ``trust_radius``/``trust_norm``, Muon's ``update_rank``):
+  their math, state and drift metrics, :mod:`.constraints`.
 * :func:`build_optimizer`, :func:`optimizer_state_bytes` — from an optimizer config, or from a name and
   keywords (:data:`OPTION_DEFAULTS`: ``build_optimizer(model, "muon", lr=2e-4)``), :mod:`.factory`.
 """

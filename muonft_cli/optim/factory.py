@@ -23,6 +23,7 @@ from torch import nn
 
 from muonft_cli._common import OPTIMIZER_NAMES, adamw_lr_problem
 
+from .constraints import TRUST_NORMS, ConstraintSpec, attach
 from .muon import AdaMuon, Muon, NorMuon
 from .routing import ParamSplit, split_params
 
@@ -43,6 +44,10 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "adamw_lr": None,
     "adamw_betas": (0.9, 0.95),
     "lora_a": "muon",
+    "anchor_decay": 0.0,
+    "trust_radius": None,
+    "trust_norm": "auto",
+    "update_rank": None,
 }
 
 
@@ -63,17 +68,23 @@ def build_optimizer(model: nn.Module, cfg: Any, **options: Any) -> torch.optim.O
             "normuon"), ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``betas`` (plain AdamW),
             ``eps``, ``scaling`` ("match_rms_adamw" | "original" | "none"), ``ns_steps``, ``ns_dtype``
             ("auto" | "bf16" | "fp32"), ``adamw_lr`` (None = lr under match_rms_adamw), ``adamw_betas``
-            (Muon's auxiliary group) and ``lora_a`` ("muon" | "adamw").  ``muon-pe`` is Muon with Polar
+            (Muon's auxiliary group), ``lora_a`` ("muon" | "adamw") and the mismatch mitigations
+            (:mod:`.constraints`, all off by default): ``anchor_decay`` (λ_a of ``W ← W − η·λ_a·(W − W₀)``),
+            ``trust_radius`` (ρ of ``‖W − W₀‖ ≤ ρ·‖W₀‖``, None = off) in ``trust_norm`` ("spectral" |
+            "max"; "auto" must be resolved from the base first, as ``muonft finetune`` does) and
+            ``update_rank`` (Muon / Muon-PE: the top-k directions of each update, None = full).  ``muon-pe`` is Muon with Polar
             Express coefficients; ``adamuon`` follows "AdaMuon: Adaptive Muon Optimizer" (Si et al.),
             Algorithm 1 (no Nesterov, so
             ``nesterov`` is not used by it).
 
     Returns:
         ``torch.optim.AdamW`` (for "adamw") or a :class:`~.muon.Muon`/:class:`~.muon.AdaMuon`/
-        :class:`~.muon.NorMuon`; every param group has ``kind``; ``opt.param_split`` keeps the routing.
+        :class:`~.muon.NorMuon`; every param group has ``kind``; ``opt.param_split`` keeps the routing;
+        with a mitigation on, ``opt.constraints`` (:class:`~.constraints.Constraints`) holds its state.
 
     Raises:
-        ValueError: unknown name, or ``optimizer.adamw_lr`` missing where it is required.
+        ValueError: unknown name, ``optimizer.adamw_lr`` missing where it is required, or a mitigation the
+            optimizer cannot take (``update_rank`` outside Muon / Muon-PE, ``trust_norm`` "auto" unresolved).
         TypeError: an unknown keyword (the message names the valid ones), or keywords beside a config object.
     """
     if isinstance(cfg, str):
@@ -89,6 +100,7 @@ def build_optimizer(model: nn.Module, cfg: Any, **options: Any) -> torch.optim.O
     lr = float(cfg.lr)
     weight_decay = float(_opt(cfg, "weight_decay", 0.0))
     eps = float(_opt(cfg, "eps", 1e-8))
+    spec, update_rank = _mitigations(cfg, name)
     split = split_params(model, lora_a=_opt(cfg, "lora_a", "muon") if name != "adamw" else "muon")
     fused = _all_cuda(split)
 
@@ -101,7 +113,7 @@ def build_optimizer(model: nn.Module, cfg: Any, **options: Any) -> torch.optim.O
             foreach=None if fused else True, fused=True if fused else None,
         )
         opt.param_split = split  # type: ignore[attr-defined]
-        return opt
+        return _constrained(opt, spec, split)
 
     scaling = _opt(cfg, "scaling", "match_rms_adamw")
     adamw_lr = getattr(cfg, "adamw_lr", None)
@@ -130,12 +142,36 @@ def build_optimizer(model: nn.Module, cfg: Any, **options: Any) -> torch.optim.O
     nesterov = bool(_opt(cfg, "nesterov", True))
     if name in ("muon", "muon-pe"):
         method = "polar_express" if name == "muon-pe" else "jordan"
-        opt = Muon(groups, nesterov=nesterov, scaling=scaling, ns_method=method, **common)
+        opt = Muon(groups, nesterov=nesterov, scaling=scaling, ns_method=method, update_rank=update_rank, **common)
     elif name == "adamuon":
         opt = AdaMuon(groups, nesterov=False, eps=eps, scaling=scaling, **common)
     else:
         opt = NorMuon(groups, nesterov=nesterov, scaling=scaling, **common)
     opt.param_split = split  # type: ignore[attr-defined]
+    return _constrained(opt, spec, split)
+
+
+def _mitigations(cfg: Any, name: str) -> tuple[ConstraintSpec, int | None]:
+    """The mismatch mitigations of ``cfg`` (:mod:`.constraints`), checked against optimizer ``name``."""
+    rank = getattr(cfg, "update_rank", None)
+    if rank is not None and name not in ("muon", "muon-pe"):
+        raise ValueError(f"optimizer.update_rank limits the rank of Muon's orthogonalised update: it needs "
+                         f"optimizer.name muon or muon-pe, not {name}")
+    radius = getattr(cfg, "trust_radius", None)
+    norm = _opt(cfg, "trust_norm", "auto")
+    if radius is not None and norm not in TRUST_NORMS:
+        raise ValueError(f"optimizer.trust_norm {norm!r}: build_optimizer takes {' or '.join(TRUST_NORMS)} ('auto' "
+                         "is resolved from the base's pretraining optimizer by `muonft finetune`)")
+    spec = ConstraintSpec(anchor_decay=float(_opt(cfg, "anchor_decay", 0.0)),
+                          trust_radius=None if radius is None else float(radius),
+                          trust_norm=norm if norm in TRUST_NORMS else "spectral")
+    return spec, None if rank is None else int(rank)
+
+
+def _constrained(opt: torch.optim.Optimizer, spec: ConstraintSpec, split: ParamSplit) -> torch.optim.Optimizer:
+    """``opt`` with the constraints of ``spec`` attached when any is on (else untouched)."""
+    if spec.active:
+        attach(opt, spec, [r.param for r in split.muon])
     return opt
 
 
@@ -150,6 +186,8 @@ def _keyword_config(name: str, options: dict[str, Any]) -> SimpleNamespace:
     values = {**OPTION_DEFAULTS, **options}
     if values["lora_a"] not in ("muon", "adamw"):
         raise ValueError(f"lora_a must be 'muon' or 'adamw', got {values['lora_a']!r}")
+    if values["trust_norm"] not in TRUST_NORMS + ("auto",):
+        raise ValueError(f"trust_norm must be one of {', '.join(TRUST_NORMS)}, got {values['trust_norm']!r}")
     return SimpleNamespace(name=name, **values)
 
 
@@ -169,8 +207,10 @@ def _all_cuda(split: ParamSplit) -> bool:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's state tensors (momenta, second moments, step counters)."""
-    total = 0
+    """Bytes held by the optimizer's state tensors (momenta, second moments, step counters, and the anchors of
+    a mismatch mitigation)."""
+    cons = getattr(opt, "constraints", None)
+    total = cons.bytes() if cons is not None else 0
     for state in opt.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from muonft_cli._common import SCALINGS
 
+from . import constraints as C
 from . import update as U
 from .orthogonalize import _METHODS, resolve_ns_dtype
 from .plan import DEFAULT_CHUNK_BYTES, Item, StepPlanner
@@ -257,9 +258,20 @@ class Muon(MuonFamily):
         adamw_betas: default betas of ``kind="adamw"`` groups ((0.9, 0.95), the paper's Muon runs).
         adamw_eps: default eps of ``kind="adamw"`` groups.
         ns_chunk_bytes: max bytes of stacked NS input per batched call (bounds extra memory).
+        update_rank: k: apply only the top-k directions of each orthogonalised update, ``O_k = Q·(Qᵀ·O)``
+            with Q the top-k left singular vectors of the NS input (:func:`.constraints.top_k_project`;
+            state ``rank_basis``, rows × (k + max(k, 4)) oversampled, warm-started); None = the full update.
     """
 
+    def __init__(self, params: Iterable[Any], *args: Any, update_rank: int | None = None, **kwargs: Any) -> None:
+        if update_rank is not None and update_rank < 1:
+            raise ValueError(f"update_rank must be >= 1 (or None = full rank), got {update_rank}")
+        self.update_rank = update_rank
+        super().__init__(params, *args, **kwargs)
+
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
+        if self.update_rank is not None:
+            outs = [self._rank_limited(it, o) for it, o in zip(chunk, outs)]
         for g, s, params, updates in self._planner.by_group(chunk, outs):
             U.apply_updates_(params, updates, g["lr"], g["weight_decay"], s)
 
@@ -272,7 +284,23 @@ class Muon(MuonFamily):
         for (_, s), (g, ps, os_) in sets.items():
             U.apply_updates_(ps, os_, g["lr"], g["weight_decay"], s)
 
+    def _rank_limited(self, it: Item, o: Tensor) -> Tensor:
+        """The top-``update_rank`` part of one matrix's update ``o`` (as stored, (rows, cols) or param-shaped)."""
+        g, st = it.group, self.state[it.param]
+        grad, buf = it.as2d(it.grad), it.as2d(it.buf)
+        x = torch.add(grad, buf, alpha=g["momentum"]) if g["nesterov"] and g["momentum"] > 0 else buf
+        o2 = o.reshape(it.rows, it.cols)
+        k = min(self.update_rank, it.rows, it.cols)
+        basis, iters = st.get("rank_basis"), C.TRUST_ITERS
+        if basis is None:
+            width = C.rank_basis_width(k, it.rows, it.cols)
+            basis, iters = C._start_basis(it.rows, width, o.device, torch.float32), C._FIRST_ITERS
+        o_k, st["rank_basis"] = C.top_k_project(o2, x, k, basis, iters)
+        return o_k.reshape(o.shape)
+
     def _apply_gram(self, chunk: list[Item], Q: Tensor, X: Tensor) -> bool:
+        if self.update_rank is not None:
+            return False  # the rank limit needs O itself
         if X.device.type != "cpu" or not all(it.param.is_contiguous() and it.param.dtype == X.dtype for it in chunk):
             return False
         # CPU: W ← (1 − ηλ)·W − η·s·(QX) as one addmm_ per wide matrix (no O materialised); tall

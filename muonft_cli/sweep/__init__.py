@@ -33,7 +33,13 @@ sweep:
   axes: {schedule.warmup_ratio: [0.0, 0.03]}   # any other config key as an extra axis
   metric: final                # final | best: which validation PPL of a run counts
   reference_data: builtin:shakespeare          # forgetting (default: the recipe's eval.reference_data)
+  variants:                    # extra cells: the grid cells matching `where`, again, with the overrides `set`
+    - {name: anchor1, where: {methods: [full], matched: false}, set: {optimizer.anchor_decay: 1.0}, lr: [3e-3]}
 ```
+
+A variant's cells carry the axis `("variant", name)` (ids end in `-variant=NAME`); the grid's own cells, ids
+and hashes are those of the recipe without `variants:`. `where` selects by `methods`, `optims`, `bases` and
+`matched` (the optimizer's family against the base's pretraining one); `lr` replaces the cell's LR grid.
 
 Index and resumption: `sweep.jsonl` holds one JSON record per event (append-only, one `write` per line, fsync'd;
 a torn last line after SIGKILL is ignored), the latest record of an id wins. A restart skips `done` cells whose

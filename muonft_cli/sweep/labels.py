@@ -13,10 +13,10 @@ FAMILY_NAMES = {"adam": "Adam", "muon": "Muon"}
 
 
 def label(method: str, optim: str, rank: int | None = None, axes: Iterable = ()) -> str:
-    """Row label in the paper's style: `Full-Muon`, `LoRA-Adam (r=8)`."""
+    """Row label in the paper's style: `Full-Muon`, `LoRA-Adam (r=8)`, `Full-Adam (anchor0.3)` (a sweep variant)."""
     s = f"{'Full' if method == 'full' else 'LoRA'}-{OPTIM_NAMES.get(optim, optim)}"
     extra = [f"r={rank}"] if rank is not None else []
-    extra += [f"{k.split('.')[-1]}={v}" for k, v in axes]
+    extra += [str(v) if k == "variant" else f"{k.split('.')[-1]}={v}" for k, v in axes]  # a variant: its name
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -85,6 +85,7 @@ class SweepPlan:
     metric: str
     reference_data: str | None
     cells: list[Cell]
+    variants: list[dict] = field(default_factory=list)  # [{name, where, set, lr}] (`config.SweepVariant`)
 
 
 def _stable(obj: Any) -> Any:
@@ -177,15 +178,23 @@ def _expand(plan_args: dict, run: dict, per_optim: dict, problems: list[str]) ->
     defaults = {k: v for k, v in C.to_dict(C.RunConfig()).items() if k != "output"}
     validated: set = set()
     cells: list[Cell] = []
+    variants = plan_args.get("variants") or []
+    all_lrs = sorted(set(all_lrs) | {lr for v in variants for lr in v["lr"] or ()})
     grid = itertools.product(bases.values(), plan_args["methods"], plan_args["optims"], [*ranks, None], all_lrs,
-                             itertools.product(*(axes[k] for k in axis_keys)), plan_args["seeds"])
-    for b, m, o, r, lr, combo, s in grid:
-        if (r is None) != (m == "full") or lr not in lrs[m][o]:
+                             itertools.product(*(axes[k] for k in axis_keys)), plan_args["seeds"],
+                             [None, *variants])
+    for b, m, o, r, lr, combo, s, var in grid:
+        if (r is None) != (m == "full") or lr not in (var["lr"] if var and var["lr"] else lrs[m][o]):
             continue  # LoRA cells have a rank, full ones none; each (method, optimizer) has its own LRs
-        ax = tuple(zip(axis_keys, combo))
+        if var is not None and not _variant_applies(var["where"], b, m, o):
+            continue
+        ax = tuple(zip(axis_keys, combo)) + ((("variant", var["name"]),) if var is not None else ())
         model_ref = b.path if b.path is not None else f"sweep-base:{b.name}:{b.hash}"
         cfg = C.merge_dicts(copy.deepcopy(run), per_optim.get(o) or {})
         for k, v in ax:
+            if k != "variant":
+                cfg = _apply_dotted(cfg, k, v)
+        for k, v in (var["set"] if var is not None else {}).items():
             cfg = _apply_dotted(cfg, k, v)
         cfg = C.merge_dicts(cfg, {"model": {"name_or_path": model_ref}, "optimizer": {"name": o, "lr": lr},
                                   "lora": {"rank": r}, "train": {"seed": s}})
@@ -196,17 +205,49 @@ def _expand(plan_args: dict, run: dict, per_optim: dict, problems: list[str]) ->
         cfg.pop("output", None)
         # validate once per curve (lr and seed were checked already); hash the cell's complete config (defaults
         # filled in) so that a change of a default counts too
-        gkey = (b.name, m, o, r, ax)
+        gkey = (b.name, m, o, r, ax, var["name"] if var is not None else None)
         if gkey not in validated:
             try:
                 C.from_dict(copy.deepcopy(cfg))
                 validated.add(gkey)
             except ConfigError as e:
-                problems.extend(f"cell {b.name}/{m}/{o}: {p}" for p in e.problems)
+                what = f"/{var['name']}" if var is not None else ""
+                problems.extend(f"cell {b.name}/{m}/{o}{what}: {p}" for p in e.problems)
                 continue
         cells.append(Cell(id=cell_id(b.name, m, o, lr, r, s, ax), base=b.name, method=m, optim=o, lr=lr, rank=r,
                           seed=s, axes=ax, config=cfg, hash=config_hash(C.merge_dicts(defaults, cfg))))
     return cells
+
+
+def _variant_applies(where: dict, b: BaseSpec, method: str, optim: str) -> bool:
+    """Whether a variant's `where` (`config.SweepWhere` as a dict) selects the cells of (base, method, optimizer)."""
+    if where.get("methods") is not None and method not in where["methods"]:
+        return False
+    if where.get("optims") is not None and optim not in where["optims"]:
+        return False
+    if where.get("bases") is not None and b.name not in where["bases"]:
+        return False
+    if where.get("matched") is not None:
+        fam = b.family
+        if fam is None or optim == "auto" or (optimizer_family(optim) == fam) != where["matched"]:
+            return False
+    return True
+
+
+def _variants(sec: C.SweepSection, problems: list[str]) -> list[dict]:
+    """The section's variants as plain dicts; overrides of keys the sweep owns are refused here, the others are
+    validated with each cell they apply to (`_expand`)."""
+    out = []
+    for i, v in enumerate(sec.variants or []):
+        if not isinstance(v, C.SweepVariant) or not v.set:
+            continue
+        for key, value in v.set.items():
+            if key in _OWNED_KEYS:
+                problems.append(f"sweep.variants[{i}].set.{key}: set by the sweep itself; a variant may not change it")
+        where = C.to_dict(v.where) if isinstance(v.where, C.SweepWhere) else {}
+        out.append({"name": str(v.name), "where": where, "set": dict(v.set),
+                    "lr": sorted(v.lr) if v.lr else None})
+    return out
 
 
 def plan_from_dict(recipe: dict, origin: str = "recipe") -> SweepPlan:
@@ -246,12 +287,17 @@ def plan_from_dict(recipe: dict, origin: str = "recipe") -> SweepPlan:
         for v in values:
             _validate_run(_apply_dotted(run, key, v), f"sweep.axes.{key}={v!r}: ", problems)
         axes[key] = values
+    variants = _variants(sec, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     args = dict(bases=bases, methods=sec.methods, optims=sec.optims, lrs=_lr_grids(sec), lora_ranks=sec.lora_ranks,
                 alpha_equals_2r=sec.alpha_equals_2r, seeds=sec.seeds, axes=axes, metric=sec.metric,
-                reference_data=reference)
+                reference_data=reference, variants=variants)
     cells = _expand(args, run, sec.per_optim or {}, problems)
+    if not problems:
+        problems += [f"sweep.variants: '{v['name']}' applies to no cell of the grid (check its where:)"
+                     for v in variants if not any(_variant_applies(v["where"], b, m, o) for b in bases.values()
+                                                  for m in sec.methods for o in sec.optims)]
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     ids = [c.id for c in cells]

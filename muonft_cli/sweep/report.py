@@ -7,6 +7,9 @@ Owns the paper's reporting method ("Can Muon Fine-tune Adam-Pretrained Models?",
 - Table 1 (§3): best PPL normalised by the base model's own PPL on the fine-tuning validation set; for each
   base and method the mismatch gap = normalised PPL with the mismatched optimizer − with the matched one, and the
   percentage by which LoRA shrinks that gap, 100·(gap_full − gap_lora)/gap_full (paper: 39 % / 78 %);
+- mismatch mitigations (issue 14 §2): each sweep variant on a mismatched cell against the same cell without it —
+  its gap, the share of the plain gap it closes, 100·(gap_plain − gap)/gap_plain, forgetting, and the drift
+  ‖W − W₀‖ its runs recorded (Frobenius, spectral, max; `muonft_cli.optim.constraints.drift_norms`);
 - the rank study (§4.4, Tables 14–16): best LR and PPL per LoRA rank; forgetting (§4.5) as the reference-set
   PPL at the best LR vs the base model's;
 - figures: PPL vs LR (Fig. 4: solid = matched pretraining, dashed = mismatched; dark = full, light = LoRA),
@@ -153,6 +156,7 @@ def collect(plan: SweepPlan, out: str | Path) -> tuple[list[dict], dict[str, dic
                       "ppl": ppl, "norm": ppl / bppl if ppl is not None and bppl else None,
                       "ref_ppl": ref, "base_ref_ppl": bases[c.base]["ref_by_seed"].get(c.seed),
                       "error": rec.get("error") if ok else None, "runtime_s": rec.get("runtime_s") if ok else None,
+                      "drift": ((rec.get("summary") or {}).get("drift") if ok and status == "done" else None),
                       "curve": val_curve(out / "cells" / c.id / "metrics.jsonl") if status == "done" else []})
     return cells, bases
 
@@ -216,6 +220,10 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                 if all(brefs):
                     pt["forgetting"] = statistics.fmean(
                         c["ref_ppl"] / br - 1.0 for c, br in zip([c for c in done if c.get("ref_ppl")], brefs))
+            drifts = [c["drift"] for c in done if isinstance(c.get("drift"), dict)]
+            if drifts:
+                pt["drift"] = {k: statistics.fmean(d[k] for d in drifts) for k in DRIFT_KEYS
+                               if all(isinstance(d.get(k), (int, float)) for d in drifts)}
             curve.append(pt)
         eligible = [p for p in curve if p["mean"] is not None and p["n_failed"] == 0]
         row = {"base": base, "base_label": b.get("label", base), "pretrained_with": b.get("pretrained_with"),
@@ -225,7 +233,7 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                "label": label(method, optim, rank, axes),
                "curve": curve, "best_lr": None, "ppl_mean": None, "ppl_std": None, "n_seeds": 0,
                "normalised": None, "normalised_std": None, "edge": None, "ref_ppl_mean": None,
-               "ref_ppl_std": None, "forgetting": None, "best_cells": [], "best_curve": []}
+               "ref_ppl_std": None, "forgetting": None, "best_cells": [], "best_curve": [], "drift": None}
         if eligible:
             best = min(eligible, key=lambda p: (p["mean"], p["lr"]))
             row.update(best_lr=best["lr"], ppl_mean=best["mean"], ppl_std=best["std"], n_seeds=best["n"],
@@ -236,6 +244,7 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
                 warnings.append(f"{row['base_label']} / {row['label']}: best LR {best['lr']:g} is the "
                                 f"{row['edge']} of the grid; widen the grid there")
             row["normalised"], row["normalised_std"] = best["norm_mean"], best["norm_std"]
+            row["drift"] = best.get("drift") or None
             if "ref_mean" in best:
                 row["ref_ppl_mean"], row["ref_ppl_std"] = best["ref_mean"], best["ref_std"]
                 row["forgetting"] = best.get("forgetting")
@@ -250,13 +259,15 @@ def aggregate(cells: list[dict], bases: dict[str, dict]) -> dict:
     out_groups.sort(key=lambda r: (list(bases).index(r["base"]) if r["base"] in bases else 99,
                                    r["method"], r["optim"], r["rank"] or 0, str(r["axes"])))
     table1, reduction = _table1(out_groups, bases)
+    mitigation = _mitigation(table1, out_groups, bases)
     rank_study = _rank_study(out_groups)
     counts = {s: sum(c["status"] == s for c in cells) for s in ("done", "failed", "running", "pending")}
     counts["total"] = len(cells)
     if counts["done"] < counts["total"]:
         warnings.append(f"{counts['total'] - counts['done']} of {counts['total']} cells are not done "
                         f"({counts['failed']} failed, {counts['running'] + counts['pending']} not run yet)")
-    return {"groups": out_groups, "table1": table1, "gap_reduction": reduction, "rank_study": rank_study,
+    return {"groups": out_groups, "table1": table1, "gap_reduction": reduction, "mitigation": mitigation,
+            "rank_study": rank_study,
             "bases": bases, "counts": counts, "warnings": warnings,
             "normalised": all(b.get("ppl") for b in bases.values())}
 
@@ -281,13 +292,15 @@ def _table1(groups: list[dict], bases: dict[str, dict]) -> tuple[list[dict], lis
         row["cols"][g["base"]] = {"value": value, "normalised": g["normalised"], "ppl": g["ppl_mean"],
                                   "std": g["normalised_std"] if g["normalised"] is not None else g["ppl_std"],
                                   "best_lr": g["best_lr"], "matched": g["matched"], "gap": None}
-    # gap: mismatched value - best matched value, same base / method / rank / axes
+    # gap: mismatched value - best matched value, same base / method / rank / axes (a variant's row: against the
+    # matched rows without the variant, the grid it was added to)
     for (method, optim, rank, axes), row in rows.items():
+        plain = str(_without_variant(row["axes"]))
         for base, col in row["cols"].items():
             if col["matched"] is not False or col["value"] is None:
                 continue
             matched = [r["cols"][base]["value"] for (m2, o2, r2, a2), r in rows.items()
-                       if (m2, r2, a2) == (method, rank, axes) and base in r["cols"]
+                       if (m2, r2) == (method, rank) and a2 in (axes, plain) and base in r["cols"]
                        and r["cols"][base]["matched"] and r["cols"][base]["value"] is not None]
             if matched:
                 col["gap"] = col["value"] - min(matched)
@@ -310,6 +323,49 @@ def _table1(groups: list[dict], bases: dict[str, dict]) -> tuple[list[dict], lis
     ordered = sorted(rows.values(), key=lambda r: (order[r["method"]], r["rank"] or 0, str(r["axes"]),
                                                    -int(optimizer_family(r["optim"]) == "muon"), r["optim"]))
     return ordered, reduction
+
+
+DRIFT_KEYS = ("fro_rel", "fro_rel_hidden", "spectral_rel", "max_rel")
+
+
+def _without_variant(axes: list) -> list:
+    return [list(a) for a in axes if a[0] != "variant"]
+
+
+def _variant(axes: list) -> str | None:
+    return next((a[1] for a in axes if a[0] == "variant"), None)
+
+
+def _mitigation(table1: list[dict], groups: list[dict], bases: dict[str, dict]) -> list[dict]:
+    """One row per variant group on a mismatched cell: its Table-1 value and gap, the gap of the same cell
+    without the variant, the share of that gap it closes, 100·(gap_plain − gap)/gap_plain, forgetting and drift;
+    with the plain mismatched and matched rows of the same base beside them (share 0 % and 100 % by definition)."""
+    by_key = {(g["base"], g["method"], g["optim"], g["rank"], str(g["axes"])): g for g in groups}
+    rows = {(r["method"], r["optim"], r["rank"], str(r["axes"])): r for r in table1}
+    out = []
+    for r in table1:
+        name = _variant(r["axes"])
+        if name is None:
+            continue
+        plain_axes = _without_variant(r["axes"])
+        plain = rows.get((r["method"], r["optim"], r["rank"], str(plain_axes)))
+        for base, col in r["cols"].items():
+            if col["matched"] is not False:
+                continue
+            pcol = (plain or {}).get("cols", {}).get(base) or {}
+            gp, gv = pcol.get("gap"), col["gap"]
+            share = 100.0 * (gp - gv) / gp if gp is not None and gv is not None and gp > 0 else None
+            g = by_key.get((base, r["method"], r["optim"], r["rank"], str(r["axes"]))) or {}
+            out.append({"base": base, "base_label": bases.get(base, {}).get("label", base), "method": r["method"],
+                        "optim": r["optim"], "rank": r["rank"], "variant": name, "label": r["label"],
+                        "best_lr": col["best_lr"], "value": col["value"], "std": col["std"], "gap": gv,
+                        "gap_plain": gp, "gap_closed_pct": share, "forgetting": g.get("forgetting"),
+                        "drift": g.get("drift"), "plain_drift": (by_key.get(
+                            (base, r["method"], r["optim"], r["rank"], str(plain_axes))) or {}).get("drift")})
+    order = list(bases)
+    out.sort(key=lambda m: (order.index(m["base"]) if m["base"] in order else 99, m["method"], m["optim"],
+                            m["rank"] or 0, m["variant"]))
+    return out
 
 
 def _rank_study(groups: list[dict]) -> list[dict]:
@@ -371,6 +427,8 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
                          f" | {r['gap_full']:+.3f} | {r['gap_lora']:+.3f} | "
                          f"{red} |")
         lines.append("")
+    if summary.get("mitigation"):
+        lines += _mitigation_markdown(summary)
     lines += ["## Best learning rate per group", "",
               "| base | fine-tune | matched | best LR | val PPL (mean ± std) | normalised | seeds | note |",
               "|---|---|---|---|---|---|---|---|"]
@@ -407,9 +465,46 @@ def to_markdown(summary: dict, title: str = "sweep") -> str:
     return "\n".join(lines)
 
 
+def _fmt_drift(d: dict | None, key: str) -> str:
+    return fmt_num((d or {}).get(key), ".3g")
+
+
+def _mitigation_markdown(summary: dict) -> list[str]:
+    """The "Mismatch mitigations" section: each variant on a mismatched cell against the same cell without it."""
+    lines = ["## Mismatch mitigations — mismatched full fine-tuning with an update constraint", "",
+             "(gap: to the matched optimizer on the same base; closed: share of the plain mismatched cell's gap the "
+             "variant removes; drift at the best LR: ‖W − W₀‖_F / ‖W₀‖_F over all matrices and over the hidden "
+             "ones, the largest ‖ΔW‖₂/‖W₀‖₂ of a hidden matrix, the largest max|ΔW| / max|W₀|)", "",
+             "| base | fine-tune | best LR | value | gap | closed | forgetting | drift F | drift F hidden | "
+             "drift spectral | drift max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    done = set()
+    for r in summary["mitigation"]:
+        key = (r["base"], r["method"], r["optim"], r["rank"])
+        if key not in done:  # the plain mismatched row first, as the reference
+            done.add(key)
+            for g in summary["groups"]:
+                if (g["base"], g["method"], g["optim"], g["rank"]) == key and _variant(g["axes"]) is None:
+                    col = next((c["cols"].get(r["base"]) for c in summary["table1"]
+                                if (c["method"], c["optim"], c["rank"], str(c["axes"])) ==
+                                (g["method"], g["optim"], g["rank"], str(g["axes"]))), None) or {}
+                    ch = "—" if g["forgetting"] is None else f"{100 * g['forgetting']:+.1f} %"
+                    lines.append(f"| {r['base_label']} | {g['label']} (none) | {fmt_num(g['best_lr'], 'g')} | "
+                                 f"{fmt_num(col.get('value'))} | {fmt_num(col.get('gap'), '+.3f')} | 0 % | {ch} | "
+                                 f"{_fmt_drift(g['drift'], 'fro_rel')} | {_fmt_drift(g['drift'], 'fro_rel_hidden')} | "
+                                 f"{_fmt_drift(g['drift'], 'spectral_rel')} | "
+                                 f"{_fmt_drift(g['drift'], 'max_rel')} |")
+        closed = "—" if r["gap_closed_pct"] is None else f"{r['gap_closed_pct']:.0f} %"
+        ch = "—" if r["forgetting"] is None else f"{100 * r['forgetting']:+.1f} %"
+        lines.append(f"| {r['base_label']} | {r['label']} | {fmt_num(r['best_lr'], 'g')} | {fmt_num(r['value'])} | "
+                     f"{fmt_num(r['gap'], '+.3f')} | {closed} | {ch} | {_fmt_drift(r['drift'], 'fro_rel')} | "
+                     f"{_fmt_drift(r['drift'], 'fro_rel_hidden')} | "
+                     f"{_fmt_drift(r['drift'], 'spectral_rel')} | {_fmt_drift(r['drift'], 'max_rel')} |")
+    return lines + [""]
+
+
 CSV_FIELDS = ("base", "pretrained_with", "method", "optim", "rank", "axes", "matched", "best_lr", "ppl_mean",
               "ppl_std", "n_seeds", "normalised", "normalised_std", "gap", "ref_ppl_mean", "ref_ppl_std",
-              "forgetting", "edge")
+              "forgetting", "edge", "drift_fro_rel", "drift_fro_rel_hidden", "drift_spectral_rel", "drift_max_rel")
 
 
 def to_csv(summary: dict) -> str:
@@ -423,6 +518,8 @@ def to_csv(summary: dict) -> str:
         row = {k: g.get(k) for k in CSV_FIELDS}
         row["axes"] = ";".join(f"{k}={v}" for k, v in g["axes"])
         row["gap"] = gaps.get((g["method"], g["optim"], g["rank"], str(g["axes"]), g["base"]))
+        for k in DRIFT_KEYS:
+            row[f"drift_{k}"] = (g.get("drift") or {}).get(k)
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return buf.getvalue()
 

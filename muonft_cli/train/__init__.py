@@ -81,6 +81,7 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
     check_inputs(cfg, mode)
     cfg, resolved = auto_mod.resolve_config(cfg, mode)  # `auto`: decided from the base, streamed, no model load
     optim_choice = resolved or optim_choice
+    cfg, trust_choice = auto_mod.resolve_mitigations(cfg, mode)  # `trust_norm: auto`: from the same provenance
     check_strategy(cfg)  # --strategy fsdp's rules, on the resolved optimizer
     report_to.check(cfg.train.report_to)  # an unknown or missing backend: bad input, before any work
     sink = sink or NullSink()
@@ -104,6 +105,7 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
         try:
             loop = _assemble(cfg, mode, sink, info, out, resume, where.ckpt_step)
             loop.optim_choice = optim_choice
+            loop.trust_choice = trust_choice
             try:
                 return loop.run()
             finally:

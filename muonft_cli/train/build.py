@@ -61,6 +61,10 @@ def check_strategy(cfg: RunConfig) -> None:
     if cfg.optimizer.name not in FSDP_OPTIMIZERS:
         raise UserInputError(f"--strategy fsdp runs {', '.join(FSDP_OPTIMIZERS)}; {cfg.optimizer.name} is not "
                              f"sharded yet: use --strategy ddp or --optim muon")
+    o = cfg.optimizer
+    if o.anchor_decay or o.trust_radius is not None or o.update_rank is not None:
+        raise UserInputError("the mismatch mitigations (optimizer.anchor_decay, trust_radius, update_rank) need "
+                             "whole matrices and are not sharded yet: use --strategy ddp")
     if cfg.lora.merge:
         raise UserInputError("--merge is not available with --strategy fsdp: drop --merge and merge final/ "
                              "afterwards (peft: PeftModel.from_pretrained(base, final).merge_and_unload())")

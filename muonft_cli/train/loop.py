@@ -120,6 +120,7 @@ class Loop:
     reporter: Any = None  # `report_to.Reporter` on rank 0 when `train.report_to` names a backend
     state: TrainerState = field(default_factory=TrainerState)
     optim_choice: dict[str, Any] | None = None  # the `--optim auto` decision (`muonft_cli.diagnose.auto`)
+    trust_choice: dict[str, Any] | None = None  # the `trust_norm: auto` decision (`diagnose.auto.resolve_mitigations`)
     t0: float = field(default_factory=time.perf_counter)
     local_bytes: dict[str, int] | None = None  # this rank's parameter / gradient / optimizer-state bytes
 
@@ -317,6 +318,68 @@ class Loop:
             return None
         return sum(dist_mod.all_gather_object(int(ortho), self.info))
 
+    def mitigation(self) -> dict[str, Any] | None:
+        """The mismatch mitigation this run trained with (`optim.constraints`), or None when none is on."""
+        o = self.cfg.optimizer
+        cons = getattr(self.optimizer, "constraints", None)
+        if cons is None and o.update_rank is None:
+            return None
+        out: dict[str, Any] = {"anchor_decay": o.anchor_decay, "trust_radius": o.trust_radius,
+                               "trust_norm": o.trust_norm if o.trust_radius is not None else None,
+                               "update_rank": o.update_rank}
+        if cons is not None:
+            out["state_bytes"] = cons.bytes()
+            out["exact_svds"] = cons.exact_svds
+        if self.trust_choice is not None:
+            out["trust_choice"] = self.trust_choice
+        return out
+
+    def drift(self) -> dict[str, Any] | None:
+        """‖W − W₀‖ of the trained matrices (`optim.constraints.drift_norms`) for full fine-tuning: against the
+        optimizer's anchors under a mitigation, else against the base's weights read back from its safetensors
+        one tensor at a time; for LoRA (`lora`/`rslora`) the merged update s·B·A of every adapted matrix against its
+        base weight; None for pretraining, other LoRA variants and bases that are not a local safetensors folder."""
+        if self.mode != "finetune":
+            return None
+        from muonft_cli.optim.constraints import drift_norms
+
+        if self.cfg.lora.rank is not None:
+            if self.cfg.lora.variant not in ("lora", "rslora"):
+                return None  # DoRA rescales, PiSSA / OLoRA move the base weights: s·B·A is not W − W₀
+            return drift_norms((m.base_layer.weight + d, m.base_layer.weight, True) for m, d in self._lora_deltas())
+
+        cons = getattr(self.optimizer, "constraints", None)
+        if cons is not None:
+            return cons.drift()
+        from muonft_cli.models.load import model_source
+
+        src = model_source(self.model)
+        files = sorted(Path(src.path).glob("*.safetensors")) if src is not None and src.kind == "dir" else []
+        if not files:
+            return None
+        split = getattr(self.optimizer, "param_split", None)
+        hidden = {id(r.param) for r in split.muon} if split is not None else set()
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2}
+
+        def pairs():
+            from safetensors import safe_open
+
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        if k in named and tuple(h.get_slice(k).get_shape()) == tuple(named[k].shape):
+                            yield named[k], h.get_tensor(k), id(named[k]) in hidden
+
+        return drift_norms(pairs())
+
+    def _lora_deltas(self):
+        """(peft LoRA layer, its merged update s·B·A) for every adapted linear layer."""
+        for mod in self.model.modules():
+            if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and "default" in getattr(
+                    mod, "lora_A", {}):
+                with torch.no_grad():
+                    yield mod, mod.get_delta_weight("default")
+
     def summary(self, final: str | None) -> dict[str, Any]:
         """The run summary (see `muonft_cli.train.run`); collective (gathers the ranks' Muon counters)."""
         st, lv = self.state, self.state.last_val or {}
@@ -325,6 +388,11 @@ class Loop:
         best = st.best_val_loss
         best_ppl = None if best is None else (math.exp(best) if best < 700 else float("inf"))
         extra = {"optim_choice": self.optim_choice} if self.optim_choice is not None else {}
+        drift = self.drift() if self.info.is_main else None
+        if drift is not None:
+            extra["drift"] = drift
+        if (mit := self.mitigation()) is not None:
+            extra["mitigation"] = mit
         return extra | {
             "out": str(self.out), "mode": self.mode, "optim": self.cfg.optimizer.name, "steps": st.step,
             "tokens": st.tokens,
