@@ -573,6 +573,7 @@ def diagnose(
     per_matrix: bool = _flag("--per-matrix", "Also list every matrix.", False),
     workers: Optional[int] = _O(None, "--workers", show_default="chosen from the cores",
                                 help="Matrices analysed concurrently."),
+    device: str = _O("auto", "--device", help="Where matrices are analysed: auto (CUDA if available), cpu, cuda."),
     as_json: bool = _flag("--json", "One JSON document on stdout, nothing else.", False),
     quiet: bool = _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False),
 ) -> None:
@@ -588,7 +589,8 @@ def diagnose(
     bar = None if quiet else DiagnoseProgressBar()
     try:
         report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
-                      per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None)
+                      per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None,
+                      device=device)
     finally:
         if bar:
             bar.stop()

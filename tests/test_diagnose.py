@@ -18,6 +18,7 @@ from muonft_cli import spectral as S
 from muonft_cli.diagnose import io as diagnose_io, verdict as V
 from muonft_cli.cli import app
 from muonft_cli.diagnose import analyse, diagnose
+from muonft_cli.diagnose.analyse import PREFETCH
 from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
 
 runner = CliRunner()
@@ -39,7 +40,8 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
     recs = analyse(ck, mode="exact", workers=1)
     rc = diagnose_io.read_count
     assert rc["tensors"] == len(ck.matrices)  # every matrix read exactly once
-    assert rc["max_live"] == 1  # never two loaded matrices alive at once
+    # one matrix analysed while the reader holds at most PREFETCH more (the byte budget bounds them too)
+    assert rc["max_live"] == 1 + PREFETCH
     assert rc["max_bytes"] == max(s.nbytes for s in ck.matrices)  # reads are per tensor, not per file
     # values equal the reference loader's
     from safetensors.torch import load_file
@@ -52,7 +54,7 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
     assert r["max_norm"] == pytest.approx(m["max_norm"], rel=1e-6)
     diagnose_io.reset_read_count()
     analyse(ck, mode="exact", workers=2)
-    assert diagnose_io.read_count["max_live"] <= 2
+    assert diagnose_io.read_count["max_live"] <= 2 + PREFETCH
 
 
 def test_inflight_budget_keeps_one_large_matrix_at_a_time(ckpts, monkeypatch):
