@@ -19,8 +19,17 @@ A control variate removes most of the remaining variance: on the deflated comple
 where h(x) = x log x − x + 1 ≈ (x − 1)²/2 is small on the bulk and tr(x), tr(1) there are known exactly.
 The entropy's reported error is 2 × the probes' standard error plus the quadrature's change between the last
 two Lanczos lengths; probes are added until it is below the tolerance (or the probe cap). All products run as
-fp32 GEMMs on blocks of vectors, so the cost is a few hundred matrix-vector products instead of an O(r³)
+GEMMs on blocks of vectors, so the cost is a few hundred matrix-vector products instead of an O(r³)
 eigendecomposition.
+
+Precision: on CPUs with native bf16 (``avx512_bf16``/``amx_bf16``, `native_bf16`) the SLQ products — most of
+the work — run in bf16 (fp32 accumulation, oneDNN/AMX; W is usually stored in bf16, and is used as stored);
+elsewhere (CUDA included) everything is fp32. The Krylov phase stays fp32 (bf16 W's row blocks upcast on the
+fly, no fp32 copy): bf16 rounds each product's output (≈ 2⁻⁹ relative), which floors the Ritz residuals near
+1e-3, so fewer pairs deflate and the deflated ones stay coupled to the rest — a bias in the entropy, measured
+at up to 0.004 on a spiky test matrix — whereas in the SLQ the same rounding is far below the probes' sampling
+error (measured: bf16 and fp32 SLQ on one deflation agree to < 1e-4). A term for it is still added to the
+entropy's reported error (`_BF16_ENTROPY_TERM`).
 """
 
 from __future__ import annotations
@@ -36,13 +45,14 @@ from muonft_cli.spectral import singular_values, stable_rank, svd_entropy
 
 __all__ = ["FastEstimate", "fast_spectrum", "exact_estimate", "native_bf16", "PRECISIONS"]
 
-_CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB for the fp64 Frobenius sum and the fp32 refinement pass
+_CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB: the Frobenius sum, and a bf16 W's fp32 products (upcast per block)
 PRECISIONS = ("auto", "bf16", "fp32")
 _BF16_ENTROPY_TERM = 2.0 ** -8
-"""Added to the entropy's error bound when the Lanczos products ran in bf16: each product's relative rounding
-(two roundings of ≤ 2⁻⁹) bounds the relative change of every quadrature node, hence of tr h(PAP) ≤ tr x log x
-terms; the term is this × the mean |x log x| of the deflated complement's quadrature, per r log r (in practice
-the measured bf16-vs-fp32 difference is far below it; `tests/test_diagnose.py` checks both against exact SVD)."""
+"""Added to the entropy's error bound when the Lanczos products ran in bf16: two output roundings of ≤ 2⁻⁹
+each move a quadrature node x by a relative ≲ 2⁻⁸, which moves h(x) by ≲ 2⁻⁸·|x log x| (h′(x) = log x); the
+term is 2⁻⁸ × the probes' mean quadrature of |x log x| on the deflated complement, per r log r. (A model of
+the rounding, not a proof; the measured bf16-vs-fp32 difference is far below it, and `tests/test_diagnose.py`
+checks both precisions against exact SVD on real trained matrices.)"""
 
 
 @lru_cache(maxsize=1)
@@ -153,20 +163,25 @@ def fast_spectrum(
     X = W.to(torch.bfloat16 if low else torch.float32).contiguous()  # (m, n)
     rows = max(1, _CHUNK_BYTES // (4 * n))
 
-    def chunks():  # fp32 row blocks of W (upcast on the fly: no fp32 copy of a bf16 matrix)
+    def chunks():  # fp32 row blocks of W: views if W is fp32, else upcast into one reused buffer (no fp32 copy
+        # of the matrix, and no fresh allocation per block: page-faulting new blocks in cost as much as the math)
+        buf = None if W.dtype == torch.float32 else torch.empty(min(rows, m), n, device=dev)
         for i in range(0, m, rows):
-            yield i, W[i : i + rows].float()
+            if buf is None:
+                yield i, W[i : i + rows]
+            else:
+                k = min(rows, m - i)
+                yield i, buf[:k].copy_(W[i : i + k])
 
-    def fro2_of(Wc: torch.Tensor) -> float:  # one row block's ‖·‖²_F: fp32 cascade sum; blocks summed in fp64
-        return float(torch.linalg.vector_norm(Wc)) ** 2
+    def fro2_of(Wc: torch.Tensor) -> float:  # one row block's ‖·‖²_F: fp32 norms per row, squared and summed in fp64
+        # (rows of a few thousand entries keep fp32 at ~1e-7 relative; one fp32 norm over the block is ~1e-5 off)
+        return float(torch.linalg.vector_norm(Wc, dim=1).double().square().sum())
 
-    # ‖W‖²_F: in fp32 mode now (one pass). In bf16 mode the fp32 refinement pass below computes it from the same
-    # row blocks (one pass over W saved); until then the operator is unscaled (c = 1): the Krylov phase only
-    # looks at ratios (r₁/θ₁), which do not depend on the scale.
+    # ‖W‖²_F: in fp32 mode now (one pass); in bf16 mode from the same row blocks as the first fp32 Krylov product
     fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
     if fro2 == 0 and not low:
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", 0)
-    c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1
+    c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1 (bf16 mode: set after the Krylov phase)
     gen = torch.Generator().manual_seed(seed)
     matvecs = 0
 
@@ -185,21 +200,22 @@ def fast_spectrum(
         Y = Vx.T @ X  # (b, n) = (XᵀV)ᵀ
         return (X @ Y.T).float() * c  # (m, b)
 
-    def A_fp32(V: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(WᵀW or WWᵀ)·V in fp32 from W's row blocks (unscaled), and ‖W‖²_F from the same blocks. V: (r, b)."""
+    def A_fp32(V: torch.Tensor, fro: bool) -> tuple[torch.Tensor, float]:
+        """(WᵀW or WWᵀ)·V in fp32 from W's row blocks (unscaled), and with ``fro`` ‖W‖²_F from the same blocks
+        (else 0). V: (r, b)."""
         nonlocal matvecs
         matvecs += V.shape[1]
         f2 = 0.0
         if m >= n:
             out = torch.zeros_like(V)
             for _, Wc in chunks():
-                out += Wc.T @ (Wc @ V)
-                f2 += fro2_of(Wc)
+                out += (Wc @ V).T.matmul(Wc).T
+                f2 += fro2_of(Wc) if fro else 0.0
             return out, f2
         WtV = torch.zeros(n, V.shape[1], device=dev)
         for i, Wc in chunks():
-            WtV += Wc.T @ V[i : i + Wc.shape[0]]
-            f2 += fro2_of(Wc)
+            WtV += (V[i : i + Wc.shape[0]].T @ Wc).T
+            f2 += fro2_of(Wc) if fro else 0.0
         return torch.cat([Wc @ WtV for _, Wc in chunks()]), f2
 
     def ritz(Qb: torch.Tensor, AQb: torch.Tensor):
@@ -220,9 +236,21 @@ def fast_spectrum(
 
     # 1) randomized block Krylov + Rayleigh–Ritz, keeping A·Q of every block (one block product per depth);
     #    deepen until σ₁'s bound is within ``sr_tol`` (flat-topped spectra converge slowly) or ``max_krylov_iters``.
+    #    In bf16 mode this phase still runs on fp32 products (W's row blocks upcast on the fly; its first pass also
+    #    sums ‖W‖²_F): bf16's rounded outputs put a ≈ 1e-3 relative floor under the Ritz residuals, which would
+    #    leave fewer pairs deflated and the deflated ones coupled to the rest — a bias in the entropy, not only
+    #    in σ₁'s bound. The Krylov phase is scale-free (only r₁/θ₁ is tested), so it runs unscaled until then.
+    def A_krylov(V: torch.Tensor) -> torch.Tensor:
+        nonlocal fro2
+        if not low:
+            return A(V)
+        out, f2 = A_fp32(V, fro=fro2 == 0)
+        fro2 = fro2 or f2
+        return out
+
     Q, _ = torch.linalg.qr(randn(r, block))  # (r, b)
-    Qs, AQs = [Q], [A(Q)]
-    if not bool(AQs[0].any()):  # W·Q = 0 for a random Q: W = 0
+    Qs, AQs = [Q], [A_krylov(Q)]
+    if fro2 == 0 or not bool(AQs[0].any()):  # W·Q = 0 for a random Q: W = 0
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", matvecs)
     depth = 0
     while True:
@@ -237,25 +265,18 @@ def fast_spectrum(
             Y = Y - Qall @ (Qall.T @ Y)
         Q, _ = torch.linalg.qr(Y)
         Qs.append(Q)
-        AQs.append(A(Q))
-    if low:
-        # bf16 products round their outputs: redo Rayleigh–Ritz for the top pairs with fp32 products, so σ₁ and
-        # its bound (the stable rank's) are those of fp32 arithmetic. Two pairs: the gap bound needs the second.
-        Ut, _ = torch.linalg.qr(U[:, :2].float())
-        AUt, fro2 = A_fp32(Ut)
-        c_exact = r / fro2
-        theta, res = theta * (c_exact / c), res * (c_exact / c)  # the bf16 pass's values in the exact scale
-        c = c_exact
-        theta_t, U_t, res_t, x1, r1 = ritz(Ut, AUt * c)
-        theta[:2], res[:2] = theta_t, res_t
-        U = U.clone()
-        U[:, :2] = U_t
-    # deflate the leading run of converged pairs (residual ≤ 1 % of the value, values above the bulk's mean)
-    ok = (res <= 1e-2 * theta.clamp_min(1.0)) & (theta > 1.0)
-    K = int(torch.cumprod(ok.int(), 0).sum())
-    Ud = U[:, :K].float()  # (r, K)
-    if K > 1:  # the refined pairs replaced two columns: keep the deflation basis orthonormal
-        Ud, _ = torch.linalg.qr(Ud)
+        AQs.append(A_krylov(Q))
+    def converged(theta: torch.Tensor, res: torch.Tensor) -> int:
+        """The leading run of converged pairs (residual ≤ 1 % of the value, values above the bulk's mean)."""
+        ok = (res <= 1e-2 * theta.clamp_min(1.0)) & (theta > 1.0)
+        return int(torch.cumprod(ok.int(), 0).sum())
+
+    K = converged(theta, res)
+    if low:  # the Krylov phase ran unscaled: put its values on the normalised scale (mean eigenvalue 1)
+        c = r / fro2
+        theta, res, x1, r1 = theta * c, res * c, x1 * c, r1 * c
+        K = converged(theta, res)
+    Ud = U[:, :K].float()  # (r, K) deflated Ritz vectors
     exact_part = float(_xlogx(theta[:K]).sum())
     # Control variate: on the complement, f(x) = h(x) + (x − 1) with h(x) = x log x − x + 1 ≈ (x−1)²/2 near the
     # bulk, and tr(x) = r − Σθ_defl, tr(1) = r − K are known exactly; only tr h (small variance) is sampled.
