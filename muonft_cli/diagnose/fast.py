@@ -173,9 +173,14 @@ def fast_spectrum(
                 k = min(rows, m - i)
                 yield i, buf[:k].copy_(W[i : i + k])
 
-    def fro2_of(Wc: torch.Tensor) -> float:  # one row block's ‖·‖²_F: fp32 norms per row, squared and summed in fp64
-        # (rows of a few thousand entries keep fp32 at ~1e-7 relative; one fp32 norm over the block is ~1e-5 off)
-        return float(torch.linalg.vector_norm(Wc, dim=1).double().square().sum())
+    buf64: list[torch.Tensor] = []
+
+    def fro2_of(Wc: torch.Tensor) -> float:  # one block's ‖·‖²_F in fp64 (fp32 sums are ~1e-7 off: more than σ₁'s
+        # bound on a converged spectrum), through one reused fp64 buffer (a fresh one per block costs page faults)
+        if not buf64 or buf64[0].numel() < Wc.numel():
+            buf64[:] = [torch.empty(Wc.numel(), dtype=torch.float64, device=dev)]
+        b = buf64[0][: Wc.numel()].view(Wc.shape).copy_(Wc)
+        return float(torch.linalg.vector_norm(b)) ** 2
 
     # ‖W‖²_F: in fp32 mode now (one pass); in bf16 mode from the same row blocks as the first fp32 Krylov product
     fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
@@ -212,11 +217,16 @@ def fast_spectrum(
                 out += (Wc @ V).T.matmul(Wc).T
                 f2 += fro2_of(Wc) if fro else 0.0
             return out, f2
-        WtV = torch.zeros(n, V.shape[1], device=dev)
-        for i, Wc in chunks():
-            WtV += (V[i : i + Wc.shape[0]].T @ Wc).T
+        # A = WWᵀ: column blocks Wc (m, k) give A·V = Σ Wc·(Wcᵀ·V) in one pass (row blocks would need two)
+        cols = max(1, 4 * _CHUNK_BYTES // (4 * m))
+        buf = torch.empty(m, min(cols, n), device=dev)
+        out = torch.zeros_like(V)
+        for j in range(0, n, cols):
+            k = min(cols, n - j)
+            Wc = buf[:, :k].copy_(W[:, j : j + k])
+            out += Wc @ (V.T @ Wc).T
             f2 += fro2_of(Wc) if fro else 0.0
-        return torch.cat([Wc @ WtV for _, Wc in chunks()]), f2
+        return out, f2
 
     def ritz(Qb: torch.Tensor, AQb: torch.Tensor):
         """Rayleigh–Ritz on an orthonormal basis Qb (r, k) with AQb = A·Qb: values (descending), vectors,
@@ -343,7 +353,8 @@ def fast_spectrum(
         spectral_norm=math.sqrt(x1 / c),
         frobenius_norm=math.sqrt(fro2),
         stable_rank=r / x1,
-        stable_rank_rel_err=r1 / x1,
+        # not below what fp32 products can resolve (≈ 2√max(m,n)·2⁻²⁴ on x₁; the Kato–Temple bound can go under it)
+        stable_rank_rel_err=max(r1 / x1, 2 * math.sqrt(max(m, n)) * 2.0**-24),
         svd_entropy=min(1.0, max(0.0, entropy)),
         svd_entropy_err=ent_err,
         method="fast",
