@@ -268,20 +268,26 @@ def test_fast_matches_exact_on_trained_matrices(name, real_model):
     assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-5)
 
 
-def _smollm2_matrices(real_model, n: int = 6) -> list[tuple[str, torch.Tensor]]:
-    """Trained 576×1536 / 1536×576 MLP matrices of SmolLM2-135M (GGUF, dequantised), spread over its layers."""
+@pytest.fixture(scope="module")
+def smollm2_mlp(real_model) -> list[tuple[str, torch.Tensor, object]]:
+    """Six trained 576×1536 / 1536×576 MLP matrices of SmolLM2-135M (GGUF, dequantised), spread over its
+    layers, each with its exact estimate."""
     ck = diagnose_io.open_checkpoint(real_model("smollm2-gguf"))
     mlp = [s for s in ck.matrices if tuple(s.shape) in ((576, 1536), (1536, 576))]
-    return [(s.name, s.read()) for s in mlp[:: max(1, len(mlp) // n)][:n]]
+    out = []
+    for s in mlp[:: max(1, len(mlp) // 6)][:6]:
+        W = s.read()
+        out.append((s.name, W, exact_estimate(W)))
+    return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_fast_matches_exact_on_real_smollm2_matrices(real_model, precision):
+def test_fast_matches_exact_on_real_smollm2_matrices(smollm2_mlp, precision):
     """The fast path (defaults, both product precisions) on real trained matrices large enough for it
     (SmolLM2-135M, 576 × 1536): stable rank ≤ 1 % relative, entropy ≤ 0.01 absolute, each within its reported
-    bound, against exact fp64 singular values."""
-    for name, W in _smollm2_matrices(real_model):
-        e = exact_estimate(W)
+    bound, against exact fp64 singular values. (Slow only on a loaded machine: 40 s there.)"""
+    for name, W, e in smollm2_mlp:
         f = fast_spectrum(W, precision=precision)
         assert f.method == "fast", name
         sr_err, ent_err = abs(f.stable_rank / e.stable_rank - 1), abs(f.svd_entropy - e.svd_entropy)
