@@ -316,6 +316,21 @@ def test_bf16_products_keep_a_bf16_matrix_and_agree_with_fp32():
     assert fast_spectrum(torch.zeros(1536, 1024, dtype=torch.bfloat16), precision="bf16").stable_rank == 0.0
 
 
+@pytest.mark.parametrize("shape", [(700, 1900), (1900, 700)])
+def test_stable_rank_bound_holds_on_a_converged_spectrum(shape):
+    """When the Krylov bound is far below fp32's resolution (few strong spikes), the reported bound is floored
+    there instead of claiming what fp32 products cannot deliver; tall and wide matrices, both precisions."""
+    g = torch.Generator().manual_seed(1)
+    W = (torch.randn(*shape, generator=g) * 0.02
+         + torch.randn(shape[0], 8, generator=g) @ torch.randn(8, shape[1], generator=g) * 0.01).bfloat16()
+    e = exact_estimate(W)
+    for precision in ("bf16", "fp32"):
+        f = fast_spectrum(W, precision=precision)
+        assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err, precision
+        assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err, precision
+        assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
+
+
 def test_native_bf16_detection_and_override(monkeypatch):
     from muonft_cli.diagnose import fast as F
 
