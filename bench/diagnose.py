@@ -1,13 +1,20 @@
 """Benchmark `muonft diagnose` on a synthetic checkpoint with a real model's geometry.
 
 Writes bf16 safetensors shards shaped like TinyLlama-1.1B (default) or Llama-2-7B (``--shape llama7b``,
-13 GB) into a temp dir, then measures in one run, each in a fresh subprocess (peak RSS = its ru_maxrss):
+13.5 GB, all 32 blocks) into a temp dir (or ``--dir``), then measures in one run, each in a fresh subprocess
+(peak RSS = its ru_maxrss; CPU seconds = its user + system time, all threads):
 
-- cold read: every shard read once after dropping it from the page cache (``posix_fadvise(DONTNEED)``;
-  the physical floor for any tool that reads the weights),
-- ``diagnose --fast`` on the whole model,
+- cold read: every shard read once after dropping it from the page cache (``fsync`` then
+  ``posix_fadvise(DONTNEED)`` on each shard — we cannot drop the host's caches; a warm read, without the
+  drop, is measured once to show the drop took effect), the physical floor for any tool that reads the weights,
+- ``diagnose --fast`` on the whole model (each shard dropped from the page cache first, too),
+- with ``--baseline SRC``, the same ``--fast`` run of another muonft source tree (e.g. a ``git archive`` of an
+  older commit), for before/after ratios,
 - ``diagnose --exact`` on a slice (embeddings, LM head and ``--exact-layers`` blocks), extrapolated to all
   layers and labelled as such, plus ``--fast`` on the same slice for a like-for-like ratio.
+
+``--rounds N`` interleaves read / fast (/ baseline) N times, so load from other jobs hits all of them alike;
+the ratios are per round, reported as median and range, with the load average before and after.
 
 Matrices are an init-like Gaussian plus a power-law low-rank part so the spectra look trained (the fast
 estimator deflates the spikes). Results: ``bench/results/diagnose.json``.
@@ -23,6 +30,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("MUONFT_BENCH_SRC") or str(ROOT))  # --baseline runs another source tree
 
 SHAPES = {  # hidden, intermediate, layers, kv_dim, vocab
     "tinyllama": (2048, 5632, 22, 256, 32000),
@@ -109,9 +117,10 @@ def child(args: argparse.Namespace) -> None:
     from muonft_cli.diagnose.io import open_checkpoint
 
     d = Path(args.dir)
-    _drop_cache(d)
+    if args.child != "warm":
+        _drop_cache(d)
     t0 = time.perf_counter()
-    if args.child == "read":
+    if args.child in ("read", "warm"):
         n = 0
         buf = bytearray(64 << 20)
         for f in sorted(d.glob("*.safetensors")):
@@ -131,19 +140,30 @@ def child(args: argparse.Namespace) -> None:
                "stable_rank": {r["name"]: r["stable_rank"] for r in recs},
                "svd_entropy": {r["name"]: r["svd_entropy"] for r in recs}, "threads": torch.get_num_threads()}
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_mb"] = ru.ru_maxrss / 1024
+    out["cpu_s"] = ru.ru_utime + ru.ru_stime
     print(json.dumps(out))
 
 
-def _run_child(mode: str, d: Path, layers: int | None = None, workers: int | None = None) -> dict:
+def _run_child(mode: str, d: Path, layers: int | None = None, workers: int | None = None,
+               src: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--dir", str(d)]
     if layers is not None:
         cmd += ["--layers", str(layers)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    print("+", " ".join(cmd[1:]), f"(src {src})" if src else "", file=sys.stderr, flush=True)
+    env = os.environ | ({"MUONFT_BENCH_SRC": src} if src else {})
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    print("  ", {k: round(v, 2) for k, v in out.items() if k in ("seconds", "cpu_s", "peak_rss_mb")},
+          file=sys.stderr, flush=True)
+    return out
+
+
+def _spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def main() -> None:
@@ -159,7 +179,10 @@ def main() -> None:
                          "peak RSS); whole-model times are then extrapolated and labelled")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--dir", help="reuse/keep the synthetic checkpoint here (default: a temp dir, deleted)")
-    ap.add_argument("--child", choices=["read", "fast", "exact"], help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of cold read / fast (/ baseline)")
+    ap.add_argument("--baseline", help="another muonft source tree to time the same --fast run with, interleaved")
+    ap.add_argument("--out", help="results file (default bench/results/diagnose[-SHAPE].json)")
+    ap.add_argument("--child", choices=["read", "warm", "fast", "exact"], help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -173,10 +196,28 @@ def main() -> None:
             print(f"wrote {info['bytes'] / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         load = os.getloadavg()
-        read = _run_child("read", tmp)
         written = min(args.write_layers or L, L)
         fast_layers = args.fast_layers if args.fast_layers is not None else (written if written < L else None)
-        fast = _run_child("fast", tmp, layers=fast_layers, workers=args.workers)
+        warm = _run_child("warm", tmp)  # page cache warm after the write (or a previous run), for comparison
+        rounds: list[dict] = []
+        for _ in range(args.rounds):  # interleaved: read, fast, baseline — other jobs' load hits all alike
+            rd = _run_child("read", tmp)
+            ft = _run_child("fast", tmp, layers=fast_layers, workers=args.workers)
+            row = {"cold_read_s": rd["seconds"], "fast_s": ft["seconds"], "fast_cpu_s": ft["cpu_s"],
+                   "fast_peak_rss_mb": ft["peak_rss_mb"], "fast_over_cold_read": ft["seconds"] / rd["seconds"],
+                   "loadavg_1m": os.getloadavg()[0]}
+            if args.baseline:
+                bl = _run_child("fast", tmp, layers=fast_layers, workers=args.workers, src=args.baseline)
+                row.update({"baseline_fast_s": bl["seconds"], "baseline_cpu_s": bl["cpu_s"],
+                            "baseline_peak_rss_mb": bl["peak_rss_mb"],
+                            "baseline_over_cold_read": bl["seconds"] / rd["seconds"],
+                            "speedup_wall": bl["seconds"] / ft["seconds"], "speedup_cpu": bl["cpu_s"] / ft["cpu_s"]})
+            rounds.append(row)
+        med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        read = {"seconds": med["cold_read_s"], "peak_rss_mb": rd["peak_rss_mb"]}
+        fast = dict(ft)
+        fast["seconds"] = med["fast_s"]
+        fast["peak_rss_mb"] = max(r["fast_peak_rss_mb"] for r in rounds)
         if fast_layers is not None:  # extrapolate the partial pass to all blocks
             fast["measured_seconds"] = fast["seconds"]
             fast["seconds"] = (fast["seconds"] - fast["seconds_layers"]
@@ -203,19 +244,29 @@ def main() -> None:
             "shape": args.shape, "geometry": {"hidden": h, "intermediate": inter, "layers": L, "kv_dim": kv,
                                               "vocab": vocab},
             "checkpoint_gb": size / 1e9, "cpu_count": os.cpu_count(), "loadavg_at_start": load,
+            "loadavg_at_end": os.getloadavg(), "rounds": rounds,
+            "ratio_fast_over_cold_read": _spread([r["fast_over_cold_read"] for r in rounds]),
+            **({"speedup_vs_baseline_wall": _spread([r["speedup_wall"] for r in rounds]),
+                "speedup_vs_baseline_cpu": _spread([r["speedup_cpu"] for r in rounds]),
+                "baseline_over_cold_read": _spread([r["baseline_over_cold_read"] for r in rounds]),
+                "baseline_src": args.baseline} if args.baseline else {}),
+            "warm_read_s": warm["seconds"], "fast_cpu_s": med["fast_cpu_s"],
             "cold_read_s": read["seconds"], "cold_read_rss_mb": read["peak_rss_mb"],
             "fast_s": fast["seconds"], "fast_peak_rss_mb": fast["peak_rss_mb"], "fast_n_matrices": fast["n_matrices"],
             "blocks_written": written, "fast_layers": fast_layers or L, "fast_s_extrapolated": fast_layers is not None,
             "workers": args.workers,
             **cmp,
             "cold_read_whole_model_s": read_full_s, "cold_read_scaled": written < L,
-            "fast_over_cold_read": fast["seconds"] / read_full_s,
+            "fast_over_cold_read": (fast["seconds"] / read_full_s if fast_layers is not None
+                                    else med["fast_over_cold_read"]),
             "threads": fast["threads"],
             "note": "exact time is extrapolated from the slice (embeddings + head + k blocks, per-matrix timings); "
-                    "2 shared CPU cores: other jobs' load is recorded in loadavg_at_start",
+                    "2 shared CPU cores: other jobs' load is recorded in loadavg_at_start/_end and per round; "
+                    "cold = fsync + posix_fadvise(DONTNEED) on every shard before each child (host caches "
+                    "not dropped), warm_read_s the same read without the drop",
         }
-        out = ROOT / "bench/results/diagnose.json" if args.shape == "tinyllama" else \
-            ROOT / f"bench/results/diagnose-{args.shape}.json"
+        out = Path(args.out) if args.out else ROOT / "bench/results/diagnose.json" if args.shape == "tinyllama" \
+            else ROOT / f"bench/results/diagnose-{args.shape}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))

@@ -612,6 +612,7 @@ def diagnose(
     sample_experts: int = _O(4, "--sample-experts",
                              help="MoE: routed experts analysed per layer (evenly spaced; shared experts always); "
                                   "0 = all."),
+    device: str = _O("auto", "--device", help="Where matrices are analysed: auto (CUDA if available), cpu, cuda."),
     as_json: bool = _flag("--json", "One JSON document on stdout, nothing else.", False),
     quiet: bool = _flag("--quiet", "No progress bar (nor the libraries' bars and notices).", False),
 ) -> None:
@@ -628,7 +629,7 @@ def diagnose(
     try:
         report = _run(diag.diagnose, path, base=base, mode=mode, target_optim=target_optim, data=data,
                       per_matrix=per_matrix, workers=workers, progress=bar, on_open=bar.start if bar else None,
-                      sample_experts=sample_experts)
+                      sample_experts=sample_experts, device=device)
     finally:
         if bar:
             bar.stop()

@@ -164,7 +164,7 @@ def _random_baseline_cached(r: int, R: int) -> tuple[float, float, float, float,
         srs, ents, s1s = [], [], []
         for _ in range(draws):
             X = torch.randn(r, R, generator=gen, dtype=torch.float64)  # unit entry RMS
-            sv = torch.linalg.svdvals(X)
+            sv = singular_values(X, method="gram")  # = svdvals to ~1e-13 here, several times faster
             srs.append(stable_rank(sv))
             ents.append(svd_entropy(sv))
             s1s.append(float(sv[0]))

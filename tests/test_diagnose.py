@@ -18,6 +18,7 @@ from muonft_cli import spectral as S
 from muonft_cli.diagnose import io as diagnose_io, verdict as V
 from muonft_cli.cli import app
 from muonft_cli.diagnose import analyse, diagnose
+from muonft_cli.diagnose.analyse import PREFETCH
 from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum
 
 runner = CliRunner()
@@ -39,7 +40,8 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
     recs = analyse(ck, mode="exact", workers=1)
     rc = diagnose_io.read_count
     assert rc["tensors"] == len(ck.matrices)  # every matrix read exactly once
-    assert rc["max_live"] == 1  # never two loaded matrices alive at once
+    # one matrix analysed while the reader holds at most PREFETCH more (the byte budget bounds them too)
+    assert rc["max_live"] <= 1 + PREFETCH
     assert rc["max_bytes"] == max(s.nbytes for s in ck.matrices)  # reads are per tensor, not per file
     # values equal the reference loader's
     from safetensors.torch import load_file
@@ -52,7 +54,58 @@ def test_streaming_reads_one_tensor_at_a_time(ckpts):
     assert r["max_norm"] == pytest.approx(m["max_norm"], rel=1e-6)
     diagnose_io.reset_read_count()
     analyse(ck, mode="exact", workers=2)
-    assert diagnose_io.read_count["max_live"] <= 2
+    assert diagnose_io.read_count["max_live"] <= 2 + PREFETCH
+
+
+def test_cli_device_cpu_and_a_read_error_stops_the_pipeline(ckpts, monkeypatch):
+    """--device cpu analyses on the CPU (stated in the JSON); an error while the reader thread reads a matrix
+    reaches the caller as itself, and no thread is left behind."""
+    import threading
+
+    res = runner.invoke(app, ["diagnose", str(ckpts["adam"]), "--json", "--quiet", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["device"] == "cpu" and d["fast_precision"] in ("bf16", "fp32")
+    ck = diagnose_io.open_checkpoint(ckpts["adam"])
+    spec = ck.matrices[5]
+
+    def boom():
+        raise diagnose_io.UserInputError("x: truncated while reading; re-download")
+
+    monkeypatch.setattr(spec, "load", boom)
+    before = threading.active_count()
+    with pytest.raises(diagnose_io.UserInputError, match="truncated"):
+        analyse(ck, mode="exact", workers=2)
+    assert threading.active_count() == before
+
+
+def test_reader_reads_ahead_while_a_matrix_is_analysed(ckpts, monkeypatch):
+    """With one worker, matrix 0's analysis waits until the reader has read matrices 1..PREFETCH: it only
+    finishes (instead of timing out) because reading runs ahead of computing."""
+    import importlib
+    import threading
+
+    D = importlib.import_module("muonft_cli.diagnose.analyse")
+    ck = diagnose_io.open_checkpoint(ckpts["adam"])
+    ahead = threading.Event()
+    last = ck.matrices[PREFETCH]
+    load = last.load
+
+    def load_and_signal():
+        ahead.set()
+        return load()
+
+    monkeypatch.setattr(last, "load", load_and_signal)  # no .raw: read(raw=True) falls back to this
+    record, waited = D._matrix_record, []
+
+    def slow_first(spec, *a, **k):
+        if spec is ck.matrices[0]:
+            waited.append(ahead.wait(timeout=30))
+        return record(spec, *a, **k)
+
+    monkeypatch.setattr(D, "_matrix_record", slow_first)
+    recs = analyse(ck, mode="exact", workers=1)
+    assert waited == [True] and len(recs) == len(ck.matrices)
 
 
 def test_inflight_budget_keeps_one_large_matrix_at_a_time(ckpts, monkeypatch):
@@ -215,6 +268,84 @@ def test_fast_matches_exact_on_trained_matrices(name, real_model):
     assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def smollm2_mlp(real_model) -> list[tuple[str, torch.Tensor, object]]:
+    """Six trained 576×1536 / 1536×576 MLP matrices of SmolLM2-135M (GGUF, dequantised), spread over its
+    layers, each with its exact estimate."""
+    ck = diagnose_io.open_checkpoint(real_model("smollm2-gguf"))
+    mlp = [s for s in ck.matrices if tuple(s.shape) in ((576, 1536), (1536, 576))]
+    out = []
+    for s in mlp[:: max(1, len(mlp) // 6)][:6]:
+        W = s.read()
+        out.append((s.name, W, exact_estimate(W)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fast_matches_exact_on_real_smollm2_matrices(smollm2_mlp, precision):
+    """The fast path (defaults, both product precisions) on real trained matrices large enough for it
+    (SmolLM2-135M, 576 × 1536): stable rank ≤ 1 % relative, entropy ≤ 0.01 absolute, each within its reported
+    bound, against exact fp64 singular values. (Slow only on a loaded machine: 40 s there.)"""
+    for name, W, e in smollm2_mlp:
+        f = fast_spectrum(W, precision=precision)
+        assert f.method == "fast", name
+        sr_err, ent_err = abs(f.stable_rank / e.stable_rank - 1), abs(f.svd_entropy - e.svd_entropy)
+        assert sr_err <= 0.01 and sr_err <= f.stable_rank_rel_err + 1e-9, (name, sr_err, f.stable_rank_rel_err)
+        assert ent_err <= 0.01 and ent_err <= f.svd_entropy_err, (name, ent_err, f.svd_entropy_err)
+        assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-5)
+        assert f.spectral_norm == pytest.approx(e.spectral_norm, rel=0.01)
+
+
+def test_bf16_products_keep_a_bf16_matrix_and_agree_with_fp32():
+    """A bf16 matrix is used as stored by the bf16 products (no fp32 copy), and the result agrees with fp32
+    products well inside the stated accuracy; the stable rank's bound comes from the fp32 refinement."""
+    gen = torch.Generator().manual_seed(0)
+    U, V = torch.randn(1536, 16, generator=gen), torch.randn(16, 1024, generator=gen)
+    W = (torch.randn(1536, 1024, generator=gen) * 0.02 + (U * torch.arange(16, 0, -1) * 0.01) @ V).bfloat16()
+    lo, hi = fast_spectrum(W, precision="bf16"), fast_spectrum(W, precision="fp32")
+    e = exact_estimate(W)
+    assert lo.method == hi.method == "fast"
+    assert abs(lo.stable_rank / e.stable_rank - 1) <= lo.stable_rank_rel_err + 1e-9
+    assert abs(lo.svd_entropy - e.svd_entropy) <= lo.svd_entropy_err
+    assert lo.stable_rank == pytest.approx(hi.stable_rank, rel=1e-3)
+    assert lo.svd_entropy == pytest.approx(hi.svd_entropy, abs=2e-3)
+    assert lo.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
+    with pytest.raises(ValueError, match="precision"):
+        fast_spectrum(W, precision="fp8")
+    assert fast_spectrum(torch.zeros(1536, 1024, dtype=torch.bfloat16), precision="bf16").stable_rank == 0.0
+
+
+@pytest.mark.parametrize("shape", [(700, 1900), (1900, 700)])
+def test_stable_rank_bound_holds_on_a_converged_spectrum(shape):
+    """When the Krylov bound is far below fp32's resolution (few strong spikes), the reported bound is floored
+    there instead of claiming what fp32 products cannot deliver; tall and wide matrices, both precisions."""
+    g = torch.Generator().manual_seed(1)
+    W = (torch.randn(*shape, generator=g) * 0.02
+         + torch.randn(shape[0], 8, generator=g) @ torch.randn(8, shape[1], generator=g) * 0.01).bfloat16()
+    e = exact_estimate(W)
+    for precision in ("bf16", "fp32"):
+        f = fast_spectrum(W, precision=precision)
+        assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err, precision
+        assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err, precision
+        assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
+
+
+def test_native_bf16_detection_and_override(monkeypatch):
+    from muonft_cli.diagnose import fast as F
+
+    for env, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("MUONFT_DIAGNOSE_BF16", env)
+        F.native_bf16.cache_clear()
+        assert F.native_bf16() is want
+    monkeypatch.delenv("MUONFT_DIAGNOSE_BF16")
+    F.native_bf16.cache_clear()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert F.native_bf16()
+    F.native_bf16.cache_clear()
+
+
 def test_fast_falls_back_to_exact_on_small_matrices():
     W = torch.randn(64, 100)
     f = fast_spectrum(W)
@@ -363,6 +494,8 @@ def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, list[str]]:
         "both modes": [str(good), "--exact", "--fast"],
         "bad target": [str(good), "--target-optim", "sgd"],
         "base on a model": [str(good), "--base", str(good)],
+        "bad device": [str(good), "--device", "tpu"],
+        **({} if torch.cuda.is_available() else {"cuda without CUDA": [str(good), "--device", "cuda"]}),
     }
 
 

@@ -21,6 +21,7 @@ Note: ``muonft_cli.diagnose.analyse`` is the function re-exported here; the modu
 
 from __future__ import annotations
 
-from muonft_cli.diagnose.analyse import AUTO_FAST_MIN_DIM, INFLIGHT_BYTES, MODES, ProgressFn, analyse, diagnose
+from muonft_cli.diagnose.analyse import (AUTO_FAST_MIN_DIM, DEVICES, INFLIGHT_BYTES, MODES, ProgressFn, analyse,
+                                         diagnose)
 
-__all__ = ["diagnose", "analyse", "AUTO_FAST_MIN_DIM", "INFLIGHT_BYTES", "MODES", "ProgressFn"]
+__all__ = ["diagnose", "analyse", "AUTO_FAST_MIN_DIM", "DEVICES", "INFLIGHT_BYTES", "MODES", "ProgressFn"]

@@ -19,22 +19,64 @@ A control variate removes most of the remaining variance: on the deflated comple
 where h(x) = x log x − x + 1 ≈ (x − 1)²/2 is small on the bulk and tr(x), tr(1) there are known exactly.
 The entropy's reported error is 2 × the probes' standard error plus the quadrature's change between the last
 two Lanczos lengths; probes are added until it is below the tolerance (or the probe cap). All products run as
-fp32 GEMMs on blocks of vectors, so the cost is a few hundred matrix-vector products instead of an O(r³)
+GEMMs on blocks of vectors, so the cost is a few hundred matrix-vector products instead of an O(r³)
 eigendecomposition.
+
+Precision: on CPUs with native bf16 (``avx512_bf16``/``amx_bf16``, `native_bf16`) the SLQ products — most of
+the work — run in bf16 (fp32 accumulation, oneDNN/AMX; W is usually stored in bf16, and is used as stored);
+elsewhere (CUDA included) everything is fp32. The Krylov phase stays fp32 (bf16 W's row blocks upcast on the
+fly, no fp32 copy): bf16 rounds each product's output (≈ 2⁻⁹ relative), which floors the Ritz residuals near
+1e-3, so fewer pairs deflate and the deflated ones stay coupled to the rest — a bias in the entropy, measured
+at up to 0.004 on a spiky test matrix — whereas in the SLQ the same rounding is far below the probes' sampling
+error (measured: bf16 and fp32 SLQ on one deflation agree to < 1e-4). A term for it is still added to the
+entropy's reported error (`_BF16_ENTROPY_TERM`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from muonft_cli.spectral import singular_values, stable_rank, svd_entropy
 
-__all__ = ["FastEstimate", "fast_spectrum", "exact_estimate"]
+__all__ = ["FastEstimate", "fast_spectrum", "exact_estimate", "native_bf16", "PRECISIONS"]
 
-_CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB for the fp64 Frobenius sum
+_CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB: the Frobenius sum, and a bf16 W's fp32 products (upcast per block)
+PRECISIONS = ("auto", "bf16", "fp32")
+_BF16_ENTROPY_TERM = 2.0 ** -8
+"""Added to the entropy's error bound when the Lanczos products ran in bf16: two output roundings of ≤ 2⁻⁹
+each move a quadrature node x by a relative ≲ 2⁻⁸, which moves h(x) by ≲ 2⁻⁸·|x log x| (h′(x) = log x); the
+term is 2⁻⁸ × the probes' mean quadrature of |x log x| on the deflated complement, per r log r. (A model of
+the rounding, not a proof; the measured bf16-vs-fp32 difference is far below it, and `tests/test_diagnose.py`
+checks both precisions against exact SVD on real trained matrices.)"""
+
+
+@lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (``avx512_bf16`` or AMX): then bf16 GEMMs beat fp32 ones.
+
+    ``MUONFT_DIAGNOSE_BF16=0`` forces fp32 (and ``=1`` bf16) for comparison runs.
+    """
+    env = os.environ.get("MUONFT_DIAGNOSE_BF16")
+    if env in ("0", "1"):
+        return env == "1"
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(cpu, probe, None)
+        try:
+            if f is not None and f():
+                return True
+        except Exception:  # noqa: BLE001 - a missing/odd probe means "not native"
+            pass
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 @dataclass
@@ -77,6 +119,7 @@ def fast_spectrum(
     entropy_tol: float = 0.005,
     seed: int = 0,
     exact_below: int = 256,
+    precision: str = "auto",
 ) -> FastEstimate:
     """Estimate σ₁, stable rank and SVD entropy of W by block Krylov deflation + stochastic Lanczos quadrature.
 
@@ -84,7 +127,8 @@ def fast_spectrum(
     (small matrices), so the result is never worse than exact there.
 
     Args:
-        W: (m, n) matrix (any float dtype; computed in fp32, sums in fp64).
+        W: (m, n) matrix (any float dtype, on any device: everything runs where W is; bf16 W is used as is
+            by the bf16 products, without an fp32 copy; sums in fp64).
         block: block size of the Krylov basis (the number of top pairs that can be deflated).
         krylov_iters: minimum Krylov depth q (basis size block·(q+1)).
         max_krylov_iters: maximum depth; the basis deepens until the stable rank's bound is ≤ ``sr_tol``.
@@ -94,59 +138,131 @@ def fast_spectrum(
         probes: initial number of Hutchinson probes; more are added (up to ``max_probes``) until the
             entropy's error bound is ≤ ``entropy_tol`` — only while the probes' sampling term is above half the
             tolerance (more probes cannot shrink the quadrature term).
-        seed: seed of the probes' generator (results are deterministic for a given seed).
+        seed: seed of the probes' generator (results are deterministic for a given seed and precision).
         exact_below: compute exactly when r ≤ max(exact_below, 3·block·(krylov_iters+1)).
+        precision: ``bf16`` (products in bf16, the top pair refined in fp32), ``fp32``, or ``auto`` (bf16 on a
+            CPU with native bf16, `native_bf16`; fp32 otherwise, CUDA included).
 
     Returns:
         `FastEstimate` with ``method="fast"`` (or ``"exact"`` on fallback).
     """
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     m, n = W.shape
     r = min(m, n)
     basis_dim = block * (krylov_iters + 1)
     if r <= max(exact_below, 3 * basis_dim):
         return exact_estimate(W)
-    X = (W if W.dtype == torch.float32 else W.float()).contiguous()  # (m, n)
-    # ‖X‖²_F summed in fp64 over row blocks (no fp64 copy of the whole matrix)
+    dev = W.device
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cpu" and native_bf16() else "fp32"
+    low = precision == "bf16"
+    # the matrix the block products read: bf16 as stored (or rounded once), else fp32
+    X = W.to(torch.bfloat16 if low else torch.float32).contiguous()  # (m, n)
     rows = max(1, _CHUNK_BYTES // (4 * n))
-    fro2 = sum(float(torch.linalg.vector_norm(X[i : i + rows], dtype=torch.float64)) ** 2 for i in range(0, m, rows))
-    if fro2 == 0:
+
+    def chunks():  # fp32 row blocks of W: views if W is fp32, else upcast into one reused buffer (no fp32 copy
+        # of the matrix, and no fresh allocation per block: page-faulting new blocks in cost as much as the math)
+        buf = None if W.dtype == torch.float32 else torch.empty(min(rows, m), n, device=dev)
+        for i in range(0, m, rows):
+            if buf is None:
+                yield i, W[i : i + rows]
+            else:
+                k = min(rows, m - i)
+                yield i, buf[:k].copy_(W[i : i + k])
+
+    def fro2_of(Wc: torch.Tensor) -> float:  # one block's ‖·‖²_F: fp32 norms per row, squared and summed in fp64
+        # (~1e-7 relative, under the stable-rank bound's fp32 floor below; one fp32 norm over the block is ~1e-5
+        # off, and an fp64 copy of each block costs ~15 % of the whole estimate)
+        return float(torch.linalg.vector_norm(Wc, dim=1).double().square().sum())
+
+    # ‖W‖²_F: in fp32 mode now (one pass); in bf16 mode from the same row blocks as the first fp32 Krylov product
+    fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
+    if fro2 == 0 and not low:
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", 0)
-    c = r / fro2  # normalise: eigenvalues x = c·σ², mean 1
+    c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1 (bf16 mode: set after the Krylov phase)
     gen = torch.Generator().manual_seed(seed)
     matvecs = 0
 
-    def A(V: torch.Tensor) -> torch.Tensor:  # V: (r, b) → (r, b)
+    def randn(*shape: int) -> torch.Tensor:  # CPU generator (same draws on every device), then moved
+        return torch.randn(*shape, generator=gen).to(dev)
+
+    def A(V: torch.Tensor) -> torch.Tensor:  # V: (r, b) fp32 → (r, b) fp32
         # Written so every GEMM reads X row-major: a transposed X times a skinny block is ~50× slower on CPU.
         # (Row-blocked single-pass variants measured slower here: the skinny GEMM, not memory, is the bound.)
         nonlocal matvecs
         matvecs += V.shape[1]
+        Vx = V.to(X.dtype)
         if m >= n:  # A = XᵀX
-            Y = X @ V  # (m, b)
-            return (Y.T @ X).T * c  # (r, b)
-        Y = V.T @ X  # (b, n) = (XᵀV)ᵀ
-        return (X @ Y.T) * c  # (m, b)
+            Y = X @ Vx  # (m, b)
+            return (Y.T @ X).T.float() * c  # (r, b)
+        Y = Vx.T @ X  # (b, n) = (XᵀV)ᵀ
+        return (X @ Y.T).float() * c  # (m, b)
+
+    def A_fp32(V: torch.Tensor, fro: bool) -> tuple[torch.Tensor, float]:
+        """(WᵀW or WWᵀ)·V in fp32 from W's row blocks (unscaled), and with ``fro`` ‖W‖²_F from the same blocks
+        (else 0). V: (r, b)."""
+        nonlocal matvecs
+        matvecs += V.shape[1]
+        f2 = 0.0
+        if m >= n:
+            out = torch.zeros_like(V)
+            for _, Wc in chunks():
+                out += (Wc @ V).T.matmul(Wc).T
+                f2 += fro2_of(Wc) if fro else 0.0
+            return out, f2
+        # A = WWᵀ: column blocks Wc (m, k) give A·V = Σ Wc·(Wcᵀ·V) in one pass (row blocks would need two)
+        cols = max(1, 4 * _CHUNK_BYTES // (4 * m))
+        buf = torch.empty(m, min(cols, n), device=dev)
+        out = torch.zeros_like(V)
+        for j in range(0, n, cols):
+            k = min(cols, n - j)
+            Wc = buf[:, :k].copy_(W[:, j : j + k])
+            out += Wc @ (V.T @ Wc).T
+            f2 += fro2_of(Wc) if fro else 0.0
+        return out, f2
+
+    def ritz(Qb: torch.Tensor, AQb: torch.Tensor):
+        """Rayleigh–Ritz on an orthonormal basis Qb (r, k) with AQb = A·Qb: values (descending), vectors,
+        residual norms, and λ₁'s bound (the residual, or the Kato–Temple-style gap bound when it is smaller)."""
+        Qd, AQd = Qb.double(), AQb.double()
+        T = (Qd.T @ AQd).cpu()  # (k, k)
+        theta, V = torch.linalg.eigh((T + T.T) / 2)  # ascending
+        theta, V = theta.flip(0), V.flip(1).to(dev)
+        U = Qd @ V  # (r, k) Ritz vectors
+        res = torch.linalg.vector_norm(AQd @ V - U * theta.to(dev), dim=0).cpu()  # (k,)
+        x1, r1 = float(theta[0]), float(res[0])
+        if theta.numel() > 1:  # Kato–Temple-style gap bound: λ₁ − θ₁ ≤ ‖r₁‖²/δ, δ = θ₁ − (θ₂ + ‖r₂‖)
+            gap = x1 - float(theta[1]) - float(res[1])
+            if gap > 0:
+                r1 = min(r1, r1 * r1 / gap)
+        return theta, U, res, x1, r1
 
     # 1) randomized block Krylov + Rayleigh–Ritz, keeping A·Q of every block (one block product per depth);
     #    deepen until σ₁'s bound is within ``sr_tol`` (flat-topped spectra converge slowly) or ``max_krylov_iters``.
-    Q, _ = torch.linalg.qr(torch.randn(r, block, generator=gen))  # (r, b)
-    Qs, AQs = [Q], [A(Q)]
+    #    In bf16 mode this phase still runs on fp32 products (W's row blocks upcast on the fly; its first pass also
+    #    sums ‖W‖²_F): bf16's rounded outputs put a ≈ 1e-3 relative floor under the Ritz residuals, which would
+    #    leave fewer pairs deflated and the deflated ones coupled to the rest — a bias in the entropy, not only
+    #    in σ₁'s bound. The Krylov phase is scale-free (only r₁/θ₁ is tested), so it runs unscaled until then.
+    def A_krylov(V: torch.Tensor) -> torch.Tensor:
+        nonlocal fro2
+        if not low:
+            return A(V)
+        out, f2 = A_fp32(V, fro=fro2 == 0)
+        fro2 = fro2 or f2
+        return out
+
+    Q, _ = torch.linalg.qr(randn(r, block))  # (r, b)
+    Qs, AQs = [Q], [A_krylov(Q)]
+    if fro2 == 0 or not bool(AQs[0].any()):  # W·Q = 0 for a random Q: W = 0
+        return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", matvecs)
     depth = 0
     while True:
         depth += 1
         if depth >= krylov_iters:
-            Qb, AQb = torch.cat(Qs, 1).double(), torch.cat(AQs, 1).double()  # (r, k)
-            T = Qb.T @ AQb  # (k, k)
-            theta, V = torch.linalg.eigh((T + T.T) / 2)  # ascending
-            theta, V = theta.flip(0), V.flip(1)
-            U = Qb @ V  # (r, k) Ritz vectors
-            res = torch.linalg.vector_norm(AQb @ V - U * theta, dim=0)  # (k,) residual norms
-            x1, r1 = float(theta[0]), float(res[0])
-            if theta.numel() > 1:  # Kato–Temple-style gap bound: λ₁ − θ₁ ≤ ‖r₁‖²/δ, δ = θ₁ − (θ₂ + ‖r₂‖)
-                gap = x1 - float(theta[1]) - float(res[1])
-                if gap > 0:
-                    r1 = min(r1, r1 * r1 / gap)
+            theta, U, res, x1, r1 = ritz(torch.cat(Qs, 1), torch.cat(AQs, 1))
             if r1 / x1 <= sr_tol or depth >= max_krylov_iters or (depth + 2) * block >= r // 2:
                 break
         Y = AQs[-1]  # (r, b)
@@ -155,11 +271,18 @@ def fast_spectrum(
             Y = Y - Qall @ (Qall.T @ Y)
         Q, _ = torch.linalg.qr(Y)
         Qs.append(Q)
-        AQs.append(A(Q))
-    # deflate the leading run of converged pairs (residual ≤ 1 % of the value, values above the bulk's mean)
-    ok = (res <= 1e-2 * theta.clamp_min(1.0)) & (theta > 1.0)
-    K = int(torch.cumprod(ok.int(), 0).sum())
-    Ud = U[:, :K].float()  # (r, K)
+        AQs.append(A_krylov(Q))
+    def converged(theta: torch.Tensor, res: torch.Tensor) -> int:
+        """The leading run of converged pairs (residual ≤ 1 % of the value, values above the bulk's mean)."""
+        ok = (res <= 1e-2 * theta.clamp_min(1.0)) & (theta > 1.0)
+        return int(torch.cumprod(ok.int(), 0).sum())
+
+    K = converged(theta, res)
+    if low:  # the Krylov phase ran unscaled: put its values on the normalised scale (mean eigenvalue 1)
+        c = r / fro2
+        theta, res, x1, r1 = theta * c, res * c, x1 * c, r1 * c
+        K = converged(theta, res)
+    Ud = U[:, :K].float()  # (r, K) deflated Ritz vectors
     exact_part = float(_xlogx(theta[:K]).sum())
     # Control variate: on the complement, f(x) = h(x) + (x − 1) with h(x) = x log x − x + 1 ≈ (x−1)²/2 near the
     # bulk, and tr(x) = r − Σθ_defl, tr(1) = r − K are known exactly; only tr h (small variance) is sampled.
@@ -169,15 +292,15 @@ def fast_spectrum(
         return _xlogx(x) - x + 1.0
 
     # 2) SLQ on PAP with Gaussian probes, batched: every column runs its own Lanczos
-    def slq(p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        Z = torch.randn(r, p, generator=gen)
+    def slq(p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        Z = randn(r, p)
         if K:
             Z = Z - Ud @ (Ud.T @ Z)
         nz = torch.linalg.vector_norm(Z, dim=0)  # (p,)
         v = Z / nz
         Vs = [v]
         alphas, betas = [], []
-        v_prev, beta_prev = torch.zeros_like(v), torch.zeros(p)
+        v_prev, beta_prev = torch.zeros_like(v), torch.zeros(p, device=dev)
         for j in range(lanczos_steps):
             w = A(v)
             if K:
@@ -193,38 +316,41 @@ def fast_spectrum(
             betas.append(b)
             v_prev, v, beta_prev = v, w / b, b
             Vs.append(v)
-        al = torch.stack(alphas, 1).double()  # (p, s)
-        be = torch.stack(betas, 1).double() if betas else torch.zeros(p, 0, dtype=torch.float64)
+        al = torch.stack(alphas, 1).double().cpu()  # (p, s)
+        be = torch.stack(betas, 1).double().cpu() if betas else torch.zeros(p, 0, dtype=torch.float64)
+        nz2 = nz.double().cpu() ** 2
 
-        def quad(s: int) -> torch.Tensor:
+        def quad(s: int, g=h) -> torch.Tensor:
             off = be[:, : s - 1]
             Tm = torch.diag_embed(al[:, :s]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
             nodes, vecs = torch.linalg.eigh(Tm)  # (p, s), (p, s, s)
-            return (nz.double() ** 2) * (vecs[:, 0, :] ** 2 * h(nodes)).sum(1)  # (p,)
+            return nz2 * (vecs[:, 0, :] ** 2 * g(nodes)).sum(1)  # (p,)
 
         s = al.shape[1]
-        return quad(s), quad(max(1, s - quad_gap))
+        return quad(s), quad(max(1, s - quad_gap)), quad(s, lambda x: _xlogx(x).abs())
 
-    ests, ests_short = slq(probes)
+    ests, ests_short, ests_abs = slq(probes)
     while True:
         mean = float(ests.mean())
         stderr = float(ests.std() / math.sqrt(ests.numel())) if ests.numel() > 1 else abs(mean)
         quad_err = abs(mean - float(ests_short.mean()))
-        err_T = 2 * stderr + quad_err
+        round_err = _BF16_ENTROPY_TERM * float(ests_abs.mean()) if low else 0.0
+        err_T = 2 * stderr + quad_err + round_err
         ent_err = err_T / (r * math.log(r))
         # more probes only shrink the sampling term: stop when it is not what exceeds the tolerance
         sampling_ok = 2 * stderr / (r * math.log(r)) <= entropy_tol / 2
         if ent_err <= entropy_tol or ests.numel() >= max_probes or sampling_ok:
             break
-        e2, s2 = slq(min(probes, max_probes - ests.numel()))
-        ests, ests_short = torch.cat([ests, e2]), torch.cat([ests_short, s2])
+        e2, s2, a2 = slq(min(probes, max_probes - ests.numel()))
+        ests, ests_short, ests_abs = torch.cat([ests, e2]), torch.cat([ests_short, s2]), torch.cat([ests_abs, a2])
     trace_f = exact_part + known + mean
     entropy = 1.0 - trace_f / (r * math.log(r))
     return FastEstimate(
         spectral_norm=math.sqrt(x1 / c),
         frobenius_norm=math.sqrt(fro2),
         stable_rank=r / x1,
-        stable_rank_rel_err=r1 / x1,
+        # not below what fp32 products can resolve (≈ 2√max(m,n)·2⁻²⁴ on x₁; the Kato–Temple bound can go under it)
+        stable_rank_rel_err=max(r1 / x1, 2 * math.sqrt(max(m, n)) * 2.0**-24),
         svd_entropy=min(1.0, max(0.0, entropy)),
         svd_entropy_err=ent_err,
         method="fast",

@@ -89,9 +89,19 @@ class MatrixSpec:
     expert: int | None = None  # a routed MoE expert's index (`muonft_cli.diagnose.layouts.sample_experts`)
     group: str | None = None  # that expert's MoE layer
 
-    def read(self) -> torch.Tensor:
-        """The matrix as fp32, shape ``self.shape`` (counted as live until garbage-collected)."""
-        return _track(self.load())
+    def read(self, raw: bool = False) -> torch.Tensor:
+        """The matrix as fp32, shape ``self.shape`` (counted as live until garbage-collected).
+
+        With ``raw``, a float16/bfloat16/float32 safetensors tensor comes in its stored dtype (no fp32 copy);
+        other tensors (GGUF, fp8, computed adapter products) still come as fp32.
+        """
+        load = getattr(self.load, "raw", None) if raw else None
+        return _track((load or self.load)())
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes `read(raw=True)` returns."""
+        return self.nbytes if getattr(self.load, "raw", None) else 4 * self.shape[0] * self.shape[1]
 
 
 @dataclass
@@ -151,11 +161,14 @@ def _pread(path: str, offset: int, nbytes: int) -> bytearray:
     return buf
 
 
-def _load_st(entry: _StEntry) -> torch.Tensor:
-    """Read one safetensors tensor by its offsets and return it as fp32, 2-D. Shape: entry.shape."""
+def _load_st(entry: _StEntry, raw: bool = False) -> torch.Tensor:
+    """Read one safetensors tensor by its offsets and return it as fp32 (``raw``: fp16/bf16/fp32 as stored), 2-D.
+    Shape: entry.shape."""
     tdtype = _ST_DTYPES[entry.dtype][0]
     buf = _pread(entry.path, entry.offset, entry.nbytes)
     t = torch.frombuffer(buf, dtype=tdtype).reshape(entry.shape)
+    if raw and tdtype in (torch.float16, torch.bfloat16, torch.float32):
+        return t  # owns the bytearray
     out = t.to(torch.float32)
     if out.data_ptr() == t.data_ptr():
         out = out.clone()  # fp32 on disk: own the memory so the bytearray can go
@@ -230,7 +243,11 @@ def _numel(shape) -> int:
 
 
 def _st_loader(e: _StEntry) -> Callable[[], torch.Tensor]:
-    return lambda: _load_st(e)
+    def load() -> torch.Tensor:
+        return _load_st(e)
+
+    load.raw = lambda: _load_st(e, raw=True)  # type: ignore[attr-defined]  # see MatrixSpec.read(raw=True)
+    return load
 
 
 def _load_st_rows(e: _StEntry, r0: int, r1: int) -> torch.Tensor:
