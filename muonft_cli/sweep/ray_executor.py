@@ -51,6 +51,7 @@ TOKEN_FILE = "ray-driver.token"
 FORWARDED_ENV_PREFIXES = ("MUONFT_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "WANDB_")
 BUSY_RETRY_S = 1.0  # a job whose lock is still held (an orphan checkpointing) is tried again after this
 LOST_RETRIES = 3  # a task lost to Ray (its worker or node died) is resubmitted this many times, then fails
+VISIBLE_WAIT_S = 10.0  # how long a task retries the shared-directory check (a shared filesystem's caching)
 STOP_WAIT_S = 300.0  # on SIGTERM/SIGINT: how long the driver waits for the cells to checkpoint and exit
 _POLL_S = 0.2
 
@@ -88,12 +89,12 @@ def uses_gpu(config: dict, cluster_gpus: float) -> bool:
 # ------------------------------------------------------------------------------------------- on the node
 
 
-def shared_dir_problem(out: Path, token: str, wait_s: float = 10.0) -> str | None:
+def shared_dir_problem(out: Path, token: str, wait_s: float | None = None) -> str | None:
     """Why this node cannot use the sweep directory (None: it sees the driver's token there).
 
     A few seconds of retries cover a shared filesystem's attribute caching; a directory that is missing, or
     holds another driver's token (a same-named local folder), is reported."""
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (VISIBLE_WAIT_S if wait_s is None else wait_s)
     while True:
         try:
             seen = (out / "locks" / TOKEN_FILE).read_text(encoding="utf-8").strip()
