@@ -258,6 +258,8 @@ class RayScheduler(_Scheduler):
     def _start(self, j: Job, slot: int, force_overwrite: bool = False) -> _RayRunning | None:
         gpu = uses_gpu(j.config, self.cluster_gpus)
         if gpu and self.cluster_gpus <= 0:
+            if j.id in self.queue:
+                self.queue.remove(j.id)
             self.state[j.id] = "failed"
             self._record(j, "failed", error="train.device is cuda but the Ray cluster has no GPU: add GPU nodes "
                                             "or set train.device: cpu")
@@ -330,15 +332,17 @@ class RayScheduler(_Scheduler):
         else:
             time.sleep(self.poll_s)
 
-    def _signal_running(self) -> None:
+    def _on_stop_signal(self) -> None:
+        pass  # no Ray calls inside a signal handler: `_stop_running` cancels the tasks once the loop has left
+
+    def _stop_running(self) -> None:
+        """After SIGTERM/SIGINT: cancel every task (each SIGTERMs its cell, which checkpoints) and wait until
+        every job's lock is free (its cell exited), as the local executor waits for its processes."""
         for r in self.running.values():
             try:
                 self.ray.cancel(r.gen)
             except Exception:  # pragma: no cover - already finished
                 pass
-
-    def _wait_stopped(self) -> None:
-        """After a stop: wait until every cancelled job's lock is free (its cell checkpointed and exited)."""
         deadline = time.monotonic() + STOP_WAIT_S
         for r in self.running.values():
             path = self.out / "locks" / f"{safe_name(r.job.id)}.lock"

@@ -5,7 +5,8 @@ the up-front check that the sweep directory can be written, signals (SIGTERM/SIG
 which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for
 the directory, an inherited `flock` on `locks/<id>.lock` for each job's whole life, so a restarted sweep never
 runs a job twice at once). Which weights to prune and which evaluations to add are decisions of
-`muonft_cli.sweep.policy`, called after each finished cell.
+`muonft_cli.sweep.policy`, called after each finished cell. `executor="ray"` swaps the process control for
+Ray's (`muonft_cli.sweep.ray_executor`): the loop, the index and the decisions stay these.
 """
 
 from __future__ import annotations
