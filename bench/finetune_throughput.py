@@ -15,7 +15,9 @@ training runs are interleaved and repeated `--repeats` times (rotating the order
 hits all of them alike; the reported ratio is the median of the per-repeat ratios.
 
 Run: `python bench/finetune_throughput.py [--model toy|smollm2] [--repeats 3] [--steps N]`; writes the model's
-entry of `bench/results/finetune_throughput.json` (`{"toy": {...}, "smollm2": {...}}`).
+entry of `bench/results/finetune_throughput.json` (`{"toy": {...}, "smollm2": {...}}`). On a shared, loaded
+machine run it with `OMP_NUM_THREADS=1`: two OpenMP threads spinning against a dozen other processes made a
+SmolLM2 step ~25x slower here (132 s vs 4.9 s at 128 tokens), which swamps what is compared.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    load_before = os.getloadavg()[0]  # recorded: on a shared machine the ratios are noisier
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="muonft-bench-", dir=args.work) as tmp:
@@ -206,6 +209,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "load_average_1min": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "tokens_per_step": tokens,
         "ms_per_step_median": {k: [round(v * 1e3, 2) for v in vs] for k, vs in medians.items()},
