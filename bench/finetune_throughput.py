@@ -1,20 +1,23 @@
 """Fine-tuning throughput of muonft's engine vs a plain HF `Trainer` + peft script, and Muon vs AdamW cost.
 
-Measures, in one run, on one small Llama (built from a config, tokenizer trained on the data) and the same
-packed `builtin:kjv` sequences, batch and sequence length:
+Measures, in one run, on one model — `--model toy` (default: a small Llama built from a config, tokenizer trained
+on the data) or `--model smollm2` (the real SmolLM2-135M, `builtin:smollm2` dequantised to fp32 and saved once as
+an HF folder that both sides load) — and the same packed `builtin:kjv` sequences, batch and sequence length:
 
 1. tokens/s of `muonft finetune` (LoRA-AdamW, the engine `train.run`) vs `transformers.Trainer` + `peft`
    (LoRA, torch AdamW) — target: muonft >= 1.0x Trainer;
 2. step time of LoRA-Muon / LoRA-AdamW in muonft — target <= 1.05x (the paper measured 1.1-1.2x, §4.7);
 3. peak RSS of full fine-tuning with Muon vs AdamW (Muon keeps one state buffer per matrix, Adam two), each
-   in its own `muonft finetune` subprocess.
+   in its own `muonft finetune` subprocess (toy: a wider toy model, `--rss-hidden`; smollm2: SmolLM2 itself).
 
 Per-step times exclude set-up and evaluation (median over the steps after `--warmup` steps); the three
 training runs are interleaved and repeated `--repeats` times (rotating the order) so drift in machine load
 hits all of them alike; the reported ratio is the median of the per-repeat ratios.
 
-Run: `python bench/finetune_throughput.py [--repeats 3] [--steps 30]`; writes
-`bench/results/finetune_throughput.json`.
+Run: `python bench/finetune_throughput.py [--model toy|smollm2] [--repeats 3] [--steps N]`; writes the model's
+entry of `bench/results/finetune_throughput.json` (`{"toy": {...}, "smollm2": {...}}`). On a shared, loaded
+machine run it with `OMP_NUM_THREADS=1`: two OpenMP threads spinning against a dozen other processes made a
+SmolLM2 step ~25x slower here (132 s vs 4.9 s at 128 tokens), which swamps what is compared.
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ def build_assets(work: Path, hidden: int, layers: int, vocab: int, max_docs: int
     d = work / "model"
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
+    return d
+
+
+def smollm2_assets(work: Path) -> Path:
+    """builtin:smollm2 loaded as muonft loads it (GGUF dequantised to fp32) and saved as an HF folder, so that
+    muonft and the Trainer start from the same weights and tokenizer."""
+    from muonft_cli.models.load import load_model
+
+    d = work / "smollm2"
+    if not (d / "config.json").is_file():
+        model, tok = load_model(cfgmod.ModelConfig(name_or_path="builtin:smollm2"))
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        del model
     return d
 
 
@@ -129,28 +146,44 @@ def peak_rss_mb(model: Path, work: Path, args: argparse.Namespace, optim: str) -
     return usage.ru_maxrss / 1024  # Linux: KiB
 
 
+#: per-model defaults of the run-length and shape flags (smollm2: short runs, the 2 shared cores are slow)
+DEFAULTS = {"toy": {"steps": 30, "warmup": 5, "batch": 8, "seq_len": 256, "max_docs": 150},
+            "smollm2": {"steps": 8, "warmup": 2, "batch": 2, "seq_len": 128, "max_docs": 40}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(DEFAULTS), default="toy")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--hidden", type=int, default=256, help="toy model width")
+    ap.add_argument("--layers", type=int, default=4, help="toy model depth")
+    ap.add_argument("--vocab", type=int, default=4096, help="toy model BPE vocabulary")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--max-docs", type=int, default=150)
-    ap.add_argument("--rss-hidden", type=int, default=768, help="model width for the peak-RSS runs")
+    ap.add_argument("--max-docs", type=int)
+    ap.add_argument("--rss-hidden", type=int, default=768, help="toy: model width for the peak-RSS runs")
+    ap.add_argument("--work", help="scratch folder for models and runs (default: a temporary one, removed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune_throughput.json"))
     args = ap.parse_args()
+    for k, v in DEFAULTS[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory(prefix="muonft-bench-") as tmp:
+    load_before = os.getloadavg()[0]  # recorded: on a shared machine the ratios are noisier
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="muonft-bench-", dir=args.work) as tmp:
         work = Path(tmp)
-        model = build_assets(work, args.hidden, args.layers, args.vocab, args.max_docs)
+        if args.model == "smollm2":
+            model = smollm2_assets(Path(args.work) if args.work else work)
+        else:
+            model = build_assets(work, args.hidden, args.layers, args.vocab, args.max_docs)
         kinds = {"trainer": lambda: trainer_step_times(model, work, args),
                  "muonft-adamw": lambda: muonft_step_times(model, work, args, "adamw"),
                  "muonft-muon": lambda: muonft_step_times(model, work, args, "muon")}
@@ -164,28 +197,42 @@ def main() -> None:
         tokens = args.batch * args.seq_len
         speedup = [t / m for t, m in zip(medians["trainer"], medians["muonft-adamw"])]
         muon_ratio = [m / a for m, a in zip(medians["muonft-muon"], medians["muonft-adamw"])]
-        big = build_assets(work / "big", args.rss_hidden, args.layers, args.vocab, args.max_docs)
+        big = model if args.model == "smollm2" else build_assets(work / "big", args.rss_hidden, args.layers,
+                                                                  args.vocab, args.max_docs)
         rss = {o: peak_rss_mb(big, work, args, o) for o in ("adamw", "muon")}
         n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(big)
                        .parameters())
     result = {
         "command": "python bench/finetune_throughput.py " + " ".join(sys.argv[1:]),
+        "model": "builtin:smollm2 (SmolLM2-135M-Instruct, dequantised to fp32)" if args.model == "smollm2" else
+                 f"random Llama, hidden {args.hidden} x {args.layers} layers",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "load_average_1min": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "tokens_per_step": tokens,
         "ms_per_step_median": {k: [round(v * 1e3, 2) for v in vs] for k, vs in medians.items()},
         "tokens_per_s": {k: round(tokens / statistics.median(vs), 1) for k, vs in medians.items()},
         "muonft_vs_trainer_tokens_per_s": round(statistics.median(speedup), 3),
         "lora_muon_over_lora_adamw_step_time": round(statistics.median(muon_ratio), 3),
+        "per_repeat": {"muonft_vs_trainer_tokens_per_s": [round(x, 3) for x in speedup],
+                       "lora_muon_over_lora_adamw_step_time": [round(x, 3) for x in muon_ratio]},
         "full_ft_peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "full_ft_rss_params": n_params,
         "full_ft_peak_rss_muon_over_adamw": round(rss["muon"] / rss["adamw"], 3),
         "targets": {"muonft_vs_trainer_tokens_per_s": ">= 1.0", "lora_muon_over_lora_adamw_step_time": "<= 1.05"},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        results = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = {}
+    if "command" in results:  # the earlier one-run layout: that was the toy model's run
+        results = {"toy": results}
+    results[args.model] = result
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"muonft / Trainer tokens/s: {result['muonft_vs_trainer_tokens_per_s']:.3f}x (target >= 1.0)")
     print(f"LoRA-Muon / LoRA-AdamW step time: {result['lora_muon_over_lora_adamw_step_time']:.3f}x (target <= 1.05)")
     print(f"full FT peak RSS ({n_params / 1e6:.1f} M params): Muon {rss['muon']:.0f} MiB, AdamW {rss['adamw']:.0f} MiB "

@@ -443,8 +443,17 @@ def sweep(
     recipe: Optional[str] = typer.Argument(None, help="Sweep recipe (a file or recipe:NAME): a run recipe plus a "
                                                    "sweep: section."),
     out: Optional[str] = _O(None, "--out", help="Sweep directory (run the same command again to resume)."),
-    workers: int = _O(1, "--workers", help="Cells run in parallel (CPU threads divided; one GPU each)."),
-    threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers)."),
+    workers: Optional[int] = _O(None, "--workers", help="Cells run in parallel (CPU threads divided; one GPU each); "
+                                                       "default 1, with --executor ray as many as the cluster fits.",
+                                show_default=False),
+    threads: Optional[int] = _O(None, "--threads", help="CPU threads per worker (default: cores / workers; with "
+                                                       "--executor ray: 1, the num_cpus of each cell's task)."),
+    executor: str = _O("local", "--executor", help="local: subprocesses on this machine; ray: each cell a Ray "
+                                                  "task on a cluster (pip install 'muonft[ray]'; --out on a "
+                                                  "filesystem every node shares)."),
+    address: Optional[str] = _O(None, "--address", help="With --executor ray: the cluster (auto = the one `ray "
+                                                       "start` runs here, HOST:PORT); default: start or attach a "
+                                                       "local instance."),
     dry_run: bool = _flag("--dry-run", "Print the cells and exit.", False),
     keep_weights: bool = _flag("--keep-weights", "Keep checkpoints and non-best full-model weights.", False),
     retry_failed: bool = _flag("--retry-failed", "Run cells that failed in an earlier run again (default: leave "
@@ -478,7 +487,7 @@ def sweep(
         return
     if report is None:
         counts = _run(sw.run_sweep, plan, out, workers=workers, keep_weights=keep_weights,
-                      retry_failed=retry_failed, threads=threads,
+                      retry_failed=retry_failed, threads=threads, executor=executor, address=address,
                       on_event=lambda rec: (line := render.sweep_event_line(rec)) and typer.echo(line, err=True))
         for line in render.sweep_outcome_lines(counts):
             typer.echo(line, err=True)

@@ -6,6 +6,7 @@ The package re-exports the API its callers use. Its modules, each owning one par
 - `index`: the append-only `sweep.jsonl` index;
 - `jobs`: what each subprocess runs (pretrain a base, evaluate it, fine-tune a cell, a forgetting eval);
 - `scheduler`: process control (spawning on worker slots, waiting, signals, locks);
+- `ray_executor`: `--executor ray`, each job a Ray task on a cluster (imported only then: Ray is an extra);
 - `policy`: the decisions (best LRs, weight pruning, which forgetting evaluations to queue);
 - `report` (aggregation, Markdown/CSV) and `plots` (the figures). The console lines and the terminal table
   are in the sweep section of `muonft_cli.render`.

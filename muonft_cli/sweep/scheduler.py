@@ -5,11 +5,13 @@ the up-front check that the sweep directory can be written, signals (SIGTERM/SIG
 which checkpoint; `PR_SET_PDEATHSIG` stops them if the sweep process dies), and locks (`locks/sweep.lock` for
 the directory, an inherited `flock` on `locks/<id>.lock` for each job's whole life, so a restarted sweep never
 runs a job twice at once). Which weights to prune and which evaluations to add are decisions of
-`muonft_cli.sweep.policy`, called after each finished cell.
+`muonft_cli.sweep.policy`, called after each finished cell. `executor="ray"` swaps the process control for
+Ray's (`muonft_cli.sweep.ray_executor`): the loop, the index and the decisions stay these.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -29,6 +31,8 @@ from muonft_cli.sweep.index import INDEX, SweepIndex, status_of
 from muonft_cli.sweep.jobs import Job, command, default_engine, error_line, last_json, resume_refused, static_jobs
 from muonft_cli.sweep.plan import PLAN_FILE, SweepPlan, safe_name
 
+EXECUTORS = ("local", "ray")
+
 
 @dataclass
 class _Running:
@@ -46,13 +50,15 @@ class _Running:
 def run_sweep(
     plan: SweepPlan,
     out: str | Path,
-    workers: int = 1,
+    workers: int | None = None,
     keep_weights: bool = False,
     retry_failed: bool = False,
     engine: Sequence[str] | None = None,
     on_event: Callable[[dict], None] | None = None,
     threads: int | None = None,
     poll_s: float = 0.2,
+    executor: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Run (or resume) every job of the plan; returns what happened to its cells.
 
@@ -65,23 +71,40 @@ def run_sweep(
     Args:
         plan: from `load_plan`.
         out: the sweep directory (created; holds sweep.yaml, sweep.jsonl, bases/, cells/, configs/, logs/).
-        workers: parallel processes (CPU threads divided between them; on GPUs one device each, round-robin).
+        workers: parallel processes (CPU threads divided between them; on GPUs one device each, round-robin);
+            default 1 (local), as many as the Ray cluster's resources fit (ray).
         keep_weights: keep every cell's checkpoints and full-model weights.
         retry_failed: run failed jobs again (default: keep their recorded failure).
         engine: the command prefix that runs a job (default `python -m muonft_cli`).
         on_event: called with each index record as it is written (display).
-        threads: CPU threads per worker (default: available cores // workers).
+        threads: CPU threads per worker (default: available cores // workers; ray: 1), under Ray the `num_cpus`
+            of each job's task.
         poll_s: how often running processes are polled.
+        executor: `local` (subprocesses on this machine) or `ray` (each job a Ray task on a cluster, see
+            `muonft_cli.sweep.ray_executor`; `out` must then be on a filesystem every node shares).
+        address: with `ray`: the cluster to connect to (`auto`, `HOST:PORT`, `local`); default: start or
+            attach a local instance.
 
     Raises:
-        UserInputError: bad `workers`, an unwritable `out`, or another sweep process holds this directory.
+        UserInputError: bad `workers`/`executor`, an unwritable `out`, another sweep process holds this
+            directory, Ray not installed or its cluster not reachable.
         KeyboardInterrupt: on SIGINT/SIGTERM, after the running cells checkpointed and stopped.
     """
     out = Path(out)
-    if workers < 1:
+    if executor not in EXECUTORS:
+        raise UserInputError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise UserInputError("--address is the Ray cluster's: pass it with --executor ray")
+    if workers is not None and workers < 1:
         raise UserInputError(f"--workers must be >= 1, got {workers}")
+    ray = None
+    if executor == "ray":
+        from muonft_cli.sweep import ray_executor
+
+        ray = ray_executor.import_ray()
+        out = out.absolute()  # the tasks run on other nodes, in other working directories
     check_out_dir(out)
-    engine = list(engine or default_engine())
+    engine = list(engine) if engine else (None if ray else default_engine())
     for sub in ("configs", "logs", "locks", "cells", "bases"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     sweep_lock = _try_lock(out / "locks" / "sweep.lock")
@@ -89,7 +112,11 @@ def run_sweep(
         raise UserInputError(f"another `muonft sweep` is running in '{out}': wait for it or stop it first")
     try:
         atomic_write_text(out / PLAN_FILE, yaml.safe_dump(plan.recipe, sort_keys=False))
-        return _Scheduler(plan, out, workers, keep_weights, retry_failed, engine, on_event, threads, poll_s).run()
+        if ray is not None:
+            args = (plan, out, workers or math.inf, keep_weights, retry_failed, engine, on_event, threads, poll_s)
+            return ray_executor.run_sweep_ray(ray, address, args)
+        return _Scheduler(plan, out, workers or 1, keep_weights, retry_failed, engine, on_event, threads,
+                          poll_s).run()
     finally:
         os.close(sweep_lock)
 
@@ -175,11 +202,7 @@ class _Scheduler:
 
         def _stop(signum, frame):  # SIGTERM/SIGINT: cells checkpoint and stop; they stay "running" for a resume
             self.stopping = True
-            for r in self.running.values():
-                try:
-                    r.proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            self._on_stop_signal()
 
         old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -188,15 +211,9 @@ class _Scheduler:
                 self._fail_orphans()
                 self._fill()
                 if self.running or self.queue:
-                    time.sleep(self.poll_s)
+                    self._idle_wait()
             if self.stopping:
-                for r in self.running.values():
-                    try:
-                        r.proc.wait(timeout=300)
-                    except subprocess.TimeoutExpired:
-                        r.proc.kill()
-                        r.proc.wait()
-                    os.close(r.lock_fd)
+                self._stop_running()
                 raise KeyboardInterrupt
         finally:
             for sig, h in old.items():
@@ -226,13 +243,14 @@ class _Scheduler:
                 self.state[jid] = "failed"
                 self._record(j, "failed", error=f"{bad[0]} failed")
 
+    def _ready(self, jid: str) -> bool:
+        return all(self.state.get(d) == "done" for d in self.jobs[jid].deps)
+
     def _fill(self) -> None:
-        for slot in range(self.workers):
-            if slot in self.running:
-                continue
-            ready = [jid for jid in self.queue if all(self.state.get(d) == "done" for d in self.jobs[jid].deps)]
+        while len(self.running) < self.workers:
+            slot = min(set(range(len(self.running) + 1)) - set(self.running))
             started = False
-            for jid in ready:
+            for jid in [jid for jid in self.queue if self._ready(jid)]:
                 r = self._start(self.jobs[jid], slot)
                 if r is not None:  # None: an orphaned process of a killed sweep still holds it; try later
                     self.queue.remove(jid)
@@ -241,6 +259,27 @@ class _Scheduler:
                     break
             if not started:
                 return
+
+    # -- process control of the local executor (`muonft_cli.sweep.ray_executor.RayScheduler` has Ray's)
+    def _idle_wait(self) -> None:
+        time.sleep(self.poll_s)
+
+    def _on_stop_signal(self) -> None:
+        for r in self.running.values():
+            try:
+                r.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _stop_running(self) -> None:
+        """After a stop signal: wait for the signalled cells to checkpoint and exit."""
+        for r in self.running.values():
+            try:
+                r.proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+            os.close(r.lock_fd)
 
     def _start(self, j: Job, slot: int, force_overwrite: bool = False) -> _Running | None:
         lock_fd = _try_lock(self.out / "locks" / f"{safe_name(j.id)}.lock")
@@ -275,10 +314,17 @@ class _Scheduler:
                 self.running[slot] = nxt
 
     def _finish(self, r: _Running, code: int, slot: int) -> _Running | None:
-        j = r.job
-        runtime = round(time.time() - r.started, 2)
-        err = error_line(r.stderr, code, r.stderr_offset)
-        if r.resumed and resume_refused(r.stderr, code, r.stderr_offset):
+        outcome = {"code": code, "error": error_line(r.stderr, code, r.stderr_offset),
+                   "refused": r.resumed and resume_refused(r.stderr, code, r.stderr_offset),
+                   "result": last_json(r.stdout) if code == 0 else None}
+        return self._conclude(r.job, r.resumed, r.started, outcome, slot)
+
+    def _conclude(self, j: Job, resumed: bool, started: float, outcome: dict, slot: int):
+        """Record how a job's process ended (`outcome`: its exit `code`, `error` line, whether a `--resume` was
+        `refused`, its JSON `result`); returns the job's restart when its resume was refused, else None."""
+        runtime = round(time.time() - started, 2)
+        code, err = outcome["code"], outcome["error"]
+        if resumed and outcome["refused"]:
             # the engine refused to resume (e.g. a checkpoint of a different config): start the run afresh.
             # Any other error (exit 2 included) fails the job below and keeps its checkpoint.
             self._record(j, "running", note="resume refused, restarting: " + err)
@@ -289,7 +335,7 @@ class _Scheduler:
             if j.kind == "cell":
                 self._after_cell()
             return None
-        result = last_json(r.stdout)
+        result = outcome["result"]
         if result is None:
             self.state[j.id] = "failed"
             self._record(j, "failed", error="no JSON result on stdout", returncode=0, runtime_s=runtime)
