@@ -28,6 +28,9 @@ from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
+#: `model.base_dtype` / `--base-dtype`: the dtype the frozen base of a LoRA run is loaded in (auto: bf16 on CUDA,
+#: fp32 on CPU; resolved in `muonft_cli.models.device.resolve_base_dtype`).
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 PRESETS = ("tiny", "small")
 #: `train.report_to` / `--report-to` backends (`none` = none; implemented in `muonft_cli.train.report_to`).
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")
@@ -43,6 +46,11 @@ class ModelConfig:
     model_config: str | None = field(default=None, metadata={"help": "pretrain: path to a config.json"})
     vocab_size: int = field(default=4096, metadata={"help": "pretrain: BPE vocabulary size when training one"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on CUDA; CPU runs stay fp32)"})
+    base_dtype: str = field(default="auto", metadata={
+        "help": "auto | fp32 | bf16 | fp16: dtype the frozen base of a LoRA run is loaded in (LoRA weights and "
+                "optimizer state stay fp32); auto = bf16 on CUDA, fp32 on CPU; full fine-tuning: fp32 only"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; pip install 'muonft[qlora]')"})
     trust_remote_code: bool = False
     offline: bool = field(default=False, metadata={"help": "never contact the hub (sets HF_HUB_OFFLINE=1)"})
 
@@ -303,6 +311,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     choice("optimizer.lora_a", cfg.optimizer.lora_a, ("muon", "adamw"))
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
+    choice("model.base_dtype", cfg.model.base_dtype, BASE_DTYPES)
     choice("model.preset", cfg.model.preset, PRESETS)
     positive("optimizer.lr", cfg.optimizer.lr)
     if cfg.optimizer.adamw_lr is not None:
@@ -448,7 +457,7 @@ def to_dict(cfg: Any) -> dict:
 #: existed". `stable_view` leaves them out at that default, so a sweep cell's config hash (which decides what a
 #: restarted sweep re-runs) is the one an older muonft computed: old sweeps still resume.
 ADDED_KEYS: dict[str, Any] = {"train.threads": None, "data.max_dropped_fraction": 0.1, "train.report_to": [],
-                              "train.run_name": None}
+                              "train.run_name": None, "model.base_dtype": "auto", "model.load_in_4bit": False}
 
 
 def stable_view(data: dict) -> dict:

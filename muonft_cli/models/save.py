@@ -20,7 +20,8 @@ import torch
 
 from muonft_cli import __version__
 from muonft_cli.errors import MuonftError
-from muonft_cli.models.load import model_source
+from muonft_cli.models.device import dtype_name
+from muonft_cli.models.load import loaded_dtypes, model_source
 from muonft_cli.models.lora import initial_adapter_state
 from muonft_cli.models.source import PROVENANCE_FILE, ModelSource
 
@@ -28,7 +29,9 @@ from muonft_cli.models.source import PROVENANCE_FILE, ModelSource
 def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
     """Facts about a model to record in `muonft.json`: base model (`base_model`: its absolute, resolved path or
     hub id; `base_model_as_given`: the string it was passed as; `base_gguf_file` for a GGUF base, the
-    `gguf_file=` that loads it), architecture, parameter counts."""
+    `gguf_file=` that loads it; `base_dtype`: the dtype the (base) weights were loaded in for this run, fp32 |
+    bf16 | fp16 | nf4; `base_checkpoint_dtype`: the float dtype the base checkpoint stores, None for GGUF or
+    a model built from a config), architecture, parameter counts."""
     m = _unwrap(model)
     src = model_source(m)
     base = m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -41,6 +44,8 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
         "model_type": getattr(getattr(base, "config", None), "model_type", None),
         "params": total,
         "trainable_params": trainable,
+        "base_dtype": loaded_dtypes(m)[0],
+        "base_checkpoint_dtype": dtype_name(loaded_dtypes(m)[1]),
     }
     if src is not None and src.kind == "gguf":
         out["base_gguf_file"] = Path(src.path).name  # load with from_pretrained(its folder, gguf_file=this)
@@ -86,6 +91,37 @@ def _generation_config(model: torch.nn.Module):
     return gen
 
 
+def merged_model(model: Any) -> tuple[torch.nn.Module, torch.dtype]:
+    """A merged full copy of peft `model` (the training model is untouched) and the dtype it is in.
+
+    Each LoRA layer is merged in fp32 (its base weight upcast, peft's own `merge`, which handles DoRA and
+    GPT-2's transposed `Conv1D`), then every weight is cast to the base checkpoint's original dtype
+    (`loaded_dtypes`; fp32 when it has none, e.g. a GGUF base): a bf16 checkpoint fine-tuned on a bf16 base
+    merges to bf16, an fp32 one to fp32, whatever dtype the base was trained in. Only one layer at a time is
+    held in fp32 beyond the copy.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    target = loaded_dtypes(model)[1] or torch.float32
+    if target not in (torch.float32, torch.bfloat16, torch.float16):
+        target = torch.float32
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in merged.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                weight.data = weight.data.float()
+                module.merge()
+                weight.data = weight.data.to(target)
+        plain = merged.unload()  # every LoRA layer replaced by its (merged) base layer
+        for t in plain.parameters():
+            if t.is_floating_point() and t.dtype != target:
+                t.data = t.data.to(target)
+    if getattr(plain, "config", None) is not None:
+        plain.config.dtype = target
+    return plain, target
+
+
 def _save_adapter(model: Any, d: Path, variant: str) -> bool:
     """Save the peft adapter into `d`; PiSSA/OLoRA converted to a plain LoRA. Returns whether converted."""
     from safetensors.torch import save_file
@@ -125,7 +161,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
       `AutoPeftModelForCausalLM.from_pretrained(out_dir)` from any directory: `base_model_name_or_path` is the
       base's absolute path); PiSSA/OLoRA adapters are converted to a rank-2r plain
       LoRA on the original base (peft's `path_initial_model_for_weight_conversion`). With `merge`, also
-      `out_dir/merged/`, the full merged model (built on a copy; the training model is untouched).
+      `out_dir/merged/`, the full merged model (`merged_model`: merged in fp32 on a copy, saved in the base
+      checkpoint's original dtype; the training model is untouched).
     - any other model → a full HF directory (safetensors) that loads with `AutoModelForCausalLM.from_pretrained`.
     Beside it: the tokenizer, `generation_config.json`, and `muonft.json` = `provenance` + muonft version +
     `model_provenance(model)` facts (base model, architecture, parameter counts, LoRA settings) + format +
@@ -181,12 +218,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
             base = model.get_base_model()
             _generation_config(base).save_pretrained(str(tmp))
             if merge:
-                merged = copy.deepcopy(model).merge_and_unload()
+                merged, merged_dtype = merged_model(model)
                 mdir = tmp / "merged"
                 merged.save_pretrained(str(mdir))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(mdir))
-                _write_json(mdir / PROVENANCE_FILE, {**info, "format": "full", "merged_from_adapter": True})
+                _write_json(mdir / PROVENANCE_FILE, {**info, "format": "full", "merged_from_adapter": True,
+                                                     "dtype": dtype_name(merged_dtype)})
                 del merged
         else:
             model.save_pretrained(str(tmp))

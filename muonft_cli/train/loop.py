@@ -116,6 +116,7 @@ class Loop:
     reporter: Any = None  # `report_to.Reporter` on rank 0 when `train.report_to` names a backend
     state: TrainerState = field(default_factory=TrainerState)
     optim_choice: dict[str, Any] | None = None  # the `--optim auto` decision (`muonft_cli.diagnose.auto`)
+    base_dtype: str = "fp32"  # the dtype name the (base) weights were loaded in (a 4-bit base: its compute dtype)
     t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -128,7 +129,7 @@ class Loop:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return device_mod.autocast_dtype(self.cfg.model, self.device)
+        return device_mod.autocast_dtype(self.cfg.model, self.device, self.base_dtype)
 
     def identity(self) -> dict[str, Any]:
         """The run facts a checkpoint records beside the state."""
@@ -307,5 +308,6 @@ class Loop:
             "final": final, "runtime_s": round(time.perf_counter() - self.t0, 3),
             "world_size": self.info.world_size, "ortho_per_rank": per_rank,
             "lora": self.cfg.lora.rank is not None,
+            "base_dtype": "nf4" if self.cfg.model.load_in_4bit else self.base_dtype,
             "data_rows_dropped": (getattr(self.splits, "info", None) or {}).get("rows_dropped", 0),
         }
