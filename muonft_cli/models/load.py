@@ -165,6 +165,7 @@ def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = 
     else:
         _to_dtype(model, dtype)
     model._muonft_source = src
+    model._muonft_trust_remote_code = trust_remote_code
     model._muonft_source_dtype = checkpoint_dtype(src)
     model._muonft_base_dtype = "nf4" if load_in_4bit else dtype_name(dtype)
     return model
@@ -235,6 +236,20 @@ def loaded_dtypes(model: torch.nn.Module) -> tuple[str, torch.dtype | None]:
     checkpoint stores, None for GGUF or unknown). A model muonft built (pretrain) is ("fp32", None)."""
     m = _loaded_base(model)
     return getattr(m, "_muonft_base_dtype", "fp32"), getattr(m, "_muonft_source_dtype", None)
+
+
+def reload_base(model: torch.nn.Module, dtype: torch.dtype, tokenizer: Any = None) -> torch.nn.Module | None:
+    """The (base) checkpoint `model` was loaded from, loaded again on the CPU in `dtype` from the local files
+    (`save.merged_model` merges onto it), its embeddings grown as `tokenizer` needs like the run's were; None
+    for a model muonft built rather than loaded."""
+    m = _loaded_base(model)
+    src = getattr(m, "_muonft_source", None)
+    if src is None:
+        return None
+    base = _load_weights(src, getattr(m, "_muonft_trust_remote_code", False), local_only=True, dtype=dtype)
+    if tokenizer is not None:
+        ensure_pad_token(tokenizer, base)
+    return base
 
 
 # --------------------------------------------------------------------------------------------- tokenizers

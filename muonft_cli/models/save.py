@@ -91,21 +91,27 @@ def _generation_config(model: torch.nn.Module):
     return gen
 
 
-def merged_model(model: Any) -> tuple[torch.nn.Module, torch.dtype]:
-    """A merged full copy of peft `model` (the training model is untouched) and the dtype it is in.
+def merged_model(model: Any, adapter_dir: str | Path, tokenizer: Any = None) -> tuple[torch.nn.Module, torch.dtype]:
+    """The full model that peft `model`'s saved adapter (`adapter_dir`) merges to, and the dtype it is in.
 
-    Each LoRA layer is merged in fp32 (its base weight upcast, peft's own `merge`, which handles DoRA and
-    GPT-2's transposed `Conv1D`), then every weight is cast to the base checkpoint's original dtype
-    (`loaded_dtypes`; fp32 when it has none, e.g. a GGUF base): a bf16 checkpoint fine-tuned on a bf16 base
-    merges to bf16, an fp32 one to fp32, whatever dtype the base was trained in. Only one layer at a time is
-    held in fp32 beyond the copy.
+    The merge is the one plain peft does on the ORIGINAL base: the base checkpoint is loaded again in its own
+    dtype (`loaded_dtypes`; fp32 when it has none, e.g. a GGUF base), whatever dtype the run trained it in, so
+    weights a bf16 training base rounded come back exact, and PiSSA/OLoRA adapters (saved converted) land on
+    the original weights. Each LoRA layer is merged in fp32 (its base weight upcast, peft's own `merge`, which
+    handles DoRA and GPT-2's `Conv1D`), then cast back: a bf16 checkpoint merges to bf16, an fp32 one to fp32.
+    Only one layer at a time is held in fp32 beyond the base copy. A model muonft did not load (no recorded
+    source) is merged on a copy of itself. The training model is never touched.
     """
+    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
+
+    from muonft_cli.models.load import reload_base
 
     target = loaded_dtypes(model)[1] or torch.float32
     if target not in (torch.float32, torch.bfloat16, torch.float16):
         target = torch.float32
-    merged = copy.deepcopy(model)
+    base = reload_base(model, target, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)) if base is not None else copy.deepcopy(model)
     with torch.no_grad():
         for module in merged.modules():
             if isinstance(module, LoraLayer):
@@ -161,8 +167,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
       `AutoPeftModelForCausalLM.from_pretrained(out_dir)` from any directory: `base_model_name_or_path` is the
       base's absolute path); PiSSA/OLoRA adapters are converted to a rank-2r plain
       LoRA on the original base (peft's `path_initial_model_for_weight_conversion`). With `merge`, also
-      `out_dir/merged/`, the full merged model (`merged_model`: merged in fp32 on a copy, saved in the base
-      checkpoint's original dtype; the training model is untouched).
+      `out_dir/merged/`, the full merged model (`merged_model`: the saved adapter merged in fp32 onto the
+      original base checkpoint, saved in that checkpoint's own dtype; the training model is untouched).
     - any other model → a full HF directory (safetensors) that loads with `AutoModelForCausalLM.from_pretrained`.
     Beside it: the tokenizer, `generation_config.json`, and `muonft.json` = `provenance` + muonft version +
     `model_provenance(model)` facts (base model, architecture, parameter counts, LoRA settings) + format +
@@ -218,7 +224,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
             base = model.get_base_model()
             _generation_config(base).save_pretrained(str(tmp))
             if merge:
-                merged, merged_dtype = merged_model(model)
+                merged, merged_dtype = merged_model(model, tmp, tokenizer)
                 mdir = tmp / "merged"
                 merged.save_pretrained(str(mdir))
                 if tokenizer is not None:
