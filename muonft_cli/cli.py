@@ -393,7 +393,7 @@ def finetune(
                                         "CUDA, fp32 on CPU. Full fine-tuning: fp32 only."),
     load_in_4bit: Optional[bool] = _flag("--load-in-4bit/--no-load-in-4bit",
                                          "QLoRA: the frozen base in 4-bit NF4 (CUDA and bitsandbytes: pip install "
-                                         "'muonft[qlora]'); LoRA runs only."),
+                                         "'muonft\\[qlora]'); LoRA runs only."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
     **common: Any,
 ) -> None:
