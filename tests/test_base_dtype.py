@@ -203,3 +203,13 @@ def test_gguf_base_is_dequantised_straight_to_bf16(real_model):
     model, _ = models.load_model(mcfg, "cpu", dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert models.loaded_dtypes(model) == ("bf16", None)
+
+
+def test_4bit_on_a_gguf_base_says_what_to_pass(real_model):
+    from muonft_cli import models
+    from muonft_cli.errors import UserInputError
+
+    mcfg = cfgmod.ModelConfig(name_or_path=str(real_model("smollm2-gguf")))
+    with pytest.raises(UserInputError, match="GGUF file: drop --load-in-4bit") as e:
+        models.load_model(mcfg, "cpu", dtype="bf16", load_in_4bit=True)
+    assert "\n" not in str(e.value)

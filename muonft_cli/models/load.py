@@ -377,6 +377,10 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     base_src = None
     if src.kind == "adapter":
         base_src = adapter_base(src, base, offline)
+    if load_in_4bit and (base_src or src).kind == "gguf":
+        raise UserInputError(f"--load-in-4bit quantises a safetensors checkpoint, and '{(base_src or src).name}' "
+                             "is a GGUF file: drop --load-in-4bit (--base-dtype bf16 dequantises it to bf16), or pass "
+                             "the model's safetensors folder or hub id")
     # the model's own config first (an unknown model_type: one line, before the tokenizer loader warns about it)
     for s in (src, base_src):
         if s is not None and s.kind in ("dir", "safetensors"):
