@@ -2,7 +2,8 @@
 
 Owns `save_model` — atomic (temp dir + rename) directories holding a peft adapter (PiSSA/OLoRA converted to a
 plain LoRA on the original base with peft's `path_initial_model_for_weight_conversion`), optionally the merged
-full model, or a full HF model — with the tokenizer, the generation config and the `muonft.json` provenance,
+full model (`merged_model`: merged in fp32 onto the original base checkpoint, saved in its own dtype), or a
+full HF model — with the tokenizer, the generation config and the `muonft.json` provenance,
 whose model facts come from `model_provenance`.
 """
 
