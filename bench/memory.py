@@ -129,7 +129,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="scratch folder for the checkpoint (deleted after)")
     args = ap.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     base = Path(args.work) if args.work else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="muonft-memory-", dir=base))
@@ -139,6 +138,7 @@ def main() -> None:
             res = run_case(name, work, args)
             res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "note": "shared machine, loaded by other jobs during the run"}
+            results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # other cases' keys stay
             results[name] = res
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
