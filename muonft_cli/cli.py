@@ -423,6 +423,13 @@ def finetune(
     lora_variant: Optional[str] = _O(None, "--lora-variant", show_default=_default("lora.variant", "finetune"),
                                      help="lora | rslora | dora | pissa | olora."),
     merge: Optional[bool] = _flag("--merge/--no-merge", "Also write the merged model (LoRA runs)."),
+    base_dtype: Optional[str] = _O(None, "--base-dtype", show_default="auto",
+                                   help="auto | fp32 | bf16 | fp16: the dtype the frozen base of a LoRA run is "
+                                        "loaded in (LoRA weights and optimizer state stay fp32). auto: bf16 on "
+                                        "CUDA, fp32 on CPU. Full fine-tuning: fp32 only."),
+    load_in_4bit: Optional[bool] = _flag("--load-in-4bit/--no-load-in-4bit",
+                                         "QLoRA: the frozen base in 4-bit NF4 (CUDA and bitsandbytes: pip install "
+                                         "'muonft\\[qlora]'); LoRA runs only."),
     tokenizer: Optional[str] = _O(None, "--tokenizer", help="Tokenizer path (default: the model's)."),
     **common: Any,
 ) -> None:
@@ -430,7 +437,7 @@ def finetune(
     flags = _common_flags({"model": model, "tokenizer": tokenizer, **common})
     flags.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                   "lora.targets": _split_targets(lora_targets), "lora.variant": lora_variant,
-                  "lora.merge": merge})
+                  "lora.merge": merge, "model.base_dtype": base_dtype, "model.load_in_4bit": load_in_4bit})
     _train_cmd("finetune", flags, common["config"], common["set_"], common["resume"], common["as_json"],
                common["quiet"], _plan_opts(common))
 

@@ -28,7 +28,8 @@ from muonft_cli.errors import ConfigError, UserInputError
 
 LORA_VARIANTS = ("lora", "rslora", "dora", "pissa", "olora")
 DTYPES = ("fp32", "bf16")
-#: `model.base_dtype`: the dtype a LoRA run's frozen base is loaded in (auto: bf16 on CUDA, fp32 otherwise).
+#: `model.base_dtype` / `--base-dtype`: the dtype the frozen base of a LoRA run is loaded in (auto: bf16 on CUDA,
+#: fp32 on CPU; resolved in `muonft_cli.models.device.resolve_base_dtype`).
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: `train.strategy` under torchrun: replicate (DDP) or shard (FSDP2) weights, gradients and optimizer state.
 STRATEGIES = ("ddp", "fsdp")
@@ -49,11 +50,13 @@ class ModelConfig:
     model_config: str | None = field(default=None, metadata={"help": "pretrain: path to a config.json"})
     vocab_size: int = field(default=4096, metadata={"help": "pretrain: BPE vocabulary size when training one"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16 (bf16 autocast on CUDA; CPU runs stay fp32)"})
+    base_dtype: str = field(default="auto", metadata={
+        "help": "auto | fp32 | bf16 | fp16: dtype the frozen base of a LoRA run is loaded in (LoRA weights and "
+                "optimizer state stay fp32); auto = bf16 on CUDA, fp32 on CPU; full fine-tuning: fp32 only"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; pip install 'muonft[qlora]')"})
     trust_remote_code: bool = False
     offline: bool = field(default=False, metadata={"help": "never contact the hub (sets HF_HUB_OFFLINE=1)"})
-    base_dtype: str = field(default="auto", metadata={
-        "help": "auto | fp32 | bf16 | fp16: the frozen base of a LoRA run (auto: bf16 on CUDA, fp32 otherwise)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (CUDA)"})
 
 
 @dataclass
@@ -334,8 +337,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                      f"(got {cfg.optimizer.name}); unset it")
     choice("lora.variant", cfg.lora.variant, LORA_VARIANTS)
     choice("model.dtype", cfg.model.dtype, DTYPES)
-    choice("model.preset", cfg.model.preset, PRESETS)
     choice("model.base_dtype", cfg.model.base_dtype, BASE_DTYPES)
+    choice("model.preset", cfg.model.preset, PRESETS)
     choice("train.strategy", cfg.train.strategy, STRATEGIES)
     positive("optimizer.lr", cfg.optimizer.lr)
     if cfg.optimizer.adamw_lr is not None:

@@ -140,13 +140,15 @@ class _KillAt(NullSink):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("kind", ["pretrain-adamw", "lora-muon"])
+@pytest.mark.parametrize("kind", ["pretrain-adamw", "lora-muon", "lora-muon-bf16-base"])
 def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
     if kind == "pretrain-adamw":
         mode, kw = "pretrain", dict(mcfg=assets["mcfg"], **{"optimizer.name": "adamw"})
     else:
         mode, kw = "finetune", dict(model=assets["model"], **{"optimizer.name": "muon", "lora.rank": 4,
                                                                "lora.dropout": 0.1})
+        if kind.endswith("bf16-base"):
+            kw["model.base_dtype"] = "bf16"
     flags = {"train.steps": 8, "train.save_every": 3, "train.keep_last": 2}
     full, cut = tmp_path / "full", tmp_path / "cut"
     train.run(make_cfg(full, assets["corpus"], **kw, **flags), mode)
@@ -171,6 +173,7 @@ def test_resume_after_sigterm_is_bit_exact(assets, tmp_path, kind):
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000006", "step-000008"]  # keep_last
     prov = json.loads((cut / "final" / "muonft.json").read_text())
     assert prov["optimizer"] == kw["optimizer.name"] and prov["steps"] == 8 and prov["mode"] == mode
+    assert prov["base_dtype"] == summary["base_dtype"] == kw.get("model.base_dtype", "fp32")
 
 
 def test_resume_may_extend_steps_but_not_change_config(assets, tmp_path):

@@ -9,26 +9,29 @@ part lives in its own module:
   `hub_model_files`.
 - `safetensors`: the one safetensors header reader (`read_header`) and completeness check
   (`check_safetensors`), shared with `muonft diagnose`.
-- `load`: `load_model` / `load_tokenizer` (fp32 weights, safetensors or GGUF only, adapters onto their base),
+- `load`: `load_model` / `load_tokenizer` (weights read straight into the requested dtype, fp32 by default;
+  safetensors or GGUF only, adapters onto their base), `loaded_dtypes`, `checkpoint_dtype`,
   `ensure_pad_token`, `build_pretrain_model` (the `tiny` / `small` presets or a config.json).
 - `lora`: `apply_lora` (stock peft LoRA and its variants), `plain_name` (peft names → plain model names),
   `lora_scale` (α̃ of a saved adapter's module).
 - `save`: `save_model` (atomic model directories, PiSSA/OLoRA conversion, `merged/`) and `model_provenance`
   (the model facts in `muonft.json`).
-- `device`: `pick_device` and `autocast_dtype` / `autocast`.
+- `device`: `pick_device`, `resolve_base_dtype` (a LoRA base's dtype), `autocast_dtype` / `autocast`.
 """
 
 from __future__ import annotations
 
-from muonft_cli.models.device import autocast, autocast_dtype, pick_device
+from muonft_cli.models.device import DTYPES, autocast, autocast_dtype, dtype_name, pick_device, resolve_base_dtype
 from muonft_cli.models.load import (
     PRESET_MAX_POSITIONS,
     PRESETS,
     TOKENIZER_FILES,
     build_pretrain_model,
+    checkpoint_dtype,
     ensure_pad_token,
     load_model,
     load_tokenizer,
+    loaded_dtypes,
     model_source,
 )
 from muonft_cli.models.lora import (
@@ -54,9 +57,9 @@ from muonft_cli.models.source import (
 )
 
 __all__ = [
-    "autocast", "autocast_dtype", "pick_device",
-    "PRESET_MAX_POSITIONS", "PRESETS", "TOKENIZER_FILES", "build_pretrain_model", "ensure_pad_token",
-    "load_model", "load_tokenizer", "model_source",
+    "DTYPES", "autocast", "autocast_dtype", "dtype_name", "pick_device", "resolve_base_dtype",
+    "PRESET_MAX_POSITIONS", "PRESETS", "TOKENIZER_FILES", "build_pretrain_model", "checkpoint_dtype",
+    "ensure_pad_token", "load_model", "load_tokenizer", "loaded_dtypes", "model_source",
     "apply_lora", "default_lora_targets", "initial_adapter_state", "lora_scale", "plain_name",
     "TensorEntry", "check_safetensors", "index_shards", "read_header",
     "model_provenance", "save_model",

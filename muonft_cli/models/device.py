@@ -1,7 +1,11 @@
 """Which device a run uses and whether it runs under autocast: one resolution for train, eval and sweep.
 
-Owns `pick_device` (the `--device` / `train.device` setting, node-local rank aware under torchrun) and
-`autocast_dtype` / `autocast` (bf16 autocast on CUDA when `model.dtype == "bf16"`; fp32 elsewhere).
+Owns `pick_device` (the `--device` / `train.device` setting, node-local rank aware under torchrun),
+`resolve_base_dtype` (the dtype a LoRA run's frozen base is loaded in: `model.base_dtype`, auto = bf16 on
+CUDA, fp32 on CPU; always fp32 for full fine-tuning and pretraining), the dtype names (`DTYPES`, `dtype_name`)
+and `autocast_dtype` / `autocast` (on CUDA: autocast in a half-precision base's dtype, else bf16 when
+`model.dtype == "bf16"`; never on the CPU, where a half-precision base computes in its own dtype and peft
+runs the fp32 LoRA branch in fp32).
 """
 
 from __future__ import annotations
@@ -41,9 +45,41 @@ def pick_device(spec: str | torch.device | None = "auto", local_rank: int = 0) -
     raise UserInputError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N")
 
 
-def autocast_dtype(model_cfg: Any, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype the engine uses: bf16 on CUDA when `model.dtype == "bf16"`, else None (fp32)."""
-    if getattr(model_cfg, "dtype", "fp32") == "bf16" and torch.device(device).type == "cuda":
+#: The short names of the float dtypes a model is loaded in (config `model.base_dtype`, `muonft.json`).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """`torch.bfloat16` -> "bf16" (None for None; torch's own name for a dtype without a short one)."""
+    if dtype is None:
+        return None
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+def resolve_base_dtype(setting: str | None, device: torch.device | str, lora: bool) -> str:
+    """The dtype name ("fp32" | "bf16" | "fp16") the model of a run is loaded in.
+
+    A LoRA run's frozen base: `setting` as given, or for "auto" (None) bf16 on CUDA and fp32 on CPU (bf16
+    matmuls are slow on CPUs without bf16 units and the memory saving matters most on GPUs; pass
+    `--base-dtype bf16` on CPU for half the base's memory). A full fine-tune always loads fp32 master weights
+    (`muonft_cli.train.build.check_inputs` refuses any other setting before this runs).
+    """
+    if not lora:
+        return "fp32"
+    if setting in (None, "auto"):
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return setting
+
+
+def autocast_dtype(model_cfg: Any, device: torch.device, base_dtype: str | None = None) -> torch.dtype | None:
+    """The autocast dtype the engine uses on CUDA: a half-precision base's own dtype (`base_dtype` "bf16" /
+    "fp16"), else bf16 when `model.dtype == "bf16"`, else None (fp32). None on every other device: on the CPU
+    a bf16/fp16 base runs its matmuls in its own dtype and peft computes the fp32 LoRA branch in fp32."""
+    if torch.device(device).type != "cuda":
+        return None
+    if base_dtype in ("bf16", "fp16"):
+        return DTYPES[base_dtype]
+    if getattr(model_cfg, "dtype", "fp32") == "bf16":
         return torch.bfloat16
     return None
 

@@ -1,10 +1,12 @@
-"""Loading: a resolved `ModelSource` turned into an fp32 causal LM and its tokenizer; the pretrain presets.
+"""Loading: a resolved `ModelSource` turned into a causal LM and its tokenizer; the pretrain presets.
 
-Owns `load_model` (fp32 master weights; `use_safetensors=True`, so nothing is ever unpickled; no remote code
-unless `trust_remote_code`; GGUF files dequantised to fp32 by transformers' `gguf_file=` loader; a peft adapter
-loaded onto its base; the tokenizer from the same place, with a pad token), `load_tokenizer`,
-`ensure_pad_token`, `model_source` and `build_pretrain_model` (the `tiny` / `small` Llama presets or a
-config.json, vocabulary from the tokenizer).
+Owns `load_model` (weights read straight into the requested dtype: fp32 master weights by default, a LoRA
+run's frozen base in bf16/fp16 or, on CUDA, NF4 via bitsandbytes; `use_safetensors=True`, so nothing is ever
+unpickled; no remote code unless `trust_remote_code`; GGUF files dequantised to that dtype by transformers'
+`gguf_file=` loader; a peft adapter loaded onto its base; the tokenizer from the same place, with a pad
+token), `load_tokenizer`, `ensure_pad_token`, `model_source` / `loaded_dtypes` (what a model was loaded from,
+and in which dtype), `checkpoint_dtype` (the float dtype a checkpoint stores) and `build_pretrain_model` (the
+`tiny` / `small` Llama presets or a config.json, vocabulary from the tokenizer).
 
 A checkpoint the libraries cannot read becomes one `UserInputError` line. Only the exceptions the libraries
 raise for bad files are caught, and only around the library calls (`_CHECKPOINT_ERRORS`,
@@ -22,6 +24,7 @@ import torch
 
 from muonft_cli._common import first_line, hub_offline, looks_local
 from muonft_cli.errors import UserInputError
+from muonft_cli.models.device import DTYPES, dtype_name
 from muonft_cli.models.source import ModelSource, adapter_base, hub_model_files, looks_like_hub_id, resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -102,17 +105,28 @@ def _unreadable(src: ModelSource, e: BaseException) -> UserInputError:
     return UserInputError(f"could not load model '{src.name}' ({msg}): pass a complete causal-LM checkpoint")
 
 
-def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = False) -> torch.nn.Module:
-    """Load a non-adapter source as an fp32 causal LM (`local_only`: from the local HF cache only)."""
+def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = False,
+                  dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
+                  device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a non-adapter source as a causal LM whose weights are `dtype` (`local_only`: from the local HF
+    cache only). The weights are read straight into `dtype` (transformers' `dtype=`; GGUF blocks dequantised
+    to it tensor by tensor): an fp32 copy of a half-precision model never exists. `load_in_4bit`: NF4 through
+    bitsandbytes onto the CUDA `device`, `dtype` being the compute dtype (checked by the caller)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     errors = _checkpoint_errors()
-    kw: dict[str, Any] = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw.update(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype), device_map={"": torch.device(device)})
     if src.kind == "gguf":
         from transformers import GgufConfig
 
         p = Path(src.path)
-        try:  # dequantize=True: a plain dense fp32 model (no packed GGUF layers), trainable and serialisable
+        try:  # dequantize=True: a plain dense model (no packed GGUF layers), trainable and serialisable
             model = AutoModelForCausalLM.from_pretrained(
                 str(p.parent), gguf_file=p.name, quantization_config=GgufConfig(gguf_file=p.name, dequantize=True),
                 **kw)
@@ -123,10 +137,9 @@ def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = 
 
         p = Path(src.path)
         _check_remote_code(p.parent, trust_remote_code)
-        try:
+        try:  # built in `dtype` (never fp32 first), then the file's tensors copied in (cast on copy)
             config = AutoConfig.from_pretrained(str(p.parent), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
             missing, unexpected = model.load_state_dict(load_file(str(p)), strict=False)
         except errors as e:
             raise _unreadable(src, e) from None
@@ -144,25 +157,99 @@ def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = 
                                                          local_files_only=local_only, **kw)
         except errors as e:
             raise _unreadable(src, e) from None
-    _to_fp32(model)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # frozen NF4 base, fp32 norms/embeddings; gradient checkpointing is the run's own choice (train.build)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        _to_dtype(model, dtype)
     model._muonft_source = src
+    model._muonft_trust_remote_code = trust_remote_code
+    model._muonft_source_dtype = checkpoint_dtype(src)
+    model._muonft_base_dtype = "nf4" if load_in_4bit else dtype_name(dtype)
     return model
 
 
-def _to_fp32(model: torch.nn.Module) -> None:
-    """Make every floating parameter/buffer fp32 in place (`model.float()` is refused for GGUF-loaded models,
-    which transformers flags as quantized even though their weights are already dequantised)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point() and t.dtype != torch.float32:
-            t.data = t.data.float()
+def _to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make every floating parameter `dtype` in place, and for fp32 every floating buffer too (`model.to()` is
+    refused for GGUF-loaded models, which transformers flags as quantized even though their weights are
+    already dequantised). A half-precision model keeps fp32 buffers (rotary frequencies) as transformers
+    made them."""
+    for t in model.parameters():
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    if dtype == torch.float32:
+        for t in model.buffers():
+            if t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.float()
+
+
+def checkpoint_dtype(src: ModelSource) -> torch.dtype | None:
+    """The float dtype a checkpoint stores its weights in: its config.json `dtype` (`torch_dtype` in older
+    files), else the first floating tensor of its safetensors; None for a GGUF file (quantised blocks, no
+    float dtype) or when nothing says."""
+    if src.kind == "gguf":
+        return None
+    cfg_path: Path | None = None
+    weights: list[Path] = []
+    if src.kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg_path = Path(hf_hub_download(src.path, "config.json", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: nothing recorded locally says
+            return None
+    else:
+        d = Path(src.path) if src.kind == "dir" else Path(src.path).parent
+        cfg_path = d / "config.json"
+        weights = [Path(src.path)] if src.kind == "safetensors" else sorted(d.glob("*.safetensors"))
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    name = (cfg.get("dtype") or cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    from muonft_cli.models.safetensors import read_header
+
+    widths = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    for w in weights[:1]:
+        for entry in read_header(w):
+            if entry.dtype in widths:
+                return widths[entry.dtype]
+    return None
+
+
+def _loaded_base(model: torch.nn.Module) -> torch.nn.Module:
+    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
 def model_source(model: torch.nn.Module) -> ModelSource | None:
     """The `ModelSource` a model (or the base of a peft model) was loaded from; None for built models."""
-    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return getattr(m, "_muonft_source", None)
+    return getattr(_loaded_base(model), "_muonft_source", None)
+
+
+def loaded_dtypes(model: torch.nn.Module) -> tuple[str, torch.dtype | None]:
+    """(the dtype name the (base) model was loaded in: "fp32" | "bf16" | "fp16" | "nf4"; the float dtype its
+    checkpoint stores, None for GGUF or unknown). A model muonft built (pretrain) is ("fp32", None)."""
+    m = _loaded_base(model)
+    return getattr(m, "_muonft_base_dtype", "fp32"), getattr(m, "_muonft_source_dtype", None)
+
+
+def reload_base(model: torch.nn.Module, dtype: torch.dtype, tokenizer: Any = None) -> torch.nn.Module | None:
+    """The (base) checkpoint `model` was loaded from, loaded again on the CPU in `dtype` from the local files
+    (`save.merged_model` merges onto it), its embeddings grown as `tokenizer` needs like the run's were; None
+    for a model muonft built rather than loaded."""
+    m = _loaded_base(model)
+    src = getattr(m, "_muonft_source", None)
+    if src is None:
+        return None
+    base = _load_weights(src, getattr(m, "_muonft_trust_remote_code", False), local_only=True, dtype=dtype)
+    if tokenizer is not None:
+        ensure_pad_token(tokenizer, base)
+    return base
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
@@ -254,14 +341,21 @@ def ensure_pad_token(tokenizer: Any, model: torch.nn.Module | None = None) -> No
 
 
 def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str | None = None,
-               is_trainable: bool = False) -> tuple[torch.nn.Module, Any]:
-    """Load `model_cfg.name_or_path` as an fp32 causal LM on `device`, with its tokenizer.
+               is_trainable: bool = False, dtype: str = "fp32",
+               load_in_4bit: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load `model_cfg.name_or_path` as a causal LM on `device`, with its tokenizer.
 
-    Weights are always loaded in fp32 (the master copy the optimizer updates). `model_cfg.dtype == "bf16"` does
-    not change them: the engine runs forward/backward under `torch.autocast("cuda", dtype=torch.bfloat16)` on
-    GPU (see `autocast_dtype`); on CPU bf16 is ignored and everything runs in fp32. GGUF weights (any
-    quantisation) are dequantised to fp32. With `model_cfg.offline` a hub id is read from the local HF cache
-    only (`local_files_only=True`); the environment is not changed.
+    Weights are loaded directly in `dtype` (default fp32, the master copy a full fine-tune updates; a LoRA
+    run's frozen base may be "bf16" / "fp16", see `device.resolve_base_dtype`): the checkpoint's tensors are
+    read into that dtype, never into an fp32 copy first. `model_cfg.dtype == "bf16"` does not change them: the
+    engine runs forward/backward under `torch.autocast("cuda", ...)` on GPU (see `autocast_dtype`). GGUF
+    weights (any quantisation) are dequantised to `dtype`. An adapter's own weights stay fp32 on any base
+    (peft's `autocast_adapter_dtype`). `load_in_4bit`: the (base) model in NF4 via bitsandbytes on the CUDA
+    `device`, `dtype` as compute dtype, prepared with peft's `prepare_model_for_kbit_training` (the caller
+    checked CUDA and bitsandbytes: `muonft_cli.train.build.check_inputs`). The model records its source
+    (`model_source`), the dtype it was loaded in and the checkpoint's own dtype (`loaded_dtypes`). With
+    `model_cfg.offline` a hub id is read from the local HF cache only (`local_files_only=True`); the
+    environment is not changed.
 
     Args:
         model_cfg: `config.ModelConfig` (name_or_path, tokenizer, trust_remote_code, offline).
@@ -269,6 +363,8 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
         base: for an adapter folder, the base model to load it onto (default: the base the adapter records;
             gone from there, one `UserInputError` line says where it looked and to pass `--base`).
         is_trainable: for an adapter folder, load its weights trainable (continue training it).
+        dtype: "fp32" | "bf16" | "fp16", the dtype of the (base) model's weights.
+        load_in_4bit: QLoRA's NF4 base (CUDA only).
 
     Returns:
         `(model, tokenizer)`; the model is a `peft.PeftModel` when the source is an adapter. The tokenizer comes
@@ -281,6 +377,10 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     base_src = None
     if src.kind == "adapter":
         base_src = adapter_base(src, base, offline)
+    if load_in_4bit and (base_src or src).kind == "gguf":
+        raise UserInputError(f"--load-in-4bit quantises a safetensors checkpoint, and '{(base_src or src).name}' "
+                             "is a GGUF file: drop --load-in-4bit (--base-dtype bf16 dequantises it to bf16), or pass "
+                             "the model's safetensors folder or hub id")
     # the model's own config first (an unknown model_type: one line, before the tokenizer loader warns about it)
     for s in (src, base_src):
         if s is not None and s.kind in ("dir", "safetensors"):
@@ -299,7 +399,7 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
     if src.kind == "adapter":
         from peft import PeftModel
 
-        base_model = _load_weights(base_src, trust, offline)
+        base_model = _load_weights(base_src, trust, offline, DTYPES[dtype], load_in_4bit, device)
         ensure_pad_token(tokenizer, base_model)
         try:
             model = PeftModel.from_pretrained(base_model, src.path, is_trainable=is_trainable)
@@ -307,8 +407,10 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
             raise UserInputError(f"could not load adapter '{src.name}' onto base '{base_src.name}' "
                                  f"({first_line(e)}): pass the base it was trained on with --base") from None
     else:
-        model = _load_weights(src, trust, offline)
+        model = _load_weights(src, trust, offline, DTYPES[dtype], load_in_4bit, device)
         ensure_pad_token(tokenizer, model)
+    if load_in_4bit:  # placed on its GPU by bitsandbytes (device_map); `.to()` is refused for 4-bit models
+        return model, tokenizer
     return model.to(device), tokenizer
 
 

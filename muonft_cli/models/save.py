@@ -2,7 +2,8 @@
 
 Owns `save_model` — atomic (temp dir + rename) directories holding a peft adapter (PiSSA/OLoRA converted to a
 plain LoRA on the original base with peft's `path_initial_model_for_weight_conversion`), optionally the merged
-full model, or a full HF model — with the tokenizer, the generation config and the `muonft.json` provenance,
+full model (`merged_model`: merged in fp32 onto the original base checkpoint, saved in its own dtype), or a
+full HF model — with the tokenizer, the generation config and the `muonft.json` provenance,
 whose model facts come from `model_provenance`.
 """
 
@@ -20,7 +21,8 @@ import torch
 
 from muonft_cli import __version__
 from muonft_cli.errors import MuonftError
-from muonft_cli.models.load import model_source
+from muonft_cli.models.device import dtype_name
+from muonft_cli.models.load import loaded_dtypes, model_source
 from muonft_cli.models.lora import initial_adapter_state
 from muonft_cli.models.source import PROVENANCE_FILE, ModelSource
 
@@ -28,7 +30,9 @@ from muonft_cli.models.source import PROVENANCE_FILE, ModelSource
 def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
     """Facts about a model to record in `muonft.json`: base model (`base_model`: its absolute, resolved path or
     hub id; `base_model_as_given`: the string it was passed as; `base_gguf_file` for a GGUF base, the
-    `gguf_file=` that loads it), architecture, parameter counts."""
+    `gguf_file=` that loads it; `base_dtype`: the dtype the (base) weights were loaded in for this run, fp32 |
+    bf16 | fp16 | nf4; `base_checkpoint_dtype`: the float dtype the base checkpoint stores, None for GGUF or
+    a model built from a config), architecture, parameter counts."""
     m = _unwrap(model)
     src = model_source(m)
     base = m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -41,6 +45,8 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
         "model_type": getattr(getattr(base, "config", None), "model_type", None),
         "params": total,
         "trainable_params": trainable,
+        "base_dtype": loaded_dtypes(m)[0],
+        "base_checkpoint_dtype": dtype_name(loaded_dtypes(m)[1]),
     }
     if src is not None and src.kind == "gguf":
         out["base_gguf_file"] = Path(src.path).name  # load with from_pretrained(its folder, gguf_file=this)
@@ -86,6 +92,43 @@ def _generation_config(model: torch.nn.Module):
     return gen
 
 
+def merged_model(model: Any, adapter_dir: str | Path, tokenizer: Any = None) -> tuple[torch.nn.Module, torch.dtype]:
+    """The full model that peft `model`'s saved adapter (`adapter_dir`) merges to, and the dtype it is in.
+
+    The merge is the one plain peft does on the ORIGINAL base: the base checkpoint is loaded again in its own
+    dtype (`loaded_dtypes`; fp32 when it has none, e.g. a GGUF base), whatever dtype the run trained it in, so
+    weights a bf16 training base rounded come back exact, and PiSSA/OLoRA adapters (saved converted) land on
+    the original weights. Each LoRA layer is merged in fp32 (its base weight upcast, peft's own `merge`, which
+    handles DoRA and GPT-2's `Conv1D`), then cast back: a bf16 checkpoint merges to bf16, an fp32 one to fp32.
+    Only one layer at a time is held in fp32 beyond the base copy. A model muonft did not load (no recorded
+    source) is merged on a copy of itself. The training model is never touched.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from muonft_cli.models.load import reload_base
+
+    target = loaded_dtypes(model)[1] or torch.float32
+    if target not in (torch.float32, torch.bfloat16, torch.float16):
+        target = torch.float32
+    base = reload_base(model, target, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)) if base is not None else copy.deepcopy(model)
+    with torch.no_grad():
+        for module in merged.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                weight.data = weight.data.float()
+                module.merge()
+                weight.data = weight.data.to(target)
+        plain = merged.unload()  # every LoRA layer replaced by its (merged) base layer
+        for t in plain.parameters():
+            if t.is_floating_point() and t.dtype != target:
+                t.data = t.data.to(target)
+    if getattr(plain, "config", None) is not None:
+        plain.config.dtype = target
+    return plain, target
+
+
 def _save_adapter(model: Any, d: Path, variant: str, state_dict: dict | None = None) -> bool:
     """Save the peft adapter into `d`; PiSSA/OLoRA converted to a plain LoRA. Returns whether converted."""
     from safetensors.torch import save_file
@@ -125,7 +168,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
       `AutoPeftModelForCausalLM.from_pretrained(out_dir)` from any directory: `base_model_name_or_path` is the
       base's absolute path); PiSSA/OLoRA adapters are converted to a rank-2r plain
       LoRA on the original base (peft's `path_initial_model_for_weight_conversion`). With `merge`, also
-      `out_dir/merged/`, the full merged model (built on a copy; the training model is untouched).
+      `out_dir/merged/`, the full merged model (`merged_model`: the saved adapter merged in fp32 onto the
+      original base checkpoint, saved in that checkpoint's own dtype; the training model is untouched).
     - any other model → a full HF directory (safetensors) that loads with `AutoModelForCausalLM.from_pretrained`.
     Beside it: the tokenizer, `generation_config.json`, and `muonft.json` = `provenance` + muonft version +
     `model_provenance(model)` facts (base model, architecture, parameter counts, LoRA settings) + format +
@@ -184,12 +228,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, prov
             base = model.get_base_model()
             _generation_config(base).save_pretrained(str(tmp))
             if merge:
-                merged = copy.deepcopy(model).merge_and_unload()
+                merged, merged_dtype = merged_model(model, tmp, tokenizer)
                 mdir = tmp / "merged"
                 merged.save_pretrained(str(mdir))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(mdir))
-                _write_json(mdir / PROVENANCE_FILE, {**info, "format": "full", "merged_from_adapter": True})
+                _write_json(mdir / PROVENANCE_FILE, {**info, "format": "full", "merged_from_adapter": True,
+                                                     "dtype": dtype_name(merged_dtype)})
                 del merged
         else:
             model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))

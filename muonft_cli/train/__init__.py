@@ -61,7 +61,8 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
 
     Returns:
         The summary dict: out, mode, optim, steps, tokens, train_loss (mean of the last <= 10 steps),
-        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, plus world_size,
+        val_loss, val_ppl, best_val_loss, best_val_ppl, best_step, final, runtime_s, lora, base_dtype (the dtype
+        the (base) weights were loaded in: fp32, bf16, fp16, or nf4 for a 4-bit base), plus world_size,
         ortho_per_rank (matrices each rank orthogonalised, from the optimizer's counter; None without Muon),
         local_bytes_per_rank (each rank's {params, grads, optimizer_state} bytes of its local tensors or shards,
         measured after this process's first step; None entries when it ran none), strategy ("fsdp" | "ddp" |
@@ -130,7 +131,8 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
     scheduler = schedule.make_scheduler(optimizer, steps, cfg.schedule)
     loop = Loop(cfg=cfg, mode=mode, out=out, info=info, sink=sink if info.is_main else NullSink(),
                 model=built.model, tokenizer=built.tokenizer, splits=built.splits, trainable=trainable,
-                optimizer=optimizer, scheduler=scheduler, total_steps=steps, micro=micro, t0=t0, fsdp=fsdp)
+                optimizer=optimizer, scheduler=scheduler, total_steps=steps, micro=micro, t0=t0, fsdp=fsdp,
+                base_dtype=built.base_dtype)
     if resume and ckpt_step is not None:
         loop.state = state_mod.load_checkpoint(out, ckpt_step, built.model, optimizer, scheduler, info,
                                                built.n_train, device, strategy=loop.strategy)
@@ -138,7 +140,8 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
     if info.is_main:
         env = rundir.env_record(info, device, loop.autocast_dtype, mode, loop.state.step if resume else None,
                                 built.model, trainable, getattr(built.splits, "info", None), steps,
-                                cfg.train.batch_size, local_batch, micro, strategy=loop.strategy)
+                                cfg.train.batch_size, local_batch, micro, strategy=loop.strategy,
+                                base_dtype=built.base_dtype)
         rundir.write_run_files(out, cfg, resume, loop.state.step, built.tokenizer if mode == "pretrain" else None,
                                env)
     dist_mod.barrier(info)

@@ -1,8 +1,9 @@
 """Setting a run up: the checks that need nothing built, then the model, tokenizer, data and optimizer.
 
-Owns: the mode rules of `pretrain` / `finetune` (`check_inputs`), seeding, building the model (a fresh one
-from a preset or config for pretrain, with a BPE tokenizer trained on the training documents unless
-`--tokenizer` is given; a loaded one, optionally with LoRA, for finetune), the train/val splits, the
+Owns: the mode rules of `pretrain` / `finetune` (`check_inputs`, with the `--base-dtype` / `--load-in-4bit`
+rules), seeding, building the model (a fresh one from a preset or config for pretrain, with a BPE tokenizer
+trained on the training documents unless `--tokenizer` is given; a loaded one, optionally with LoRA, for
+finetune, its frozen base in the run's base dtype, `base_dtype_for`), the train/val splits, the
 optimizer over the trainable parameters (with its distributed Newton–Schulz split switched on under
 torchrun), and the DDP or FSDP2 wrapper (`train.strategy`, with its input rules `check_strategy`).
 """
@@ -45,6 +46,7 @@ def check_inputs(cfg: RunConfig, mode: str) -> None:
             raise UserInputError("pretrain trains all weights: drop --lora-rank (LoRA is for finetune)")
     if cfg.lora.merge and cfg.lora.rank is None:
         raise UserInputError("--merge only applies to LoRA runs: add --lora-rank R or drop --merge")
+    _check_base_dtype(cfg, mode)
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UserInputError("pass either --steps or --epochs, not both")
 
@@ -82,6 +84,62 @@ def strategy_note(cfg: RunConfig, info: dist_mod.DistInfo) -> str | None:
     return None
 
 
+def is_lora_run(cfg: RunConfig, mode: str) -> bool:
+    """Whether the run trains a LoRA adapter on a frozen base: `--lora-rank`, or a finetune of an adapter folder
+    (continued training). Adapters are local folders only (`models.source`), so this reads no more than that."""
+    if mode != "finetune":
+        return False
+    if cfg.lora.rank is not None:
+        return True
+    name = cfg.model.name_or_path
+    p = Path(name).expanduser() if name and not name.startswith("builtin:") else None
+    return p is not None and p.is_dir() and (p / "adapter_config.json").is_file()
+
+
+def _check_base_dtype(cfg: RunConfig, mode: str) -> None:
+    """`--base-dtype` and `--load-in-4bit` are for a LoRA run's frozen base; 4-bit needs CUDA and bitsandbytes."""
+    lora = is_lora_run(cfg, mode)
+    what = "pretrain" if mode == "pretrain" else "full fine-tuning"
+    if cfg.model.base_dtype not in ("auto", "fp32") and not lora:
+        raise UserInputError(f"--base-dtype {cfg.model.base_dtype} sets the frozen base of a LoRA run, and {what} "
+                             "trains every weight in fp32: add --lora-rank R, or drop --base-dtype (--dtype bf16 "
+                             "gives bf16 autocast on CUDA)")
+    if not cfg.model.load_in_4bit:
+        return
+    if not lora:
+        raise UserInputError(f"--load-in-4bit quantises the frozen base of a LoRA run, and {what} cannot train "
+                             "4-bit weights: add --lora-rank R, or drop --load-in-4bit")
+    if cfg.lora.merge:
+        raise UserInputError("--merge cannot merge into a 4-bit base: drop --merge, and merge final/ onto the "
+                             "unquantised base with peft (PeftModel.from_pretrained(base, 'final').merge_and_unload())")
+    import importlib.util
+
+    from muonft_cli.models.device import pick_device
+
+    if pick_device(cfg.train.device).type != "cuda":
+        raise UserInputError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4) and this run computes on the "
+                             "CPU: run it on a CUDA machine, or drop --load-in-4bit (--base-dtype bf16 halves the "
+                             "base's memory on any device)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserInputError("--load-in-4bit needs bitsandbytes, which is not installed: pip install "
+                             "'muonft[qlora]'")
+
+
+def base_dtype_for(cfg: RunConfig, mode: str, out: Path, resume: bool, device: torch.device) -> str:
+    """The dtype name the run's (base) model is loaded in (`models.resolve_base_dtype`). On `--resume` with
+    `base_dtype: auto`, the one the run recorded in env.json (runs from before the setting: fp32), so a run
+    continues on the base it started with whatever device it resumes on."""
+    from muonft_cli.models.device import resolve_base_dtype
+    from muonft_cli.train import rundir
+
+    lora = is_lora_run(cfg, mode)
+    if resume and lora and cfg.model.base_dtype in (None, "auto"):
+        recorded = rundir.recorded_base_dtype(out)
+        if recorded is not None:
+            return recorded
+    return resolve_base_dtype(cfg.model.base_dtype, device, lora)
+
+
 def set_seed(seed: int) -> int:
     """Seed python, numpy and torch (CPU and every CUDA device); return the seed used."""
     random.seed(seed)
@@ -92,11 +150,13 @@ def set_seed(seed: int) -> int:
 
 @dataclass
 class Built:
-    """The model side of a run: the model (on its device), its tokenizer and the data splits."""
+    """The model side of a run: the model (on its device), its tokenizer, the data splits and the dtype name
+    its (base) weights were loaded in (the compute dtype of a 4-bit base)."""
 
     model: torch.nn.Module
     tokenizer: Any
     splits: Any
+    base_dtype: str = "fp32"
 
     @property
     def n_train(self) -> int:
@@ -114,20 +174,24 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
 
     hf_logging.disable_progress_bar()  # our sink shows progress; keep stderr to one bar
     set_seed(cfg.train.seed)
+    base_dtype = base_dtype_for(cfg, mode, out, resume, device)
     if mode == "pretrain":
         tokenizer = _pretrain_tokenizer(cfg, out, resume)
         model = models.build_pretrain_model(cfg.model, tokenizer)
     else:
-        # an adapter folder given without --lora-rank: continue training that adapter
-        model, tokenizer = models.load_model(cfg.model, device, is_trainable=cfg.lora.rank is None)
+        # an adapter folder given without --lora-rank: continue training that adapter. A LoRA base comes in
+        # `base_dtype`; peft keeps the adapter weights (and so the optimizer state) fp32 on any base.
+        model, tokenizer = models.load_model(cfg.model, device, is_trainable=cfg.lora.rank is None,
+                                             dtype=base_dtype, load_in_4bit=cfg.model.load_in_4bit)
         if cfg.lora.rank is not None:
             model = models.apply_lora(model, cfg.lora)
-    model.to(device)
+    if not cfg.model.load_in_4bit:  # a 4-bit base sits on its GPU already (bitsandbytes refuses `.to()`)
+        model.to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    built = Built(model, tokenizer, data_mod.build_splits(cfg.data, tokenizer, cfg.train.seed))
+    built = Built(model, tokenizer, data_mod.build_splits(cfg.data, tokenizer, cfg.train.seed), base_dtype)
     if built.n_train == 0:
         raise UserInputError(f"data '{cfg.data.path}' gave no training sequences: use a smaller --seq-len")
     from muonft_cli.train.batching import n_targets

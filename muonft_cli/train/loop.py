@@ -121,6 +121,7 @@ class Loop:
     state: TrainerState = field(default_factory=TrainerState)
     optim_choice: dict[str, Any] | None = None  # the `--optim auto` decision (`muonft_cli.diagnose.auto`)
     trust_choice: dict[str, Any] | None = None  # the `trust_norm: auto` decision (`diagnose.auto.resolve_mitigations`)
+    base_dtype: str = "fp32"  # the dtype name the (base) weights were loaded in (a 4-bit base: its compute dtype)
     t0: float = field(default_factory=time.perf_counter)
     local_bytes: dict[str, int] | None = None  # this rank's parameter / gradient / optimizer-state bytes
 
@@ -139,7 +140,7 @@ class Loop:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return device_mod.autocast_dtype(self.cfg.model, self.device)
+        return device_mod.autocast_dtype(self.cfg.model, self.device, self.base_dtype)
 
     def identity(self) -> dict[str, Any]:
         """The run facts a checkpoint records beside the state."""
@@ -404,5 +405,6 @@ class Loop:
             "local_bytes_per_rank": dist_mod.all_gather_object(self.local_bytes, self.info),
             "strategy": self.strategy,
             "lora": self.cfg.lora.rank is not None,
+            "base_dtype": "nf4" if self.cfg.model.load_in_4bit else self.base_dtype,
             "data_rows_dropped": (getattr(self.splits, "info", None) or {}).get("rows_dropped", 0),
         }

@@ -218,6 +218,16 @@ def append_metrics(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def recorded_base_dtype(out: Path) -> str | None:
+    """The base dtype a run recorded in its env.json ("fp32" for runs from before the key), or None when the
+    run has no readable env.json."""
+    try:
+        env = json.loads((out / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return env.get("base_dtype", "fp32") if isinstance(env, dict) else None
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -284,8 +294,9 @@ def consolidated_state_dict(model: Any, adapter_only: bool) -> dict[str, torch.T
 def env_record(info: dist_mod.DistInfo, device: torch.device, autocast: torch.dtype | None, mode: str,
                resumed_from: int | None, model: torch.nn.Module, trainable: list, data_info: Any,
                steps: int, batch_size: int, local_batch: int, micro: int,
-               strategy: str | None = None) -> dict[str, Any]:
-    """The run-specific part of `env.json` (key order as written; `strategy` — ddp | fsdp, None for a single
+               strategy: str | None = None, base_dtype: str = "fp32") -> dict[str, Any]:
+    """The run-specific part of `env.json` (key order as written; `base_dtype`: the dtype name the (base) model
+    was loaded in, which `--resume` with `base_dtype: auto` reuses; `strategy` — ddp | fsdp, None for a single
     process — last)."""
     return {
         "device": str(device),
@@ -295,6 +306,7 @@ def env_record(info: dist_mod.DistInfo, device: torch.device, autocast: torch.dt
         "backend": info.backend,
         "threads": torch.get_num_threads(),
         "autocast": autocast is not None and str(autocast),
+        "base_dtype": base_dtype,
         "mode": mode,
         "argv": sys.argv,
         "resumed_from_step": resumed_from,
