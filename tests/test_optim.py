@@ -294,8 +294,8 @@ def test_pure_update_for_one_matrix_equals_what_the_optimizer_applies(name, shap
         assert torch.equal(state["second_moment"], V)
     if name == "normuon":
         assert torch.equal(state["row_second_moment"], v)
-    if name == "muon" and min(shape[0], math.prod(shape[1:])) <= 64 and shape[0] < math.prod(shape[1:]):
-        # wide thin matrices on CPU: the optimizer fuses decay + Q·X into one addmm_ (O is never formed)
+    if name == "muon" and min(shape[0], math.prod(shape[1:])) <= 64:
+        # thin matrices on CPU: the optimizer's fused path applies (−η·s·Q)·X to the stacked input
         torch.testing.assert_close(P.detach(), W, rtol=0, atol=2e-6)
     else:  # the same ops on the same layout: bit-exact
         assert torch.equal(P.detach(), W)
@@ -355,6 +355,45 @@ def test_batched_step_equals_per_param(method):
         for p, w in zip(ps, want):
             torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-5)
         assert opt.ns_matrices_done == 3 * len(shapes)
+
+
+def test_thin_matrices_take_one_batched_gram_iteration_per_step(monkeypatch):
+    """Every thin (LoRA-like) matrix of a step, across shapes and param groups with their own lr, decay
+    and scaling, goes through ONE batched r×r iteration (no per-chunk or per-matrix NS), chunked or not,
+    and the result is the textbook per-parameter update."""
+    import muonft_cli.optim.plan as plan
+
+    calls = []
+    real = plan.gram_iterate
+    monkeypatch.setattr(plan, "gram_iterate", lambda S, *a: calls.append(S.shape[0]) or real(S, *a))
+    torch.manual_seed(21)
+    shapes = [(8, 120)] * 3 + [(120, 8)] * 3 + [(8, 200)] * 2 + [(200, 8)] * 2
+    init = [torch.randn(*s) for s in shapes]
+    grads_seq = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+    settings = [dict(lr=0.02, weight_decay=0.1, scaling="original"), dict(lr=0.05, weight_decay=0.0,
+                scaling="match_rms_adamw")]
+    owner = [i % 2 for i in range(len(shapes))]  # alternate groups inside every bucket
+    W, M = [w.double() for w in init], [torch.zeros(*s, dtype=torch.float64) for s in shapes]
+    for grads in grads_seq:
+        for i, g in enumerate(grads):
+            st = settings[owner[i]]
+            M[i] = 0.95 * M[i] + g.double()
+            O = orthogonalize(g.double() + 0.95 * M[i], 5, "jordan", torch.float64, gram=False)
+            W[i] = W[i] * (1 - st["lr"] * st["weight_decay"]) - st["lr"] * update_scale(st["scaling"], *shapes[i]) * O
+    for chunk in (1 << 30, 1):
+        calls.clear()
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = Muon([dict(params=[p for p, o in zip(ps, owner) if o == k], **settings[k]) for k in (0, 1)],
+                   ns_dtype="fp32", ns_chunk_bytes=chunk)
+        for grads in grads_seq:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        assert calls == [len(shapes)] * 3, calls  # one iteration per step, every thin matrix in it
+        for p, w in zip(ps, W):
+            torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-5)
+        for p, m in zip(ps, M):
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), m, rtol=1e-6, atol=1e-6)
 
 
 def test_cached_step_plan_follows_grads_groups_and_loaded_state():

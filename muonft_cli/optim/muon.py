@@ -250,6 +250,8 @@ class Muon(MuonFamily):
         ns_chunk_bytes: max bytes of stacked NS input per batched call (bounds extra memory).
     """
 
+    _fused_thin = True  # thin matrices on CPU take the planner's fused path (plan._FusedThin)
+
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
         for g, s, params, updates in self._planner.by_group(chunk, outs):
             U.apply_updates_(params, updates, g["lr"], g["weight_decay"], s)

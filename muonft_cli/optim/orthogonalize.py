@@ -247,36 +247,33 @@ def _direct(
     return X
 
 
-def _gram_q(
+def gram_matrix(
     X: torch.Tensor,
-    coeffs: Sequence[tuple[float, float, float]],
-    norm_scale: float,
     tall: bool = False,
+    *,
+    out: torch.Tensor | None = None,
     block_bytes: int | None = None,
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The r×r factor ``Q_K / ‖X‖`` of the Gram-space iteration, in float64.
+    """The float64 Gram matrices ``S = X Xᵀ`` (wide, X: (b, r, c)) or ``XᵀX`` (``tall``, X: (b, c, r)).
 
-    X: (b, r, c) with r <= c (``tall=False``; result ``O = Q X``) or (b, c, r) (``tall=True``;
-    ``O = X Q``) — tall matrices are used as stored, never transposed.  With ``S = X₀X₀ᵀ``
-    (resp. ``X₀ᵀX₀``), every iterate is ``X_k = Q_k X₀`` and ``A_k = X_k X_kᵀ = Q_k² S``;
-    ``P = a + bA + cA²`` gives ``Q ← PQ``, ``A ← P²A`` (all polynomials in S: they commute and are
-    symmetric).  ``S`` is formed in float64 over cache-sized blocks (no float64 copy of X exists
-    as a whole); ``workspace`` (float64, shaped like a block ``(step, *X.shape[1:])``) is reused as
-    the block buffer when given, else one is allocated.
+    Formed over float64 blocks of at most ``block_bytes`` (no float64 copy of X exists as a whole);
+    ``workspace`` (float64, shaped ``(step, *X.shape[1:])``) is reused as the block buffer when given.
+    float64 matters here: S squares the condition number, and an fp32-accumulated S already costs
+    ~1e-4 relative error in the result at condition 1e3 (tests/test_optim.py).
 
     Returns:
-        (b, r, r) float64 tensor ``Q_K / (‖X₀‖_F · norm_scale)``.
+        (b, r, r) float64 tensor (``out`` when given).
     """
     b = X.shape[0]
     r = X.shape[-1] if tall else X.shape[-2]
     f64 = torch.float64
 
-    def gram(blk: torch.Tensor, out: torch.Tensor) -> None:
+    def gram(blk: torch.Tensor, dst: torch.Tensor) -> None:
         if tall:
-            torch.bmm(blk.mT, blk, out=out)  # (k, r, r)
+            torch.bmm(blk.mT, blk, out=dst)  # (k, r, r)
         else:
-            torch.bmm(blk, blk.mT, out=out)
+            torch.bmm(blk, blk.mT, out=dst)
 
     if block_bytes is None:
         block_bytes = 4 * 2**20 if X.device.type == "cpu" else 1024 * 2**20
@@ -285,7 +282,7 @@ def _gram_q(
         if workspace.dtype != f64 or tuple(workspace.shape[1:]) != tuple(X.shape[1:]):
             raise ValueError("workspace must be float64 shaped (step, *X.shape[1:])")
         step = workspace.shape[0]
-    S = torch.empty((b, r, r), dtype=f64, device=X.device)  # (b, r, r)
+    S = out if out is not None else torch.empty((b, r, r), dtype=f64, device=X.device)
     if X.dtype == f64:
         gram(X, S)
     else:
@@ -293,11 +290,26 @@ def _gram_q(
         for i in range(0, b, step):
             k = min(step, b - i)
             gram(buf[:k].copy_(X[i : i + k]), S[i : i + k])
-        del buf
+    return S
+
+
+def gram_iterate(S: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], norm_scale: float) -> torch.Tensor:
+    """The r×r factor ``Q_K / ‖X₀‖`` of the Gram-space iteration from the float64 Grams ``S`` (b, r, r).
+
+    With ``S = X₀X₀ᵀ``, every iterate is ``X_k = Q_k X₀`` and ``A_k = X_k X_kᵀ = Q_k² S``;
+    ``P = a + bA + cA²`` gives ``Q ← PQ``, ``A ← P²A`` (all polynomials in S: they commute and are
+    symmetric).  Batched over any number of matrices of one r (the optimizer runs every thin matrix of
+    a step through one call).  ``S`` is overwritten.
+
+    Returns:
+        (b, r, r) float64 tensor ``Q_K / (‖X₀‖_F · norm_scale)``.
+    """
+    r = S.shape[-1]
+    f64 = torch.float64
     sq = S.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_(min=0.0)  # ‖X‖_F², (b,)
     norm = (sq.sqrt() * norm_scale).clamp_(min=_NORM_EPS)[:, None, None]  # (b, 1, 1)
     A = S.div_(norm.square())  # Gram of the normalised X₀
-    eye = torch.eye(r, dtype=f64, device=X.device).expand_as(S)
+    eye = torch.eye(r, dtype=f64, device=S.device).expand_as(S)
     Q = None
     for a, bb, cc in coeffs:
         P = torch.baddbmm(A, A, A, beta=bb, alpha=cc).add_(eye, alpha=a)  # a + bA + cA², (b, r, r)
@@ -307,6 +319,25 @@ def _gram_q(
     if Q is None:
         Q = eye.clone()
     return Q / norm
+
+
+def _gram_q(
+    X: torch.Tensor,
+    coeffs: Sequence[tuple[float, float, float]],
+    norm_scale: float,
+    tall: bool = False,
+    block_bytes: int | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The r×r factor ``Q_K / ‖X‖`` of the Gram-space iteration, in float64: :func:`gram_matrix` then
+    :func:`gram_iterate`.  X: (b, r, c) with r <= c (``tall=False``; result ``O = Q X``) or (b, c, r)
+    (``tall=True``; ``O = X Q``) — tall matrices are used as stored, never transposed.
+
+    Returns:
+        (b, r, r) float64 tensor ``Q_K / (‖X₀‖_F · norm_scale)``.
+    """
+    S = gram_matrix(X, tall, block_bytes=block_bytes, workspace=workspace)
+    return gram_iterate(S, coeffs, norm_scale)
 
 
 def _gram(
