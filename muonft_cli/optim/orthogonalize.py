@@ -247,6 +247,47 @@ def _direct(
     return X
 
 
+GRAM_NS_MIN_ASPECT = 2.0
+"""Direct-path matrices with long side ≥ this × short side iterate in Gram space (:func:`_direct_gram`)."""
+
+GRAM_NS_RESTARTS: tuple[int, ...] = (2, 4)
+"""Iterations after which the Gram-space NS rebuilds X = QX₀ and its Gram (bounds round-off in bf16)."""
+
+
+def _direct_gram(
+    X: torch.Tensor,
+    coeffs: Sequence[tuple[float, float, float]],
+    norm_scale: float,
+    restarts: Sequence[int] = GRAM_NS_RESTARTS,
+) -> torch.Tensor:
+    """The same iteration as :func:`_direct` for wide X (b, r, c), c ≥ 2r, run on the r×r side.
+
+    Every iterate is ``X_k = Q_k X₀`` with ``Q_k`` a polynomial in the Gram ``A₀ = X₀X₀ᵀ``: per step
+    ``P = a + bA + cA²``, ``Q ← PQ``, ``A ← PAP`` (r×r products only) and ``O = Q X₀`` once at the end,
+    so a step costs ~8r³ instead of 4r²c + 2r³ (the idea of Dao-AILab's gram-newton-schulz).  In bf16
+    the r×r recursion drifts, so after the iterations in ``restarts`` the iterate is formed explicitly,
+    ``X ← QX``, and its Gram recomputed (``A = XXᵀ``, ``Q = I``).  X is in the compute dtype (modified).
+    """
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if norm_scale != 1.0:
+        norm = norm * norm_scale
+    X = X.div_(norm.clamp_(min=_NORM_EPS))
+    r = X.shape[-2]
+    eye = torch.eye(r, dtype=X.dtype, device=X.device)
+    A = torch.bmm(X, X.mT)
+    Q = None
+    last = len(coeffs) - 1
+    for i, (a, b, c) in enumerate(coeffs):
+        if i in restarts and Q is not None:
+            X, Q = torch.bmm(Q, X), None
+            A = torch.bmm(X, X.mT)
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c).add_(eye, alpha=a)  # a + bA + cA²
+        Q = P if Q is None else torch.bmm(P, Q)
+        if i < last and (i + 1) not in restarts:
+            A = torch.bmm(P, torch.bmm(A, P))
+    return X if Q is None else torch.bmm(Q, X)
+
+
 def gram_matrix(
     X: torch.Tensor,
     tall: bool = False,
@@ -376,6 +417,7 @@ def orthogonalize(
     dtype: torch.dtype | str | None = None,
     *,
     gram: bool | None = None,
+    gram_ns: bool = False,
 ) -> torch.Tensor:
     """Approximate the polar factor ``UVᵀ`` of each matrix in ``G`` (batched over leading dims).
 
@@ -393,6 +435,10 @@ def orthogonalize(
             float64 and returns ``G``'s dtype (fp32 for half inputs).
         gram: force (``True``) or forbid (``False``) the Gram-space path; default: used when
             ``min(m, n) <= 64``.
+        gram_ns: on the direct path, iterate rectangular matrices (aspect ≥ ``GRAM_NS_MIN_ASPECT``) on
+            their short side with restarts (:func:`_direct_gram`): the same iterate, equal accuracy in
+            bf16 (tests), fewer FLOPs (~1.2× at aspect 2.75 with the two restarts bf16 needs).  Off by
+            default: on this project's CPU (AMX bf16) it measured no faster; not measured on a GPU.
 
     Returns:
         ``(..., m, n)`` tensor: the compute dtype for the direct path, otherwise ``G``'s floating dtype
@@ -419,7 +465,11 @@ def orthogonalize(
     else:
         coeffs = ns_coefficients(method, steps)
         scale = _PE_NORM_SCALE if method == "polar_express" else 1.0
-        O = _direct(X.to(resolve_ns_dtype(dtype, G.device), copy=True), coeffs, scale)
+        Xc = X.to(resolve_ns_dtype(dtype, G.device), copy=True)
+        if gram_ns and Xc.shape[-1] >= GRAM_NS_MIN_ASPECT * Xc.shape[-2]:
+            O = _direct_gram(Xc, coeffs, scale)
+        else:
+            O = _direct(Xc, coeffs, scale)
     if tall:
         O = O.mT
     return O.reshape(*lead, m, n)
