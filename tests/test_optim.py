@@ -548,6 +548,40 @@ def test_state_dict_resume_is_exact(name):
         assert torch.equal(p.detach(), want[n]), n
 
 
+def test_resume_from_one_tensor_per_momentum_buffer_is_exact():
+    """The fused thin path keeps each chunk's momentum buffers as views of one stacked tensor; a state_dict
+    with one separate tensor per buffer (as every checkpoint before it) loads and continues bit-exactly,
+    and the state_dict keeps its format (same keys, per-parameter tensors of the parameter's shape)."""
+    torch.manual_seed(23)
+    shapes = [(8, 120)] * 3 + [(120, 8)] * 2 + [(8, 64)]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(4)]
+
+    def steps(opt, ps, seq):
+        for gs in seq:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    ps = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    opt = Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype="fp32")
+    steps(opt, ps, grads[:2])
+    sd = opt.state_dict()
+    assert all(set(v) == {"momentum_buffer"} and v["momentum_buffer"].shape == shapes[k]
+               for k, v in sd["state"].items())
+    unstacked = copy.deepcopy(sd)
+    for v in unstacked["state"].values():
+        v["momentum_buffer"] = v["momentum_buffer"].clone()  # its own storage, as old checkpoints have
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    steps(opt, ps, grads[2:])
+    opt2 = Muon(ps2, lr=0.02, weight_decay=0.1, ns_dtype="fp32")
+    opt2.load_state_dict(unstacked)
+    steps(opt2, ps2, grads[2:])
+    for a, b in zip(ps, ps2):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(ps, ps2):
+        assert torch.equal(opt.state[a]["momentum_buffer"], opt2.state[b]["momentum_buffer"])
+
+
 def test_build_optimizer_settings_and_errors():
     from _helpers_optim import tiny_llama
 
