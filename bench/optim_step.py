@@ -241,6 +241,8 @@ def main() -> None:
         "state_bytes_ratio_muonft_muon_to_adamw": state_ratio,
         "skipped": skipped,
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")  # each case as soon as it is measured
     report = [("LoRA r=%d (%d matrices, %.1f M params)" % (args.lora_rank, len(shapes),
                                                           result["lora"]["params"] / 1e6), result["lora"])]
 
