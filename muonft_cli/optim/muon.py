@@ -263,10 +263,14 @@ class Muon(MuonFamily):
             state ``rank_basis``, rows × (k + max(k, 4)) oversampled, warm-started); None = the full update.
     """
 
+    _fused_thin = True  # thin matrices on CPU take the planner's fused path (plan._FusedThin)
+
     def __init__(self, params: Iterable[Any], *args: Any, update_rank: int | None = None, **kwargs: Any) -> None:
         if update_rank is not None and update_rank < 1:
             raise ValueError(f"update_rank must be >= 1 (or None = full rank), got {update_rank}")
         self.update_rank = update_rank
+        if update_rank is not None:
+            self._fused_thin = False  # the rank limit needs each matrix's O (`_apply_updates`)
         super().__init__(params, *args, **kwargs)
 
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
