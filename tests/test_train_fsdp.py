@@ -23,6 +23,7 @@ from muonft_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).resolve().parent / "_fsdp_kill_after.py"
+PROBE = Path(__file__).resolve().parent / "_fsdp_load_probe.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 STEPS = 12
 
@@ -236,3 +237,43 @@ def test_fsdp_under_accelerate_launch_is_the_torchrun_run(tmp_path, fsdp_muon, w
     assert r.returncode == 0, r.stderr[-4000:]
     assert _summary(r)["strategy"] == "fsdp"
     assert _losses(tmp_path / "acc") == pytest.approx(_losses(fsdp_muon["dir"] / "two"), rel=1e-6)
+
+
+def _tied_model_dir(path: Path) -> Path:
+    """A wide Llama whose LM head is its input embedding (tied), with non-default rotary frequencies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from _helpers_models import save_tiny
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return save_tiny(LlamaForCausalLM(cfg), path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0"]], ids=["full", "lora"])
+def test_fsdp_only_rank0_reads_the_weights(tmp_path, corpus, extra):
+    """Under FSDP2 rank 1 builds the model on the meta device: it never calls a weight loader nor holds a
+    full parameter, and once rank 0's weights and buffers are broadcast into the shards both ranks' logits are
+    exactly the single-process model's (tied embeddings, rotary inv_freq with a non-default theta)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _tied_model_dir(tmp_path / "tied")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    args = _args(model, corpus, tmp_path / "two", "--optim", "muon", "--strategy", "fsdp", *extra, "--steps", "2")
+    summary = _summary(_torchrun([str(probe), *args], script=PROBE))
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp"
+    r0, r1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"]["_load_weights"] == 1 and r0["real_param_bytes"] == r0["all_param_bytes"] > 0
+    assert r1["calls"] == {k: 0 for k in r1["calls"]}, r1  # no loader, no safetensors file opened
+    assert r1["real_param_bytes"] == 0 and r1["all_param_bytes"] == r0["all_param_bytes"]
+    ref = AutoModelForCausalLM.from_pretrained(model).eval()
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    with torch.no_grad():
+        want = ref(input_ids=torch.arange(1, 17)[None]).logits
+    for r in (0, 1):  # a LoRA adapter starts at B = 0: the base's logits exactly
+        assert torch.equal(torch.load(probe / f"logits{r}.pt"), want), r
