@@ -119,6 +119,8 @@ def test_fsdp_muon_follows_one_process_with_half_the_bytes(fsdp_muon):
     d, one, two = fsdp_muon["dir"], fsdp_muon["one"], fsdp_muon["two"]
     _assert_curve(d / "one", d / "two")
     assert two["world_size"] == 2 and two["strategy"] == "fsdp"
+    # ‖W − W₀‖ of the sharded matrices, each gathered whole: the single process's
+    assert two["drift"] == pytest.approx(one["drift"], rel=1e-3)
     # every matrix orthogonalised once, split between the ranks (by NS FLOPs: equal shapes here, so halves)
     total = one["ortho_per_rank"][0]
     assert total == STEPS * 14 and sum(two["ortho_per_rank"]) == total
@@ -183,6 +185,7 @@ def test_fsdp_lora_follows_one_process_and_saves_a_plain_adapter(tmp_path, tiny_
     one = _single(_args(tiny_model_dir, corpus, tmp_path / "one", *lora))
     two = _summary(_torchrun(_args(tiny_model_dir, corpus, tmp_path / "two", *lora, "--strategy", "fsdp")))
     _assert_curve(tmp_path / "one", tmp_path / "two")
+    assert two["drift"] == pytest.approx(one["drift"], rel=1e-3)
     assert two["lora"] and sum(two["ortho_per_rank"]) == one["ortho_per_rank"][0] and min(two["ortho_per_rank"]) > 0
     # the frozen base is sharded too: each rank holds about half of the weights
     whole = one["local_bytes_per_rank"][0]["params"]
