@@ -2,7 +2,9 @@
 muonft CLI and writes, per rank, PROBE_DIR/rank{R}.json — how often this rank called the weight loaders
 (muonft's `_load_weights`, transformers' `from_pretrained`, safetensors' `safe_open` / `load_file`) and the
 bytes of real (non-meta) parameter storage its model held just before FSDP2 sharded it — and
-PROBE_DIR/logits{R}.pt, the sharded model's logits on fixed ids right after `wrap_fsdp` (its shards filled)."""
+PROBE_DIR/logits{R}.pt, the sharded model's logits on fixed ids right after `wrap_fsdp` (its shards filled).
+After that no-grad forward the model is resharded: FSDP2 leaves the root unsharded after a forward, and a
+first training step from that state reduces the root's gradients wrongly."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def _fill_probe(model, info, cfg):
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.arange(1, 17, device=info.device)[None]).logits
-    model.train(was)
+    model.train(was); model.reshard()
     torch.save(logits.cpu(), probe / f"logits{info.rank}.pt")
     return done
 
