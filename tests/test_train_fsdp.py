@@ -111,6 +111,31 @@ def test_fsdp_with_one_process_says_it_runs_unsharded(tmp_path, tiny_model_dir, 
     assert json.loads((out / "summary.json").read_text())["strategy"] is None
 
 
+def test_meta_build_is_the_loaded_model_without_storage(tmp_path, monkeypatch):
+    """`load_model(on_meta=True)` (FSDP2 ranks other than 0): the loaded model's parameter names, shapes,
+    dtypes, tied weights and LoRA targets, on the meta device, with no weight file read."""
+    from muonft_cli import models
+    from muonft_cli.config import LoraConfig, ModelConfig
+    from muonft_cli.models import load as load_mod
+
+    d = _tied_model_dir(tmp_path / "tied")
+    ref, _ = models.load_model(ModelConfig(name_or_path=str(d)), "cpu", dtype="bf16")
+    monkeypatch.setattr(load_mod, "_load_weights", lambda *a, **k: pytest.fail("weights read"))
+    for where in (d, d / "model.safetensors"):
+        meta, tok = models.load_model(ModelConfig(name_or_path=str(where)), "cpu", dtype="bf16", on_meta=True)
+        assert models.is_meta(meta) and tok.pad_token is not None
+        assert all(p.is_meta for p in meta.parameters())
+        assert meta.lm_head.weight is meta.model.embed_tokens.weight
+        assert [(n, p.shape, p.dtype) for n, p in meta.named_parameters()] == \
+            [(n, p.shape, p.dtype) for n, p in ref.named_parameters()]
+        assert models.loaded_dtypes(meta) == models.loaded_dtypes(ref)
+    lora = LoraConfig(rank=4, dropout=0.0)
+    a, b = models.apply_lora(meta, lora), models.apply_lora(ref, lora)
+    assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in b.named_parameters()]
+    assert models.is_meta(a)
+
+
 # ------------------------------------------------------------------------------------------ 2 ranks, gloo
 
 
