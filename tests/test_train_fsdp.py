@@ -23,6 +23,7 @@ from muonft_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).resolve().parent / "_fsdp_kill_after.py"
+PROBE = Path(__file__).resolve().parent / "_fsdp_load_probe.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 STEPS = 12
 
@@ -110,6 +111,31 @@ def test_fsdp_with_one_process_says_it_runs_unsharded(tmp_path, tiny_model_dir, 
     assert json.loads((out / "summary.json").read_text())["strategy"] is None
 
 
+def test_meta_build_is_the_loaded_model_without_storage(tmp_path, monkeypatch):
+    """`load_model(on_meta=True)` (FSDP2 ranks other than 0): the loaded model's parameter names, shapes,
+    dtypes, tied weights and LoRA targets, on the meta device, with no weight file read."""
+    from muonft_cli import models
+    from muonft_cli.config import LoraConfig, ModelConfig
+    from muonft_cli.models import load as load_mod
+
+    d = _tied_model_dir(tmp_path / "tied")
+    ref, _ = models.load_model(ModelConfig(name_or_path=str(d)), "cpu", dtype="bf16")
+    monkeypatch.setattr(load_mod, "_load_weights", lambda *a, **k: pytest.fail("weights read"))
+    for where in (d, d / "model.safetensors"):
+        meta, tok = models.load_model(ModelConfig(name_or_path=str(where)), "cpu", dtype="bf16", on_meta=True)
+        assert models.is_meta(meta) and tok.pad_token is not None
+        assert all(p.is_meta for p in meta.parameters())
+        assert meta.lm_head.weight is meta.model.embed_tokens.weight
+        assert [(n, p.shape, p.dtype) for n, p in meta.named_parameters()] == \
+            [(n, p.shape, p.dtype) for n, p in ref.named_parameters()]
+        assert models.loaded_dtypes(meta) == models.loaded_dtypes(ref)
+    lora = LoraConfig(rank=4, dropout=0.0)
+    a, b = models.apply_lora(meta, lora), models.apply_lora(ref, lora)
+    assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in b.named_parameters()]
+    assert models.is_meta(a)
+
+
 # ------------------------------------------------------------------------------------------ 2 ranks, gloo
 
 
@@ -118,6 +144,8 @@ def test_fsdp_muon_follows_one_process_with_half_the_bytes(fsdp_muon):
     d, one, two = fsdp_muon["dir"], fsdp_muon["one"], fsdp_muon["two"]
     _assert_curve(d / "one", d / "two")
     assert two["world_size"] == 2 and two["strategy"] == "fsdp"
+    # ‖W − W₀‖ of the sharded matrices, each gathered whole: the single process's
+    assert two["drift"] == pytest.approx(one["drift"], rel=1e-3)
     # every matrix orthogonalised once, split between the ranks (by NS FLOPs: equal shapes here, so halves)
     total = one["ortho_per_rank"][0]
     assert total == STEPS * 14 and sum(two["ortho_per_rank"]) == total
@@ -182,6 +210,7 @@ def test_fsdp_lora_follows_one_process_and_saves_a_plain_adapter(tmp_path, tiny_
     one = _single(_args(tiny_model_dir, corpus, tmp_path / "one", *lora))
     two = _summary(_torchrun(_args(tiny_model_dir, corpus, tmp_path / "two", *lora, "--strategy", "fsdp")))
     _assert_curve(tmp_path / "one", tmp_path / "two")
+    assert two["drift"] == pytest.approx(one["drift"], rel=1e-3)
     assert two["lora"] and sum(two["ortho_per_rank"]) == one["ortho_per_rank"][0] and min(two["ortho_per_rank"]) > 0
     # the frozen base is sharded too: each rank holds about half of the weights
     whole = one["local_bytes_per_rank"][0]["params"]
@@ -236,3 +265,43 @@ def test_fsdp_under_accelerate_launch_is_the_torchrun_run(tmp_path, fsdp_muon, w
     assert r.returncode == 0, r.stderr[-4000:]
     assert _summary(r)["strategy"] == "fsdp"
     assert _losses(tmp_path / "acc") == pytest.approx(_losses(fsdp_muon["dir"] / "two"), rel=1e-6)
+
+
+def _tied_model_dir(path: Path) -> Path:
+    """A wide Llama whose LM head is its input embedding (tied), with non-default rotary frequencies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from _helpers_models import save_tiny
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return save_tiny(LlamaForCausalLM(cfg), path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0"]], ids=["full", "lora"])
+def test_fsdp_only_rank0_reads_the_weights(tmp_path, corpus, extra):
+    """Under FSDP2 rank 1 builds the model on the meta device: it never calls a weight loader nor holds a
+    full parameter, and once rank 0's weights and buffers are broadcast into the shards both ranks' logits are
+    exactly the single-process model's (tied embeddings, rotary inv_freq with a non-default theta)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _tied_model_dir(tmp_path / "tied")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    args = _args(model, corpus, tmp_path / "two", "--optim", "muon", "--strategy", "fsdp", *extra, "--steps", "2")
+    summary = _summary(_torchrun([str(probe), *args], script=PROBE))
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp"
+    r0, r1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"]["_load_weights"] == 1 and r0["real_param_bytes"] == r0["all_param_bytes"] > 0
+    assert r1["calls"] == {k: 0 for k in r1["calls"]}, r1  # no loader, no safetensors file opened
+    assert r1["real_param_bytes"] == 0 and r1["all_param_bytes"] == r0["all_param_bytes"]
+    ref = AutoModelForCausalLM.from_pretrained(model).eval()
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    with torch.no_grad():
+        want = ref(input_ids=torch.arange(1, 17)[None]).logits
+    for r in (0, 1):  # a LoRA adapter starts at B = 0: the base's logits exactly
+        assert torch.equal(torch.load(probe / f"logits{r}.pt"), want), r

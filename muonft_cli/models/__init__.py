@@ -29,6 +29,7 @@ from muonft_cli.models.load import (
     build_pretrain_model,
     checkpoint_dtype,
     ensure_pad_token,
+    is_meta,
     load_model,
     load_tokenizer,
     loaded_dtypes,
@@ -59,7 +60,7 @@ from muonft_cli.models.source import (
 __all__ = [
     "DTYPES", "autocast", "autocast_dtype", "dtype_name", "pick_device", "resolve_base_dtype",
     "PRESET_MAX_POSITIONS", "PRESETS", "TOKENIZER_FILES", "build_pretrain_model", "checkpoint_dtype",
-    "ensure_pad_token", "load_model", "load_tokenizer", "loaded_dtypes", "model_source",
+    "ensure_pad_token", "is_meta", "load_model", "load_tokenizer", "loaded_dtypes", "model_source",
     "apply_lora", "default_lora_targets", "initial_adapter_state", "lora_scale", "plain_name",
     "TensorEntry", "check_safetensors", "index_shards", "read_header",
     "model_provenance", "save_model",

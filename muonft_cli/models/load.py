@@ -4,7 +4,8 @@ Owns `load_model` (weights read straight into the requested dtype: fp32 master w
 run's frozen base in bf16/fp16 or, on CUDA, NF4 via bitsandbytes; `use_safetensors=True`, so nothing is ever
 unpickled; no remote code unless `trust_remote_code`; GGUF files dequantised to that dtype by transformers'
 `gguf_file=` loader; a peft adapter loaded onto its base; the tokenizer from the same place, with a pad
-token), `load_tokenizer`, `ensure_pad_token`, `model_source` / `loaded_dtypes` (what a model was loaded from,
+token), the same model built on the meta device from its config alone (`on_meta`, for FSDP2 ranks other than 0),
+`load_tokenizer`, `ensure_pad_token`, `model_source` / `loaded_dtypes` (what a model was loaded from,
 and in which dtype), `checkpoint_dtype` (the float dtype a checkpoint stores) and `build_pretrain_model` (the
 `tiny` / `small` Llama presets or a config.json, vocabulary from the tokenizer).
 
@@ -169,6 +170,38 @@ def _load_weights(src: ModelSource, trust_remote_code: bool, local_only: bool = 
     model._muonft_source_dtype = checkpoint_dtype(src)
     model._muonft_base_dtype = "nf4" if load_in_4bit else dtype_name(dtype)
     return model
+
+
+#: The sources `load_model(on_meta=True)` can build from their config alone (a GGUF file's config lives in its
+#: blocks, an adapter needs its base's weights, and a 4-bit base is quantised while it is read).
+META_KINDS = ("dir", "hub", "safetensors")
+
+
+def _meta_weights(src: ModelSource, trust_remote_code: bool, local_only: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """The model `_load_weights(src, ...)` gives, built on the meta device from its config.json alone: the
+    same modules, parameter names, shapes, dtype and tied weights, no storage, nothing read but the config (an
+    FSDP2 rank other than 0 fills it from rank 0's weights: `train.distributed.load_from_rank0`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = str(Path(src.path).parent) if src.kind == "safetensors" else src.path
+    if src.kind != "hub":
+        _check_remote_code(Path(where), trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local_only)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except _checkpoint_errors() as e:
+        raise _unreadable(src, e) from None
+    model._muonft_source = src
+    model._muonft_trust_remote_code = trust_remote_code
+    model._muonft_source_dtype = checkpoint_dtype(src)
+    model._muonft_base_dtype = dtype_name(dtype)
+    return model
+
+
+def is_meta(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are on the meta device (shapes only, no storage)."""
+    return any(p.is_meta for p in model.parameters())
 
 
 def _to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -342,7 +375,7 @@ def ensure_pad_token(tokenizer: Any, model: torch.nn.Module | None = None) -> No
 
 def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str | None = None,
                is_trainable: bool = False, dtype: str = "fp32",
-               load_in_4bit: bool = False) -> tuple[torch.nn.Module, Any]:
+               load_in_4bit: bool = False, on_meta: bool = False) -> tuple[torch.nn.Module, Any]:
     """Load `model_cfg.name_or_path` as a causal LM on `device`, with its tokenizer.
 
     Weights are loaded directly in `dtype` (default fp32, the master copy a full fine-tune updates; a LoRA
@@ -365,6 +398,9 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
         is_trainable: for an adapter folder, load its weights trainable (continue training it).
         dtype: "fp32" | "bf16" | "fp16", the dtype of the (base) model's weights.
         load_in_4bit: QLoRA's NF4 base (CUDA only).
+        on_meta: build the model on the meta device from its config alone, no weights read, and leave it
+            there (an FSDP2 rank other than 0, which gets rank 0's weights after sharding), when the source
+            allows it (`META_KINDS`, not 4-bit); other sources are loaded as usual (see `is_meta`).
 
     Returns:
         `(model, tokenizer)`; the model is a `peft.PeftModel` when the source is an adapter. The tokenizer comes
@@ -406,6 +442,10 @@ def load_model(model_cfg: Any, device: torch.device | str = "cpu", *, base: str 
         except (KeyError, *_checkpoint_errors()) as e:
             raise UserInputError(f"could not load adapter '{src.name}' onto base '{base_src.name}' "
                                  f"({first_line(e)}): pass the base it was trained on with --base") from None
+    elif on_meta and src.kind in META_KINDS and not load_in_4bit:
+        model = _meta_weights(src, trust, offline, DTYPES[dtype])
+        ensure_pad_token(tokenizer, model)
+        return model, tokenizer
     else:
         model = _load_weights(src, trust, offline, DTYPES[dtype], load_in_4bit, device)
         ensure_pad_token(tokenizer, model)

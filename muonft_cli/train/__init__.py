@@ -123,7 +123,7 @@ def _assemble(cfg: RunConfig, mode: str, sink: Any, info: dist_mod.DistInfo, out
               ckpt_step: int | None) -> Loop:
     """Build everything, restore the checkpoint when resuming, write the run files; the loop, ready to run."""
     t0, device = time.perf_counter(), info.device
-    built = build_model_and_data(cfg, mode, out, resume, device)
+    built = build_model_and_data(cfg, mode, out, resume, device, info)
     local_batch, micro = micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size, info.world_size)
     fsdp = wrap_fsdp(built.model, info, cfg)  # before the optimizer: it must hold the sharded parameters
     trainable, optimizer = build_optimizer(built.model, cfg, info)

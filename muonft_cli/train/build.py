@@ -163,8 +163,20 @@ class Built:
         return len(self.splits.train)
 
 
-def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, device: torch.device) -> Built:
-    """Seed, then build the model and tokenizer for `mode` and the train/val splits of `cfg.data`."""
+def loads_on_rank0(cfg: RunConfig, info: dist_mod.DistInfo | None) -> bool:
+    """Whether only rank 0 reads (or initialises) the weights: FSDP2 under torchrun. The other ranks build the
+    same model on the meta device (no weights read, no memory) and get rank 0's weights, buffers and LoRA init
+    once sharded (`wrap_fsdp`), so host memory holds one full copy of the model per job, not one per rank.
+    Sources only rank 0 can read (GGUF files, adapter folders) are loaded by every rank as before."""
+    return info is not None and info.distributed and cfg.train.strategy == "fsdp"
+
+
+def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, device: torch.device,
+                         info: dist_mod.DistInfo | None = None) -> Built:
+    """Seed, then build the model and tokenizer for `mode` and the train/val splits of `cfg.data`. Under FSDP2
+    with `info` (`loads_on_rank0`), ranks other than 0 build the model on the meta device."""
+    import contextlib
+
     from muonft_cli import data as data_mod
     from muonft_cli import models
 
@@ -175,18 +187,25 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
     hf_logging.disable_progress_bar()  # our sink shows progress; keep stderr to one bar
     set_seed(cfg.train.seed)
     base_dtype = base_dtype_for(cfg, mode, out, resume, device)
+    on_meta = loads_on_rank0(cfg, info) and not info.is_main
     if mode == "pretrain":
         tokenizer = _pretrain_tokenizer(cfg, out, resume)
-        model = models.build_pretrain_model(cfg.model, tokenizer)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = models.build_pretrain_model(cfg.model, tokenizer)
     else:
         # an adapter folder given without --lora-rank: continue training that adapter. A LoRA base comes in
         # `base_dtype`; peft keeps the adapter weights (and so the optimizer state) fp32 on any base.
         model, tokenizer = models.load_model(cfg.model, device, is_trainable=cfg.lora.rank is None,
-                                             dtype=base_dtype, load_in_4bit=cfg.model.load_in_4bit)
+                                             dtype=base_dtype, load_in_4bit=cfg.model.load_in_4bit,
+                                             on_meta=on_meta)
         if cfg.lora.rank is not None:
-            model = models.apply_lora(model, cfg.lora)
-    if not cfg.model.load_in_4bit:  # a 4-bit base sits on its GPU already (bitsandbytes refuses `.to()`)
-        model.to(device)
+            model = models.apply_lora(model, cfg.lora)  # on a meta base: meta adapters, rank 0's init later
+    if loads_on_rank0(cfg, info):
+        # rank 0's initialisation drew from the RNG and the meta ranks' did not: continue from rank 0's state,
+        # as every rank did when each built its own copy (dropout, anything seeded after this point)
+        torch.set_rng_state(dist_mod.broadcast_object(torch.get_rng_state(), info))
+    if not cfg.model.load_in_4bit and not models.is_meta(model):  # a 4-bit base sits on its GPU already
+        model.to(device)  # (bitsandbytes refuses `.to()`); a meta model is materialised once sharded
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
@@ -263,10 +282,14 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig,
 
 def wrap_fsdp(model: torch.nn.Module, info: dist_mod.DistInfo, cfg: RunConfig) -> bool:
     """Shard the model with FSDP2 (in place) under torchrun with `train.strategy: fsdp`; whether it did.
-    Before the optimizer is built: the optimizer must hold the sharded (DTensor) parameters."""
-    if not info.distributed or cfg.train.strategy != "fsdp":
+    Before the optimizer is built: the optimizer must hold the sharded (DTensor) parameters. Every rank's shards
+    are then filled from rank 0's weights and buffers (`loads_on_rank0`: the other ranks built on meta)."""
+    if not loads_on_rank0(cfg, info):
         return False
+    # rank 0's full weights (references, not copies) outlive its sharding, for the broadcast into the shards
+    full = dist_mod.full_state(model) if info.is_main else None
     dist_mod.fsdp_wrap(model, info)
+    dist_mod.load_from_rank0(model, full, info)
     return True
 
 

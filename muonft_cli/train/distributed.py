@@ -6,7 +6,8 @@ backend (NCCL on GPU, gloo on CPU), deterministic sharding of each global batch 
 collectives the training loop needs (sum of a scalar, gathering picklable objects, a barrier).
 
 Under `train.strategy: fsdp` it also owns the FSDP2 wrapping (`fsdp_wrap`: `fully_shard` on every decoder
-layer, then on the root, over a 1-D device mesh) and reading a sharded tensor's local part (`local`).
+layer, then on the root, over a 1-D device mesh), filling the shards from rank 0's weights when only rank 0
+read them (`full_state`, `load_from_rank0`), and reading a sharded tensor's local part (`local`).
 
 Only rank 0 writes files; the others compute. The Muon work split (each rank orthogonalises its
 round-robin share of the matrices and the results are all-gathered — the plain-DDP arrangement the paper's
@@ -101,6 +102,37 @@ def fsdp_wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s full (unsharded) state dict in the FQNs `torch.distributed.checkpoint` uses: references to its
+    tensors, no copies. Taken on rank 0 before `fsdp_wrap`, for `load_from_rank0`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def load_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor] | None, info: DistInfo) -> None:
+    """Fill every rank's shards of the FSDP2-sharded `model` from rank 0's `full` state dict (`full_state`,
+    taken before sharding; None on the other ranks, whose model may be on the meta device).
+
+    A meta model is first given (uninitialised) storage on this rank's device (`to_empty`: only its shards, as
+    FSDP2 parameters hold them, so tied weights stay tied); the parameters and persistent buffers are then
+    broadcast tensor by tensor and each rank keeps its slice (`set_model_state_dict(..., full_state_dict=True,
+    broadcast_from_rank0=True)`), and every buffer — the non-persistent ones too (rotary `inv_freq`), which no
+    state dict holds — is replaced by rank 0's, dtype included. Rank 0's `full` is released when this returns."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        model.to_empty(device=info.device)
+    set_model_state_dict(model, full if info.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = broadcast_object({n: b.detach().cpu() for n, b in model.named_buffers(remove_duplicate=False)}
+                               if info.is_main else None, info)
+    for name, value in buffers.items() if not info.is_main else ():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        module._buffers[leaf] = value.to(info.device)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

@@ -347,7 +347,7 @@ class Loop:
         if self.cfg.lora.rank is not None:
             if self.cfg.lora.variant not in ("lora", "rslora"):
                 return None  # DoRA rescales, PiSSA / OLoRA move the base weights: s·B·A is not W − W₀
-            return drift_norms((m.base_layer.weight + d, m.base_layer.weight, True) for m, d in self._lora_deltas())
+            return drift_norms((w0 + d, w0, True) for w0, d in self._lora_deltas())
 
         cons = getattr(self.optimizer, "constraints", None)
         if cons is not None:
@@ -356,30 +356,47 @@ class Loop:
 
         src = model_source(self.model)
         files = sorted(Path(src.path).glob("*.safetensors")) if src is not None and src.kind == "dir" else []
-        if not files:
+        if not dist_mod.broadcast_object(bool(files), self.info) if self.fsdp else not files:
             return None
         split = getattr(self.optimizer, "param_split", None)
         hidden = {id(r.param) for r in split.muon} if split is not None else set()
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2}
 
         def pairs():
+            import contextlib
+
             from safetensors import safe_open
 
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        if k in named and tuple(h.get_slice(k).get_shape()) == tuple(named[k].shape):
-                            yield named[k], h.get_tensor(k), id(named[k]) in hidden
+            with contextlib.ExitStack() as stack:
+                where = {}  # only rank 0 reads the base (under FSDP2 the others only help gather each matrix)
+                for f in files if self.info.is_main else ():
+                    h = stack.enter_context(safe_open(str(f), "pt"))
+                    where.update((k, h) for k in h.keys())
+                for k, p in named.items():
+                    h = where.get(k)
+                    if h is None and not self.fsdp:
+                        continue
+                    w = dist_mod.full_value(p.detach())  # a DTensor gathered on every rank, in the same order
+                    if h is not None and tuple(h.get_slice(k).get_shape()) == tuple(w.shape):
+                        yield w, h.get_tensor(k), id(p) in hidden
 
         return drift_norms(pairs())
 
     def _lora_deltas(self):
-        """(peft LoRA layer, its merged update s·B·A) for every adapted linear layer."""
+        """(base weight W₀, merged update s·B·A) for every adapted linear layer (peft's `get_delta_weight` of
+        plain LoRA; under FSDP2 W₀, B and A are gathered whole on every rank, in the same order)."""
+        from peft.utils.other import transpose
+
         for mod in self.model.modules():
             if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and "default" in getattr(
                     mod, "lora_A", {}):
                 with torch.no_grad():
-                    yield mod, mod.get_delta_weight("default")
+                    if not self.fsdp:
+                        yield mod.base_layer.weight, mod.get_delta_weight("default")
+                        continue
+                    w0, b, a = (dist_mod.full_value(t.detach()) for t in (
+                        mod.base_layer.weight, mod.lora_B["default"].weight, mod.lora_A["default"].weight))
+                    yield w0, transpose(b @ a, mod.fan_in_fan_out) * mod.scaling["default"]
 
     def summary(self, final: str | None) -> dict[str, Any]:
         """The run summary (see `muonft_cli.train.run`); collective (gathers the ranks' Muon counters)."""
@@ -389,7 +406,8 @@ class Loop:
         best = st.best_val_loss
         best_ppl = None if best is None else (math.exp(best) if best < 700 else float("inf"))
         extra = {"optim_choice": self.optim_choice} if self.optim_choice is not None else {}
-        drift = self.drift() if self.info.is_main else None
+        drift = self.drift() if self.info.is_main or self.fsdp else None  # FSDP2: every rank gathers
+        drift = drift if self.info.is_main else None
         if drift is not None:
             extra["drift"] = drift
         if (mit := self.mitigation()) is not None:
