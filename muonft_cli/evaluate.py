@@ -76,6 +76,7 @@ def evaluate_loss(
             with autocast(device, autocast_dtype):
                 logits = model(input_ids=batch["input_ids"].to(device), **kwargs).logits  # [B, T, V]
             total_nll += token_nll_sum(logits, batch["labels"]).double()
+            del logits  # freed before the next batch's forward, not after it
             total_tokens += n_targets(batch["labels"])
     finally:
         model.train(was_training)

@@ -83,6 +83,50 @@ def test_token_nll_sum_matches_hf_mean_loss():
     assert float(mine) == pytest.approx(float(out.loss), rel=1e-6)
 
 
+
+def test_token_nll_sum_never_holds_the_whole_fp32_upcast(monkeypatch):
+    """The loss upcasts [B, T, V] bf16 logits chunk by chunk (no fp32 tensor larger than a chunk, with or without
+    autograd) and its graph keeps only the logits (no fp32 log-softmax saved for backward); same value and
+    gradient as the unchunked formula."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        fp32 = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dtype == torch.float32:
+                    Largest.fp32 = max(Largest.fp32, t.numel())
+            return out
+
+    # 3 positions of B=2, V=50 per chunk (raising=False: the old code has no chunks and fails the asserts)
+    monkeypatch.setattr(train.batching, "NLL_CHUNK_ELEMENTS", 2 * 3 * 50, raising=False)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 50).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50, (2, 12))
+    labels[0, :5] = -100
+    ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if t.dtype == torch.float32 else 0)
+        return t
+
+    for grad in (False, True):
+        Largest.fp32 = 0
+        with torch.set_grad_enabled(grad), Largest():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                nll = train.token_nll_sum(logits, labels)
+        assert Largest.fp32 <= 2 * 3 * 50, (grad, Largest.fp32)  # never the whole [2, 11, 50] in fp32
+        assert float(nll) == pytest.approx(float(ref), rel=1e-5)
+    assert sum(saved) == 0  # the graph keeps the bf16 logits only; chunks are recomputed in backward
+    (grad,) = torch.autograd.grad(nll, logits)
+    assert torch.allclose(grad.float(), ref_grad.float(), atol=1e-2)
+
 def test_rich_sink_shows_progress_validation_and_notices():
     import io
 

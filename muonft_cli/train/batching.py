@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from muonft_cli._common import IGNORE_INDEX
 from muonft_cli.errors import UserInputError
@@ -61,19 +62,44 @@ def micro_batch_size(batch_size: int, micro_batch_size: int, world_size: int) ->
     return local, min(micro_batch_size, local)
 
 
+#: elements of one fp32 chunk of logits in `token_nll_sum` (16 Mi = 64 MiB): the loss never upcasts more at once
+NLL_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ NLL of one chunk: logits [B, t, V] (any dtype, upcast here), labels [B, t] (already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ next-token NLL over target tokens (labels != IGNORE_INDEX after the causal shift), in fp32.
 
-    Position t's logits predict label t+1 (as HF causal LMs do internally).
+    Position t's logits predict label t+1 (as HF causal LMs do internally). Computed in chunks of sequence
+    positions (at most `NLL_CHUNK_ELEMENTS` logits each), so the fp32 upcast and log-softmax of the whole
+    [B, T, V] never exist at once; with autograd each chunk is recomputed in the backward pass
+    (`torch.utils.checkpoint`) instead of keeping its fp32 log-softmax, so the graph holds only the logits.
 
     Args:
         logits: [B, T, V].
         labels: [B, T], IGNORE_INDEX (-100) where no loss is taken; moved to the logits' device.
     """
-    shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+    b, t, v = logits.shape
     shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    step = max(1, NLL_CHUNK_ELEMENTS // max(1, b * v))  # positions per chunk
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    total = None
+    for s in range(0, t - 1, step):
+        e = min(s + step, t - 1)
+        if grad:
+            part = torch.utils.checkpoint.checkpoint(_chunk_nll, logits[:, s:e], shift_labels[:, s:e],
+                                                     use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = _chunk_nll(logits[:, s:e], shift_labels[:, s:e])
+        total = part if total is None else total + part
+    if total is None:  # T == 1: no next token to predict
+        total = logits.float().sum() * 0.0
+    return total
 
 
 def n_targets(labels: torch.Tensor) -> int:

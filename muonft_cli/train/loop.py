@@ -178,8 +178,10 @@ class Loop:
                                   attention_mask=b["attention_mask"].to(self.device) if "attention_mask" in b
                                   else None, use_cache=False)
                 nll = batching.token_nll_sum(outputs.logits, b["labels"])
+                del outputs  # the graph keeps what backward needs; the logits go with it, not at the next forward
                 (nll * scale).backward()
             loss_sum += nll.detach().double()
+            del nll
         dist_mod.all_reduce_sum(loss_sum, self.info)
         loss = float(loss_sum) / max(n_global, 1.0)
         # over DTensor gradients (FSDP2) torch computes the global norm; full_value makes it a plain tensor
