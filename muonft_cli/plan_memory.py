@@ -232,12 +232,9 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
     if mode == "finetune" and not cfg.model.name_or_path:
         raise UserInputError("--plan needs the model: pass --model PATH (a HF folder with config.json) or a hub id")
     if mode == "pretrain":
-        if cfg.model.name_or_path:
-            raise UserInputError("pretrain builds a fresh model: use --preset tiny|small or --model-config "
-                                 "config.json instead of --model")
-        if not cfg.model.preset and not cfg.model.model_config:
-            raise UserInputError("--plan for pretrain needs a model shape: pass --preset tiny|small or "
-                                 "--model-config path/config.json")
+        from muonft_cli.train.build import check_pretrain_shape
+
+        check_pretrain_shape(cfg, what="--plan for pretrain")
     if cfg.model.load_in_4bit and not lora:
         raise UserInputError("--load-in-4bit quantises a frozen base: it needs LoRA (add --lora-rank R)")
     if not lora and cfg.model.base_dtype not in ("auto", "fp32"):

@@ -50,19 +50,25 @@ def _corpus(path: Path, n_docs: int = 20, words: int = 120, seed: int = 0) -> Pa
     return path
 
 
-def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
+def micro_e2e_recipe(tmp_path: Path, optims: list[str], lr: dict[str, list[float]]) -> dict:
+    """The micro-sweep: a tiny Adam-pretrained base, a synthetic corpus and reference set under `tmp_path`,
+    full and LoRA (r=4) fine-tuning of 4 steps with `optims` at the `lr` grid, one seed."""
     base = _tiny_base(tmp_path / "base")
     data = _corpus(tmp_path / "corpus.jsonl")
     ref = _corpus(tmp_path / "reference.jsonl", n_docs=10, seed=1)
-    recipe = {
+    return {
         "data": {"path": str(data), "seq_len": 16, "val_fraction": 0.2},
         "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2},
         "eval": {"batch_size": 8},
         "sweep": {"bases": {"tiny": {"path": str(base), "pretrained_with": "adamw"}},
-                  "methods": ["full", "lora"], "optims": ["adamw", "muon"],
-                  "lr": {"full": [1e-3, 1e-2], "lora": [1e-2, 3e-2]}, "lora_ranks": [4], "seeds": [0],
+                  "methods": ["full", "lora"], "optims": optims, "lr": lr, "lora_ranks": [4], "seeds": [0],
                   "reference_data": str(ref)},
     }
+
+
+def test_micro_sweep_end_to_end_through_the_cli(tmp_path):
+    recipe = micro_e2e_recipe(tmp_path, ["adamw", "muon"], {"full": [1e-3, 1e-2], "lora": [1e-2, 3e-2]})
+    base, ref = Path(recipe["sweep"]["bases"]["tiny"]["path"]), Path(recipe["sweep"]["reference_data"])
     rp = tmp_path / "micro.yaml"
     rp.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "sw"

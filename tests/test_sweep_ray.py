@@ -26,7 +26,7 @@ from muonft_cli.cli import app
 from muonft_cli.sweep import ray_executor
 from muonft_cli.sweep.jobs import static_jobs
 from test_sweep import fake_log, micro_recipe, wait_for, write_recipe
-from test_sweep_e2e import _corpus, _tiny_base
+from test_sweep_e2e import micro_e2e_recipe
 
 
 def _needs_ray():
@@ -97,18 +97,7 @@ def test_ray_micro_sweep_matches_the_local_executor(tmp_path):
     evaluations, 2 forgetting evaluations) through the CLI, once per executor: the same statuses, numbers and
     reports."""
     _needs_ray()
-    base = _tiny_base(tmp_path / "base")
-    data = _corpus(tmp_path / "corpus.jsonl")
-    ref = _corpus(tmp_path / "reference.jsonl", n_docs=10, seed=1)
-    recipe = {
-        "data": {"path": str(data), "seq_len": 16, "val_fraction": 0.2},
-        "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2},
-        "eval": {"batch_size": 8},
-        "sweep": {"bases": {"tiny": {"path": str(base), "pretrained_with": "adamw"}},
-                  "methods": ["full", "lora"], "optims": ["muon"],
-                  "lr": {"full": [1e-3], "lora": [1e-2]}, "lora_ranks": [4], "seeds": [0],
-                  "reference_data": str(ref)},
-    }
+    recipe = micro_e2e_recipe(tmp_path, ["muon"], {"full": [1e-3], "lora": [1e-2]})
     rp = tmp_path / "micro.yaml"
     rp.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -26,6 +26,18 @@ from muonft_cli.train import distributed as dist_mod
 MODES = ("pretrain", "finetune")
 
 
+def check_pretrain_shape(cfg: RunConfig, what: str = "pretrain") -> None:
+    """A pretrain run's model shape: a preset or a config.json, never a `--model` (also `--plan`'s rule)."""
+    if cfg.model.name_or_path:
+        raise UserInputError("pretrain builds a fresh model: use --preset tiny|small or --model-config "
+                             "config.json instead of --model (to continue training a model, use finetune)")
+    if not cfg.model.preset and not cfg.model.model_config:
+        raise UserInputError(f"{what} needs a model shape: pass --preset tiny|small or --model-config "
+                             "path/config.json")
+    if cfg.model.preset and cfg.model.model_config:
+        raise UserInputError("pass either --preset or --model-config, not both")
+
+
 def check_inputs(cfg: RunConfig, mode: str) -> None:
     """Mode-specific checks that need no model or data; raise `UserInputError` before anything is written."""
     if mode not in MODES:
@@ -34,14 +46,7 @@ def check_inputs(cfg: RunConfig, mode: str) -> None:
     if missing:
         raise ConfigError(missing)
     if mode == "pretrain":
-        if cfg.model.name_or_path:
-            raise UserInputError("pretrain builds a fresh model: use --preset tiny|small or --model-config "
-                                 "config.json instead of --model (to continue training a model, use finetune)")
-        if not cfg.model.preset and not cfg.model.model_config:
-            raise UserInputError("pretrain needs a model shape: pass --preset tiny|small or --model-config "
-                                 "path/config.json")
-        if cfg.model.preset and cfg.model.model_config:
-            raise UserInputError("pass either --preset or --model-config, not both")
+        check_pretrain_shape(cfg)
         if cfg.lora.rank is not None:
             raise UserInputError("pretrain trains all weights: drop --lora-rank (LoRA is for finetune)")
     if cfg.lora.merge and cfg.lora.rank is None:
