@@ -9,6 +9,8 @@ CPU cases:
   from a config, saved bf16 on disk under the work folder, deleted after) with `--base-dtype bf16` vs `fp32`:
   peak RSS of each `muonft finetune` run in its own subprocess (`ru_maxrss` of the child from `os.wait4`),
   target <= 0.65x; the per-step losses compared.
+- `lora-bf16-base-llama0.4b-ckpt`: the same with `--gradient-checkpointing` on both sides (the setting a
+  memory-bound run uses: the stored activations, which a half-precision base does not halve, mostly go).
 - `lora-bf16-base-smollm2`: the same on the real SmolLM2-135M (`builtin:smollm2`, a Q4_1 GGUF dequantised
   straight to the base dtype).
 
@@ -68,6 +70,8 @@ def smollm2(work: Path) -> str:
 CASES: dict[str, tuple[str, Callable[[Path], str], list[str]]] = {
     "lora-bf16-base-llama0.4b": ("LoRA-Muon r=8, random 0.4B Llama saved bf16, --base-dtype bf16 vs fp32",
                                  llama_04b, []),
+    "lora-bf16-base-llama0.4b-ckpt": ("the same with --gradient-checkpointing on both sides", llama_04b,
+                                      ["--gradient-checkpointing"]),
     "lora-bf16-base-smollm2": ("LoRA-Muon r=8, SmolLM2-135M (Q4_1 GGUF), --base-dtype bf16 vs fp32", smollm2, []),
 }
 
@@ -89,6 +93,16 @@ def finetune_rss(model: str, out: Path, dtype: str, args: argparse.Namespace, ex
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     shutil.rmtree(out, ignore_errors=True)
     return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "losses": losses, "base_dtype": summary["base_dtype"]}
+
+
+def cpu_name() -> str:
+    """The CPU model (lscpu's name from /proc/cpuinfo), and whether it has native bf16 (avx512_bf16)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return f"{name}{' (avx512_bf16)' if 'avx512_bf16' in info else ''}"
 
 
 def run_case(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -127,6 +141,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-docs", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", default="shared 2-core machine; other jobs may have been running",
+                    help="what to record about the machine's load")
     ap.add_argument("--work", default=None, help="scratch folder for the checkpoint (deleted after)")
     args = ap.parse_args()
     base = Path(args.work) if args.work else Path(tempfile.gettempdir())
@@ -136,8 +152,7 @@ def main() -> None:
         for name in args.case or list(CASES):
             print(f"{name}: {CASES[name][0]}", flush=True)
             res = run_case(name, work, args)
-            res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                              "note": "shared machine, loaded by other jobs during the run"}
+            res["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "note": args.note}
             results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # other cases' keys stay
             results[name] = res
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from muonft_cli.models.device import autocast
+from muonft_cli.models.device import autocast, limit_host_allocator_retention
 from muonft_cli.models.lora import plain_name
 from muonft_cli.train.batching import collate, n_targets, token_nll_sum
 
@@ -278,6 +278,7 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         raise UserInputError("nothing to evaluate: pass --data (perplexity), --reference-data (forgetting), "
                              "--base (weight distance) and/or --tasks (lm-evaluation-harness)")
     device = models.pick_device(cfg.train.device)
+    limit_host_allocator_retention()  # freed host tensors back to the OS (see models.device)
     src = models.resolve_model(cfg.model.name_or_path, cfg.model.offline)
     is_adapter = src.kind == "adapter"
     if not compare and (base or ref_path):

@@ -213,3 +213,37 @@ def test_4bit_on_a_gguf_base_says_what_to_pass(real_model):
     with pytest.raises(UserInputError, match="GGUF file: drop --load-in-4bit") as e:
         models.load_model(mcfg, "cpu", dtype="bf16", load_in_4bit=True)
     assert "\n" not in str(e.value)
+
+
+def test_host_allocator_returns_freed_tensors_to_the_os():
+    """glibc's adaptive mmap threshold keeps freed mid-sized tensors resident; muonft fixes it at 64 KiB, so
+    freeing 200 MiB of 1 MiB tensors (after a larger free that would have raised the threshold) gives it back
+    to the OS. Run in children: the setting is process-wide and one-way."""
+    import subprocess
+    import sys
+
+    code = """
+import os, torch
+from muonft_cli.models.device import limit_host_allocator_retention
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+limited = {limit}
+if limited: assert limit_host_allocator_retention()
+big = torch.ones(4 << 20); del big          # a 16 MiB free: glibc would raise its threshold to 16 MiB
+before = rss()
+ts, keep = [], []
+for _ in range(200):                        # 200 x 1 MiB, each followed by a small tensor that stays
+    ts.append(torch.ones(1 << 18)); keep.append(torch.ones(1024))
+del ts                                      # from the heap, the holes between the kept ones stay resident
+print((rss() - before) / 2**20)
+"""
+    import os as _os
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc malloc tunables are Linux-only")
+    env = {k: v for k, v in _os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")}
+    kept = {}
+    for limit in (False, True):
+        out = subprocess.run([sys.executable, "-c", code.replace("{limit}", str(limit))], capture_output=True,
+                             text=True, env=env, check=True).stdout
+        kept[limit] = float(out.strip().splitlines()[-1])
+    assert kept[True] < 20, kept     # freed at once
+    assert kept[False] > 100, kept   # the default keeps them: the test can tell the two apart

@@ -736,3 +736,13 @@ def test_new_data_key_at_its_default_keeps_old_sweeps_hashes():
     assert {n: b.hash for n, b in plan.bases.items()} == {"adam": "b820688d9355", "muon": "312ba28e5f47"}
     assert [(c.id, c.hash) for c in plan.cells[:2]] == [("adam-full-adamw-lr0.001-s0", "53ec42f05fee"),
                                                         ("adam-full-adamw-lr0.001-s1", "38ea65c7f091")]
+
+
+def test_encode_batches_are_bounded_in_characters_and_keep_order(monkeypatch, tok):
+    monkeypatch.setattr(data.encode, "ENCODE_CHARS", 10)
+    monkeypatch.setattr(data.encode, "ENCODE_BATCH", 3)
+    texts = ["aaaa", "bbbb", "cc", "d" * 25, "e", "f", "g", "h"]
+    batches = data.encode._char_batches(texts)
+    assert [t for b in batches for t in b] == texts  # every text once, in order
+    assert batches == [["aaaa", "bbbb", "cc"], ["d" * 25], ["e", "f", "g"], ["h"]]  # a longer text goes alone
+    assert data.encode._encode_batch(tok, texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]

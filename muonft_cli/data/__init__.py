@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from muonft_cli.data import documents, encode, sources, splits
 from muonft_cli.data.documents import CHUNK_CHARS, Chat, Doc, DocumentSet, Instruction, load_documents, plain_text
-from muonft_cli.data.encode import (ALPACA_PROMPT, ALPACA_PROMPT_INPUT, ENCODE_BATCH, TokenDataset,
+from muonft_cli.data.encode import (ALPACA_PROMPT, ALPACA_PROMPT_INPUT, ENCODE_BATCH, ENCODE_CHARS, TokenDataset,
                                     encode_instructions, pack_documents)
 from muonft_cli.data.sources import (BUILTINS, RECORD_EXTS, SUPPORTED, TEXT_EXTS, TRAIN_SPLIT_NAMES, VAL_SPLIT_NAMES,
                                      Builtin, resolve_source)
@@ -35,6 +35,7 @@ __all__ = [
     "BUILTINS", "Builtin", "RECORD_EXTS", "SUPPORTED", "TEXT_EXTS", "TRAIN_SPLIT_NAMES", "VAL_SPLIT_NAMES",
     "resolve_source",
     "CHUNK_CHARS", "Chat", "Doc", "DocumentSet", "Instruction", "load_documents", "plain_text",
-    "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "ENCODE_BATCH", "TokenDataset", "encode_instructions", "pack_documents",
+    "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "ENCODE_BATCH", "ENCODE_CHARS", "TokenDataset", "encode_instructions",
+    "pack_documents",
     "Splits", "build_splits", "iter_texts", "split_documents", "split_seed",
 ]

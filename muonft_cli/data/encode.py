@@ -23,7 +23,9 @@ from muonft_cli._common import IGNORE_INDEX, first_line
 from muonft_cli.data.documents import Chat, Doc
 from muonft_cli.errors import UserInputError
 
-ENCODE_BATCH = 1024  # documents per batch-encode call
+ENCODE_BATCH = 1024  # documents per batch-encode call, at most
+ENCODE_CHARS = 1 << 20  # characters per batch-encode call, at most (a longer document goes alone): bounds the
+#                         memory the Rust backend's Encoding objects hold at once (~100 B a token)
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -66,13 +68,29 @@ class TokenDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------- plain text
 
 
+def _char_batches(texts: Sequence[str]) -> list[list[str]]:
+    """Consecutive runs of `texts`, each at most `ENCODE_BATCH` texts and `ENCODE_CHARS` characters (a longer
+    text alone), in order."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    chars = 0
+    for t in texts:
+        if cur and (len(cur) >= ENCODE_BATCH or chars + len(t) > ENCODE_CHARS):
+            out.append(cur)
+            cur, chars = [], 0
+        cur.append(t)
+        chars += len(t)
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of many texts without special tokens, via the Rust backend's batch encoder when present."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.21: no offsets, parallel in Rust
     out: list[list[int]] = []
-    for i in range(0, len(texts), ENCODE_BATCH):  # batches bound the memory held by Encoding objects
-        batch = list(texts[i:i + ENCODE_BATCH])
+    for batch in _char_batches(texts):  # batches bound the memory held by Encoding objects
         if fast is not None:
             backend.no_truncation()
             backend.no_padding()

@@ -5,12 +5,16 @@ Owns `pick_device` (the `--device` / `train.device` setting, node-local rank awa
 CUDA, fp32 on CPU; always fp32 for full fine-tuning and pretraining), the dtype names (`DTYPES`, `dtype_name`)
 and `autocast_dtype` / `autocast` (on CUDA: autocast in a half-precision base's dtype, else bf16 when
 `model.dtype == "bf16"`; never on the CPU, where a half-precision base computes in its own dtype and peft
-runs the fp32 LoRA branch in fp32).
+runs the fp32 LoRA branch in fp32), and `limit_host_allocator_retention` (glibc's fixed mmap threshold, so
+freed host tensors go back to the OS and peak RSS is what the run holds, not what the allocator kept).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 from typing import Any
 
 import torch
@@ -89,3 +93,38 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None or torch.device(device).type == "cpu":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+#: glibc's mmap threshold set by `limit_host_allocator_retention`: host allocations of at least 64 KiB are mmapped
+HOST_MMAP_THRESHOLD = 1 << 16
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+_retention_limited: bool | None = None
+
+
+def limit_host_allocator_retention() -> bool:
+    """Serve every host allocation of `HOST_MMAP_THRESHOLD` bytes or more by mmap, so a freed tensor's memory
+    goes back to the OS at once (Linux with glibc; once per process; a no-op elsewhere).
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which tensors up to that size
+    come from the heap, whose freed chunks stay resident and fragment: on a 0.4 B-parameter LoRA run on CPU
+    this retention was 0.3 GB of the bf16 run's peak RSS and 0.85 GB of the fp32 run's (README "Memory").
+    Setting the threshold with `mallopt` also turns that adaptation off. Left alone when the user chose it
+    (`MALLOC_MMAP_THRESHOLD_` in the environment) or preloads another allocator (`LD_PRELOAD`, e.g. jemalloc).
+
+    Returns:
+        Whether the threshold is set by this process (True also on later calls).
+    """
+    global _retention_limited
+    if _retention_limited is not None:
+        return _retention_limited
+    _retention_limited = False
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LD_PRELOAD"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: no glibc malloc tunables
+            return False
+        _retention_limited = bool(libc.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+    return _retention_limited

@@ -62,8 +62,8 @@ def micro_batch_size(batch_size: int, micro_batch_size: int, world_size: int) ->
     return local, min(micro_batch_size, local)
 
 
-#: elements of one fp32 chunk of logits in `token_nll_sum` (16 Mi = 64 MiB): the loss never upcasts more at once
-NLL_CHUNK_ELEMENTS = 1 << 24
+#: elements of one fp32 chunk of logits in `token_nll_sum` (4 Mi = 16 MiB): the loss never upcasts more at once
+NLL_CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunk_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
