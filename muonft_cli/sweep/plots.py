@@ -1,7 +1,7 @@
 """The figures of a sweep report (matplotlib, headless), drawn from the summary `muonft_cli.sweep.report`
 aggregates: PPL vs LR (Fig. 4 of "Can Muon Fine-tune Adam-Pretrained Models?": solid = matched pretraining,
 dashed = mismatched; dark = full, light = LoRA), validation curves of the best runs (Fig. 3), best PPL vs LoRA
-rank (Fig. 5). Also the one home of the figure helpers (`panels`, `save_figure`, `colour`) that `muonft plot`'s
+rank (Fig. 5), and the mismatch mitigations (target PPL against forgetting, one point per variant). Also the one home of the figure helpers (`panels`, `save_figure`, `colour`) that `muonft plot`'s
 run curves (`muonft_cli.plot`) share. matplotlib is imported inside the functions.
 """
 
@@ -13,7 +13,8 @@ from muonft_cli._common import optimizer_family
 from muonft_cli.sweep.labels import OPTIM_NAMES, base_header
 
 #: The PNG file of each figure, in the sweep directory.
-PLOTS = {"lr": "ppl_vs_lr.png", "curves": "val_curves.png", "rank": "ppl_vs_rank.png"}
+PLOTS = {"lr": "ppl_vs_lr.png", "curves": "val_curves.png", "rank": "ppl_vs_rank.png",
+         "mitigation": "mitigation.png"}
 
 
 def colour(optim: str, method: str, rank_pos: float = 0.0) -> str:
@@ -167,3 +168,48 @@ def plot_ppl_vs_rank(summary: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_mitigations(summary: dict, path: Path) -> Path:
+    """The mismatch mitigations: one panel per mismatched full fine-tuning cell (base × optimizer), each
+    variant at its best LR as a point (x: target PPL, normalised when the summary is, ± std over seeds; y:
+    forgetting, the change of the reference-set PPL), beside the plain mismatched cell ("none", black) and
+    the matched optimizer's full fine-tuning on the same base (grey, with a vertical line: left of it, the
+    mismatch is gone)."""
+    norm = summary["normalised"]
+    rows = [r for r in summary["mitigation"] if r["value"] is not None]
+    keys = list(dict.fromkeys((r["base"], r["method"], r["optim"], r["rank"]) for r in rows))
+    fig, axes = panels(len(keys), 4.2)
+
+    def group(base: str, method: str, optim: str | None, rank, matched: bool | None = None) -> dict | None:
+        return next((g for g in summary["groups"] if g["base"] == base and g["method"] == method
+                     and g["rank"] == rank and not any(a[0] == "variant" for a in g["axes"])
+                     and (optim is None or g["optim"] == optim) and (matched is None or g["matched"] == matched)
+                     and g["ppl_mean"] is not None), None)
+
+    def point(ax, x, sd, forgetting, name, **style) -> None:
+        y = 100 * forgetting if forgetting is not None else float("nan")
+        ax.errorbar([x], [y], xerr=[sd or 0], capsize=3, ls="none", **style)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+
+    for ax, (base, method, optim, rank) in zip(axes, keys):
+        plain = group(base, method, optim, rank)
+        matched = group(base, method, None, rank, matched=True)
+        for g, name, style in ((plain, "none", {"marker": "s", "ms": 6, "color": "black"}),
+                               (matched, f"matched: {matched['label'] if matched else ''}",
+                                {"marker": "D", "ms": 6, "color": "grey"})):
+            if g is not None:
+                point(ax, g["normalised"] if norm else g["ppl_mean"], g["normalised_std"] if norm else g["ppl_std"],
+                      g["forgetting"], name, **style)
+        if matched is not None:
+            ax.axvline(matched["normalised"] if norm else matched["ppl_mean"], color="grey", ls="--", lw=1)
+        for r in [r for r in rows if (r["base"], r["method"], r["optim"], r["rank"]) == (base, method, optim, rank)]:
+            point(ax, r["value"], r["std"], r["forgetting"], r["variant"], marker="o", ms=5,
+                  color=colour(optim, method))
+        label = plain["label"] if plain else optim
+        ax.set_title(f"{base_header(base, summary['bases'].get(base, {}))} + {label}", fontsize=9)
+        ax.set_xlabel("best val PPL / base PPL" if norm else "best validation PPL")
+        ax.set_ylabel("forgetting: reference PPL change (%)")
+        ax.grid(True, alpha=0.3)
+    return save_figure(fig, path, "Mismatch mitigations — each variant at its best LR, mean ± std over seeds; "
+                                  "lower-left is better")

@@ -33,7 +33,7 @@ from muonft_cli.sweep.index import INDEX, SweepIndex
 from muonft_cli.sweep.jobs import base_eval_id
 from muonft_cli.sweep.labels import OPTIM_NAMES, base_header, fmt_num, fmt_pm, label, table1_cell
 from muonft_cli.sweep.plan import SweepPlan, load_saved_plan, split_seeds
-from muonft_cli.sweep.plots import PLOTS, plot_ppl_vs_lr, plot_ppl_vs_rank, plot_val_curves
+from muonft_cli.sweep.plots import PLOTS, plot_mitigations, plot_ppl_vs_lr, plot_ppl_vs_rank, plot_val_curves
 from muonft_cli.sweep.policy import cell_ppl
 
 
@@ -538,6 +538,8 @@ def write_plots(summary: dict, out: str | Path) -> dict[str, str]:
             plots["val_curves"] = str(plot_val_curves(summary, out / PLOTS["curves"]))
         if summary["rank_study"]:
             plots["ppl_vs_rank"] = str(plot_ppl_vs_rank(summary, out / PLOTS["rank"]))
+        if any(r["value"] is not None for r in summary.get("mitigation") or []):
+            plots["mitigation"] = str(plot_mitigations(summary, out / PLOTS["mitigation"]))
     return plots
 
 
