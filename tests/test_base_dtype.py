@@ -247,3 +247,44 @@ print((rss() - before) / 2**20)
         kept[limit] = float(out.strip().splitlines()[-1])
     assert kept[True] < 20, kept     # freed at once
     assert kept[False] > 100, kept   # the default keeps them: the test can tell the two apart
+
+
+def test_cpu_lora_on_a_bf16_base_keeps_bf16_inputs_with_the_same_values_and_gradients(bf16_model, corpus, tmp_path):
+    """On CPU a bf16 base's LoRA A matrices take the bf16 activations and upcast inside their product
+    (`keep_adapter_inputs_in_base_dtype`): loss and every LoRA gradient equal peft's own path (which keeps an
+    fp32 copy of each adapted layer's input), the adapter's state_dict is unchanged, and the step keeps fewer
+    bytes for the backward pass."""
+    from peft import get_peft_model_state_dict
+
+    from muonft_cli import models
+
+    cfg = _cfg(bf16_model, tmp_path / "x", corpus, **{"model.base_dtype": "bf16"})
+    built = build.build_model_and_data(cfg, "finetune", tmp_path / "x", False, torch.device("cpu"))
+    patched = built.model
+    assert any(type(m).__name__ == "_UpcastInputLinear" for m in patched.modules())
+    stock, _ = models.load_model(cfg.model, torch.device("cpu"), dtype="bf16")
+    stock = models.apply_lora(stock, cfg.lora)
+    stock.load_state_dict(patched.state_dict())
+    assert get_peft_model_state_dict(stock).keys() == get_peft_model_state_dict(patched).keys()
+    batch = built.splits.train.input_ids[:2]
+
+    def step(model):
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes() if t.device.type != "meta" else 0)
+            return t
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, sum(saved)
+
+    (l1, g1, b1), (l2, g2, b2) = step(stock), step(patched)
+    assert torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and all(g2[n].dtype == torch.float32 for n in g2)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert b2 < b1, (b1, b2)

@@ -13,10 +13,11 @@ part lives in its own module:
   safetensors or GGUF only, adapters onto their base), `loaded_dtypes`, `checkpoint_dtype`,
   `ensure_pad_token`, `build_pretrain_model` (the `tiny` / `small` presets or a config.json).
 - `lora`: `apply_lora` (stock peft LoRA and its variants), `plain_name` (peft names → plain model names),
-  `lora_scale` (α̃ of a saved adapter's module).
+  `lora_scale` (α̃ of a saved adapter's module), `keep_adapter_inputs_in_base_dtype` (CPU, half-precision base).
 - `save`: `save_model` (atomic model directories, PiSSA/OLoRA conversion, `merged/`) and `model_provenance`
   (the model facts in `muonft.json`).
-- `device`: `pick_device`, `resolve_base_dtype` (a LoRA base's dtype), `autocast_dtype` / `autocast`.
+- `device`: `pick_device`, `resolve_base_dtype` (a LoRA base's dtype), `autocast_dtype` / `autocast`,
+  `limit_host_allocator_retention`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from muonft_cli.models.lora import (
     apply_lora,
     default_lora_targets,
     initial_adapter_state,
+    keep_adapter_inputs_in_base_dtype,
     lora_scale,
     plain_name,
 )
@@ -61,7 +63,8 @@ __all__ = [
     "DTYPES", "autocast", "autocast_dtype", "dtype_name", "pick_device", "resolve_base_dtype",
     "PRESET_MAX_POSITIONS", "PRESETS", "TOKENIZER_FILES", "build_pretrain_model", "checkpoint_dtype",
     "ensure_pad_token", "is_meta", "load_model", "load_tokenizer", "loaded_dtypes", "model_source",
-    "apply_lora", "default_lora_targets", "initial_adapter_state", "lora_scale", "plain_name",
+    "apply_lora", "default_lora_targets", "initial_adapter_state", "keep_adapter_inputs_in_base_dtype", "lora_scale",
+    "plain_name",
     "TensorEntry", "check_safetensors", "index_shards", "read_header",
     "model_provenance", "save_model",
     "BUILTIN_MODELS", "BuiltinModel", "HUB_TIMEOUT_S", "PROVENANCE_FILE", "ModelSource", "adapter_base",

@@ -4,7 +4,8 @@ Owns `apply_lora` (paper §2.2: W = W₀ + α̃·B·A with α̃ = α/r, or α/�
 pissa | olora; every linear layer but the embeddings and the LM head by default; the rank checked against each
 target first), the PiSSA/OLoRA initial-adapter snapshot `save_model` converts against, `plain_name` (the one
 helper that turns a peft parameter or module name into the plain model's name) and `lora_scale` (an adapter
-module's α̃, with peft's own `rank_pattern` / `alpha_pattern` lookup).
+module's α̃, with peft's own `rank_pattern` / `alpha_pattern` lookup), and `keep_adapter_inputs_in_base_dtype`
+(on CPU, a half-precision base's LoRA branch keeps its bf16/fp16 input for the backward pass, not an fp32 copy).
 """
 
 from __future__ import annotations
@@ -149,3 +150,69 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any):
 def initial_adapter_state(model: Any) -> dict[str, torch.Tensor] | None:
     """The PiSSA/OLoRA initial adapter snapshot `apply_lora` stored (None for other variants)."""
     return getattr(model, "_muonft_initial_adapter", None)
+
+
+# ------------------------------------------------------------------------ half-precision bases on CPU
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``y = x·Wᵀ (+ b)`` computed in W's dtype from a lower-precision x, keeping x itself — not its upcast
+    copy — for the backward pass (which upcasts it again): the same values as ``F.linear(x.to(W.dtype), W, b)``
+    for half the saved bytes, none when x is saved anyway."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ weight).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = gy.reshape(-1, gy.shape[-1]).mT @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gw, gb
+
+
+class _UpcastInputLinear(torch.nn.Linear):
+    """A LoRA A matrix (`torch.nn.Linear`, fp32) fed the base's half-precision activations directly
+    (`_UpcastLinear`); its parameters, state_dict and peft names are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return _UpcastLinear.apply(x, self.weight, self.bias)
+
+
+def keep_adapter_inputs_in_base_dtype(model: torch.nn.Module) -> int:
+    """On CPU, where no autocast runs, peft upcasts a half-precision base's activations to fp32 before every
+    LoRA branch and autograd keeps that fp32 copy (one per adapted layer: q, k and v each make their own) for
+    A's gradient — ~60 % of the stored activations of a bf16-base LoRA step. This hands each vanilla LoRA
+    layer's A matrix the bf16/fp16 input itself (peft's own switch `cast_input_dtype_enabled = False`) and
+    upcasts inside A's product (`_UpcastLinear`): the same forward values and gradients (tested equal to
+    peft's path), the copy never kept. Layers with a variant (DoRA), LoRA dropout or a non-Linear base are left
+    to peft.
+
+    Returns:
+        How many LoRA layers were changed.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or getattr(module, "lora_variant", None):
+            continue
+        adapters = list(module.lora_A.keys())
+        if not adapters or not all(type(module.lora_A[a]) in (torch.nn.Linear, _UpcastInputLinear)
+                                   and isinstance(module.lora_dropout[a], torch.nn.Identity) for a in adapters):
+            continue
+        for a in adapters:
+            module.lora_A[a].__class__ = _UpcastInputLinear
+        module.cast_input_dtype_enabled = False
+        n += 1
+    return n

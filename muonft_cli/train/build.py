@@ -211,6 +211,9 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
         torch.set_rng_state(dist_mod.broadcast_object(torch.get_rng_state(), info))
     if not cfg.model.load_in_4bit and not models.is_meta(model):  # a 4-bit base sits on its GPU already
         model.to(device)  # (bitsandbytes refuses `.to()`); a meta model is materialised once sharded
+    if (device.type == "cpu" and base_dtype in ("bf16", "fp16") and not cfg.model.load_in_4bit
+            and hasattr(model, "peft_config")):  # no autocast on CPU: LoRA keeps the half-precision input
+        models.keep_adapter_inputs_in_base_dtype(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
