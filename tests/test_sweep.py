@@ -627,6 +627,8 @@ PINNED_PLANS = {
                             {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
     "mismatch-mitigation.yaml": [66, "5a5066bb76c979c7", "52db7ac9ec04c84c",
                                  {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
+    "mismatch-muon-form.yaml": [48, "b75daaa3c5853c76", "9edbae215561e2e5",
+                                {"adam": "b820688d9355", "muon": "312ba28e5f47"}],
     "sweep-finetune.yaml": [60, "7da45a891ce66f1b", "8377e32d85fafe9a", {"model": "dc5d36813fe7"}],
     "sweep-rank-study.yaml": [486, "8c0a67ca6ac6a558", "b1e3dd3cdd385013", {"llama2-7b": "9a63c25391fc"}],
     "micro-axes": [288, "b812fa01ca3d4a8b", "8ec1a8a2a1854b95", {"adam": "a79f95179abc", "muon": "c61a07e24f29"}],
