@@ -2,7 +2,7 @@
 
 Writes bf16 safetensors shards shaped like TinyLlama-1.1B (default) or Llama-2-7B (``--shape llama7b``,
 13.5 GB, all 32 blocks) into a temp dir (or ``--dir``), then measures in one run, each in a fresh subprocess
-(peak RSS = its ru_maxrss; CPU seconds = its user + system time, all threads):
+(peak RSS = its own VmHWM; CPU seconds = its user + system time, all threads):
 
 - cold read: every shard read once after dropping it from the page cache (``fsync`` then
   ``posix_fadvise(DONTNEED)`` on each shard — we cannot drop the host's caches; a warm read, without the
@@ -109,6 +109,19 @@ def _drop_cache(d: Path) -> None:
             os.close(fd)
 
 
+def _own_peak_rss_mb(ru: resource.struct_rusage) -> float:
+    """This process's own peak RSS (MB): VmHWM of its address space. Not ru_maxrss: Linux carries it over
+    from the parent across fork + exec, so a child of the process that wrote a 13 GB checkpoint would report
+    the writer's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return ru.ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
     import torch
@@ -141,7 +154,7 @@ def child(args: argparse.Namespace) -> None:
                "svd_entropy": {r["name"]: r["svd_entropy"] for r in recs}, "threads": torch.get_num_threads()}
     out["seconds"] = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    out["peak_rss_mb"] = ru.ru_maxrss / 1024
+    out["peak_rss_mb"] = _own_peak_rss_mb(ru)
     out["cpu_s"] = ru.ru_utime + ru.ru_stime
     print(json.dumps(out))
 
