@@ -278,7 +278,6 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
         raise UserInputError("nothing to evaluate: pass --data (perplexity), --reference-data (forgetting), "
                              "--base (weight distance) and/or --tasks (lm-evaluation-harness)")
     device = models.pick_device(cfg.train.device)
-    limit_host_allocator_retention()  # freed host tensors back to the OS (see models.device)
     src = models.resolve_model(cfg.model.name_or_path, cfg.model.offline)
     is_adapter = src.kind == "adapter"
     if not compare and (base or ref_path):
@@ -290,6 +289,7 @@ def run_eval(cfg: Any, base: str | None = None, split: str = "val", compare: boo
     if base_src is not None and base_src.kind == "adapter":
         raise UserInputError(f"--base '{base}' is an adapter: pass the full base model")
     model, tokenizer = models.load_model(cfg.model, device, base=base if is_adapter else None)
+    limit_host_allocator_retention(sum(p.numel() for p in model.parameters()))  # large models only (models.device)
     base_model = None
     if base_src is not None and not is_adapter:
         bcfg = ModelConfig(name_or_path=base, tokenizer=cfg.model.tokenizer, offline=cfg.model.offline,

@@ -227,7 +227,7 @@ import os, torch
 from muonft_cli.models.device import limit_host_allocator_retention
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 limited = {limit}
-if limited: assert limit_host_allocator_retention()
+if limited: assert not limit_host_allocator_retention(1000) and limit_host_allocator_retention(10**9)
 big = torch.ones(4 << 20); del big          # a 16 MiB free: glibc would raise its threshold to 16 MiB
 before = rss()
 ts, keep = [], []

@@ -22,7 +22,8 @@ part lives in its own module:
 
 from __future__ import annotations
 
-from muonft_cli.models.device import DTYPES, autocast, autocast_dtype, dtype_name, pick_device, resolve_base_dtype
+from muonft_cli.models.device import (DTYPES, autocast, autocast_dtype, dtype_name, limit_host_allocator_retention,
+                                     pick_device, resolve_base_dtype)
 from muonft_cli.models.load import (
     PRESET_MAX_POSITIONS,
     PRESETS,
@@ -60,7 +61,8 @@ from muonft_cli.models.source import (
 )
 
 __all__ = [
-    "DTYPES", "autocast", "autocast_dtype", "dtype_name", "pick_device", "resolve_base_dtype",
+    "DTYPES", "autocast", "autocast_dtype", "dtype_name", "limit_host_allocator_retention", "pick_device",
+    "resolve_base_dtype",
     "PRESET_MAX_POSITIONS", "PRESETS", "TOKENIZER_FILES", "build_pretrain_model", "checkpoint_dtype",
     "ensure_pad_token", "is_meta", "load_model", "load_tokenizer", "loaded_dtypes", "model_source",
     "apply_lora", "default_lora_targets", "initial_adapter_state", "keep_adapter_inputs_in_base_dtype", "lora_scale",

@@ -30,7 +30,6 @@ from muonft_cli.train.batching import collate, epoch_order, global_batch, micro_
 from muonft_cli.train.build import (MODES, build_model_and_data, build_optimizer, check_inputs, check_strategy,
                                    data_notice, set_seed, strategy_note, wrap_ddp, wrap_fsdp)
 from muonft_cli.errors import TrainingInterrupted
-from muonft_cli.models.device import limit_host_allocator_retention
 from muonft_cli.train.loop import Loop
 from muonft_cli.train.rundir import RESUME_MAY_CHANGE, RUN_FILES
 from muonft_cli.train.schedule import lr_lambda, total_steps
@@ -97,7 +96,6 @@ def run(cfg: RunConfig, mode: str, sink: Any = None, resume: bool = False,
         import torch
 
         torch.set_num_threads(cfg.train.threads)
-    limit_host_allocator_retention()  # freed host tensors back to the OS: peak RSS is what the run holds
     try:
         where = rundir.prepare_out_dir(cfg, resume)
         if where.finished is not None:

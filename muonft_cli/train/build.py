@@ -209,6 +209,8 @@ def build_model_and_data(cfg: RunConfig, mode: str, out: Path, resume: bool, dev
         # rank 0's initialisation drew from the RNG and the meta ranks' did not: continue from rank 0's state,
         # as every rank did when each built its own copy (dropout, anything seeded after this point)
         torch.set_rng_state(dist_mod.broadcast_object(torch.get_rng_state(), info))
+    # a large model's freed host tensors go back to the OS (glibc); a small one keeps the faster default
+    models.limit_host_allocator_retention(sum(p.numel() for p in model.parameters()))
     if not cfg.model.load_in_4bit and not models.is_meta(model):  # a 4-bit base sits on its GPU already
         model.to(device)  # (bitsandbytes refuses `.to()`); a meta model is materialised once sharded
     if (device.type == "cpu" and base_dtype in ("bf16", "fp16") and not cfg.model.load_in_4bit
