@@ -216,8 +216,8 @@ def test_4bit_on_a_gguf_base_says_what_to_pass(real_model):
 
 
 def test_host_allocator_returns_freed_tensors_to_the_os():
-    """glibc's adaptive mmap threshold keeps freed mid-sized tensors resident; muonft fixes it at 64 KiB, so
-    freeing 200 MiB of 1 MiB tensors (after a larger free that would have raised the threshold) gives it back
+    """glibc's adaptive mmap threshold keeps freed mid-sized tensors resident; muonft fixes it at 4 MiB, so
+    freeing 240 MiB of 8 MiB tensors (after a larger free that would have raised the threshold) gives it back
     to the OS. Run in children: the setting is process-wide and one-way."""
     import subprocess
     import sys
@@ -231,8 +231,8 @@ if limited: assert not limit_host_allocator_retention(1000) and limit_host_alloc
 big = torch.ones(4 << 20); del big          # a 16 MiB free: glibc would raise its threshold to 16 MiB
 before = rss()
 ts, keep = [], []
-for _ in range(200):                        # 200 x 1 MiB, each followed by a small tensor that stays
-    ts.append(torch.ones(1 << 18)); keep.append(torch.ones(1024))
+for _ in range(30):                         # 30 x 8 MiB, each followed by a 256 KiB tensor that stays (large
+    ts.append(torch.ones(2 << 20)); keep.append(torch.ones(1 << 16))  # enough not to fit a hole from the imports)
 del ts                                      # from the heap, the holes between the kept ones stay resident
 print((rss() - before) / 2**20)
 """

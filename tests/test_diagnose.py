@@ -282,13 +282,17 @@ def smollm2_mlp(real_model) -> list[tuple[str, torch.Tensor, object]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "bf16-stored"])
 def test_fast_matches_exact_on_real_smollm2_matrices(smollm2_mlp, precision):
     """The fast path (defaults, both product precisions) on real trained matrices large enough for it
     (SmolLM2-135M, 576 × 1536): stable rank ≤ 1 % relative, entropy ≤ 0.01 absolute, each within its reported
-    bound, against exact fp64 singular values. (Slow only on a loaded machine: 40 s there.)"""
+    bound, against exact fp64 singular values. ``bf16-stored``: the same matrices saved as bf16 (as most
+    checkpoints are), where the Krylov phase runs on split bf16 products. (Slow only on a loaded machine.)"""
     for name, W, e in smollm2_mlp:
-        f = fast_spectrum(W, precision=precision)
+        if precision == "bf16-stored":
+            W = W.bfloat16()
+            e = exact_estimate(W)
+        f = fast_spectrum(W, precision="bf16" if precision == "bf16-stored" else precision)
         assert f.method == "fast", name
         sr_err, ent_err = abs(f.stable_rank / e.stable_rank - 1), abs(f.svd_entropy - e.svd_entropy)
         assert sr_err <= 0.01 and sr_err <= f.stable_rank_rel_err + 1e-9, (name, sr_err, f.stable_rank_rel_err)
@@ -329,6 +333,54 @@ def test_stable_rank_bound_holds_on_a_converged_spectrum(shape):
         assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err, precision
         assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err, precision
         assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
+
+
+def test_split_bf16_products_match_fp64_both_orientations():
+    """`_split_mm` (bf16 GEMMs, output rounding recovered in the fp32 accumulator) is ~2⁻¹⁷-accurate where plain
+    bf16 products are ~2⁻⁹ off; `split_bf16_ok` finds that on any CPU whose bf16 addmm accumulates in fp32."""
+    from muonft_cli.diagnose import fast as F
+
+    if not F.split_bf16_ok("cpu"):
+        pytest.skip("this CPU's bf16 addmm does not add C in fp32 (the fp32 Krylov fallback runs instead)")
+    assert not F.split_bf16_ok("cuda")
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1200, 900, generator=g).bfloat16()
+    for left, S_ in ((True, torch.randn(900, 24, generator=g)), (False, torch.randn(24, 1200, generator=g))):
+        ref = X.double() @ S_.double() if left else S_.double() @ X.double()
+        plain = (X @ S_.bfloat16()) if left else (S_.bfloat16() @ X)
+        got = F._split_mm(X, S_, left)
+        rel = float((got.double() - ref).abs().max() / ref.abs().max())
+        assert got.dtype == torch.float32 and rel < 2.0**-15, rel
+        assert float((plain.double() - ref).abs().max() / ref.abs().max()) > 2.0**-10  # what the split recovers
+
+
+@pytest.mark.parametrize("shape", [(1536, 1024), (1024, 1536)])
+def test_split_krylov_agrees_with_fp32_row_blocks(shape, monkeypatch):
+    """On a bf16 matrix the split-product Krylov phase gives the fp32-product estimate (same basis to rounding),
+    both within their bounds of exact SVD; an fp32 matrix never takes the split path (it would analyse a rounded
+    copy)."""
+    from muonft_cli.diagnose import fast as F
+
+    if not F.split_bf16_ok("cpu"):
+        pytest.skip("no split bf16 products on this CPU")
+    g = torch.Generator().manual_seed(5)
+    U, V = torch.randn(shape[0], 16, generator=g), torch.randn(16, shape[1], generator=g)
+    W = (torch.randn(*shape, generator=g) * 0.02 + (U * torch.arange(16, 0, -1) * 0.01) @ V).bfloat16()
+    e = exact_estimate(W)
+    split = fast_spectrum(W, precision="bf16")
+    monkeypatch.setattr(F, "split_bf16_ok", lambda device_type="cpu": False)
+    blocks = fast_spectrum(W, precision="bf16")
+    for f in (split, blocks):
+        assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err + 1e-9
+        assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err
+        assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
+    assert split.stable_rank == pytest.approx(blocks.stable_rank, rel=1e-4)
+    assert split.svd_entropy == pytest.approx(blocks.svd_entropy, abs=1e-4)
+    assert split.stable_rank_rel_err >= 2 * F._SPLIT_EPS  # never claims more than the split products resolve
+    calls = []
+    monkeypatch.setattr(F, "split_bf16_ok", lambda device_type="cpu": calls.append(1) or True)
+    monkeypatch.setattr(F, "_split_mm", lambda *a, **k: pytest.fail("fp32 W took the split path"))
+    fast_spectrum(W.float(), precision="bf16")
 
 
 def test_native_bf16_detection_and_override(monkeypatch):

@@ -85,9 +85,9 @@ def test_token_nll_sum_matches_hf_mean_loss():
 
 
 def test_token_nll_sum_never_holds_the_whole_fp32_upcast(monkeypatch):
-    """The loss upcasts [B, T, V] bf16 logits chunk by chunk (no fp32 tensor larger than a chunk, with or without
-    autograd) and its graph keeps only the logits (no fp32 log-softmax saved for backward); same value and
-    gradient as the unchunked formula."""
+    """The loss upcasts [B, T, V] bf16 logits chunk by chunk (no fp32 tensor larger than a chunk, forward or
+    backward, with or without autograd) and its graph keeps the logits and one fp32 log-sum-exp per token (no
+    fp32 log-softmax saved for backward); same value and gradient as the unchunked formula."""
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -123,9 +123,34 @@ def test_token_nll_sum_never_holds_the_whole_fp32_upcast(monkeypatch):
                 nll = train.token_nll_sum(logits, labels)
         assert Largest.fp32 <= 2 * 3 * 50, (grad, Largest.fp32)  # never the whole [2, 11, 50] in fp32
         assert float(nll) == pytest.approx(float(ref), rel=1e-5)
-    assert sum(saved) == 0  # the graph keeps the bf16 logits only; chunks are recomputed in backward
-    (grad,) = torch.autograd.grad(nll, logits)
+    assert sum(saved) == 2 * 11 * 4  # the bf16 logits and the [2, 11] fp32 log-sum-exp, nothing [B, T, V]-sized
+    Largest.fp32 = 0
+    with Largest():
+        (grad,) = torch.autograd.grad(nll, logits)
+    assert Largest.fp32 <= 2 * 3 * 50, Largest.fp32  # backward: one chunk's softmax at a time
+    assert grad.dtype == torch.bfloat16
     assert torch.allclose(grad.float(), ref_grad.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_nll_sum_gradient_equals_cross_entropys(dtype, monkeypatch):
+    """Value and gradient against ``F.cross_entropy`` over the shifted logits, several chunks, ignored targets
+    (their positions get no gradient), and the last position (predicts nothing) gets zero."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(train.batching, "NLL_CHUNK_ELEMENTS", 3 * 4 * 37)
+    torch.manual_seed(1)
+    logits = (torch.randn(3, 9, 37, dtype=dtype) * 4).requires_grad_()
+    labels = torch.randint(0, 37, (3, 9))
+    labels[1, 3:6] = -100
+    ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 37), labels[:, 1:].reshape(-1), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.37, logits)
+    nll = train.token_nll_sum(logits, labels)
+    (grad,) = torch.autograd.grad(nll * 0.37, logits)
+    assert nll.dtype == torch.float32 and float(nll) == pytest.approx(float(ref), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert not grad[:, -1].any() and not grad[1, 2:5].any()
+    assert float(train.token_nll_sum(logits[:, :1], labels[:, :1])) == 0.0  # T = 1: no target
 
 def test_rich_sink_shows_progress_validation_and_notices():
     import io

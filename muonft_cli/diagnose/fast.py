@@ -24,12 +24,18 @@ eigendecomposition.
 
 Precision: on CPUs with native bf16 (``avx512_bf16``/``amx_bf16``, `native_bf16`) the SLQ products — most of
 the work — run in bf16 (fp32 accumulation, oneDNN/AMX; W is usually stored in bf16, and is used as stored);
-elsewhere (CUDA included) everything is fp32. The Krylov phase stays fp32 (bf16 W's row blocks upcast on the
-fly, no fp32 copy): bf16 rounds each product's output (≈ 2⁻⁹ relative), which floors the Ritz residuals near
-1e-3, so fewer pairs deflate and the deflated ones stay coupled to the rest — a bias in the entropy, measured
-at up to 0.004 on a spiky test matrix — whereas in the SLQ the same rounding is far below the probes' sampling
-error (measured: bf16 and fp32 SLQ on one deflation agree to < 1e-4). A term for it is still added to the
-entropy's reported error (`_BF16_ENTROPY_TERM`).
+elsewhere (CUDA included) everything is fp32. The Krylov phase needs more than bf16: bf16 rounds each product's
+output (≈ 2⁻⁹ relative), which floors the Ritz residuals near 1e-3, so fewer pairs deflate and the deflated ones
+stay coupled to the rest — a bias in the entropy, measured at up to 0.004 on a spiky test matrix — whereas in the
+SLQ the same rounding is far below the probes' sampling error (measured: bf16 and fp32 SLQ on one deflation agree
+to < 1e-4; a term for it is still added to the entropy's reported error, `_BF16_ENTROPY_TERM`). So the Krylov
+products run as *split* bf16 GEMMs (`_split_mm`): the fp32 block is split into bf16 high and low parts, and the
+output's rounding error is recovered by a second GEMM that subtracts the rounded result inside the fp32
+accumulator (``addmm(−Ŷ, X, V_hi)`` = round(XV_hi − Ŷ)); three bf16 GEMMs per product, ≈ 2⁻¹⁷ relative, several
+times faster than fp32 GEMMs on one core of an AMX CPU (and no fp32 copy of W), for matrices stored in bf16 (the
+products must be of W itself, not of a rounded copy). Whether the accumulator really
+takes the subtraction in fp32 is checked once per process (`split_bf16_ok`); where it does not, the Krylov phase
+runs on fp32 products from W's row blocks (upcast on the fly) as before.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 
 from muonft_cli.spectral import singular_values, stable_rank, svd_entropy
 
-__all__ = ["FastEstimate", "fast_spectrum", "exact_estimate", "native_bf16", "PRECISIONS"]
+__all__ = ["FastEstimate", "fast_spectrum", "exact_estimate", "native_bf16", "split_bf16_ok", "PRECISIONS"]
 
 _CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB: the Frobenius sum, and a bf16 W's fp32 products (upcast per block)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -77,6 +83,49 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+_SPLIT_EPS = 2.0 ** -16
+"""Relative accuracy claimed for a split bf16 product (`_split_mm`): the low part and the recovered output
+rounding leave ≈ 2⁻¹⁷ (measured 5e-6 max-relative on 5632×2048); the stable-rank bound is not reported below it."""
+
+
+def _split_mm(X: torch.Tensor, S: torch.Tensor, left: bool) -> torch.Tensor:
+    """``X @ S`` (``left``) or ``S @ X`` in fp32 accuracy (≈ 2⁻¹⁷ relative) from bf16 GEMMs: X bf16 (the matrix, as
+    stored), S an fp32 block of vectors. S = S_hi + S_lo (both bf16); one GEMM gives round(X·S_hi) and
+    round(X·S_lo) together, a second gives the first's rounding error, round(X·S_hi − round(X·S_hi)), because
+    ``addmm`` subtracts its C inside the fp32 accumulator (`split_bf16_ok` checks that)."""
+    hi = S.to(torch.bfloat16)
+    lo = (S - hi.float()).to(torch.bfloat16)
+    b = S.shape[1] if left else S.shape[0]
+    if left:
+        H = X @ torch.cat([hi, lo], 1)  # (m, 2b)
+        main, low = H[:, :b], H[:, b:]
+        err = torch.addmm(main, X, hi, beta=-1)
+    else:
+        H = torch.cat([hi, lo], 0) @ X  # (2b, n)
+        main, low = H[:b], H[b:]
+        err = torch.addmm(main, hi, X, beta=-1)
+    return main.float().add_(err.float()).add_(low.float())
+
+
+@lru_cache(maxsize=4)
+def split_bf16_ok(device_type: str = "cpu") -> bool:
+    """Whether `_split_mm` reaches its accuracy here: bf16 ``addmm`` must add ``beta·C`` in its fp32 accumulator
+    (oneDNN does; a kernel that rounds the product first would return zeros for the error term). Checked once
+    per process on both orientations at a size that takes the same GEMM path as real matrices."""
+    if device_type != "cpu":
+        return False
+    gen = torch.Generator().manual_seed(1234)
+    X = torch.randn(768, 1024, generator=gen).to(torch.bfloat16)
+    Xd = X.double()
+    for left in (True, False):
+        S = torch.randn(1024, 24, generator=gen) if left else torch.randn(24, 768, generator=gen)
+        ref = Xd @ S.double() if left else S.double() @ Xd
+        got = _split_mm(X, S, left).double()
+        if float((got - ref).abs().max() / ref.abs().max()) > 2.0 ** -14:
+            return False
+    return True
 
 
 @dataclass
@@ -159,6 +208,9 @@ def fast_spectrum(
     if precision == "auto":
         precision = "bf16" if dev.type == "cpu" and native_bf16() else "fp32"
     low = precision == "bf16"
+    # Krylov products as split bf16 GEMMs: only for a matrix stored in bf16 (X is then W itself; a rounded copy of
+    # an fp32/fp16 W would be a different matrix, ≈ 2⁻⁹ off — measured 1.3e-4 in stable rank on MiniLM)
+    split = low and W.dtype == torch.bfloat16 and dev.type == "cpu" and split_bf16_ok(dev.type)
     # the matrix the block products read: bf16 as stored (or rounded once), else fp32
     X = W.to(torch.bfloat16 if low else torch.float32).contiguous()  # (m, n)
     rows = max(1, _CHUNK_BYTES // (4 * n))
@@ -178,8 +230,13 @@ def fast_spectrum(
         # off, and an fp64 copy of each block costs ~15 % of the whole estimate)
         return float(torch.linalg.vector_norm(Wc, dim=1).double().square().sum())
 
-    # ‖W‖²_F: in fp32 mode now (one pass); in bf16 mode from the same row blocks as the first fp32 Krylov product
-    fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
+    # ‖W‖²_F: in fp32 mode now (one pass); with split products from bf16 row blocks (fp32 norms, no upcast copy);
+    # otherwise in bf16 mode from the same row blocks as the first fp32 Krylov product
+    if split:
+        fro2 = sum(float(torch.linalg.vector_norm(X[i : i + rows], dim=1, dtype=torch.float32).double().square().sum())
+                   for i in range(0, m, rows))
+    else:
+        fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
     if fro2 == 0 and not low:
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", 0)
     c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1 (bf16 mode: set after the Krylov phase)
@@ -242,14 +299,24 @@ def fast_spectrum(
 
     # 1) randomized block Krylov + Rayleigh–Ritz, keeping A·Q of every block (one block product per depth);
     #    deepen until σ₁'s bound is within ``sr_tol`` (flat-topped spectra converge slowly) or ``max_krylov_iters``.
-    #    In bf16 mode this phase still runs on fp32 products (W's row blocks upcast on the fly; its first pass also
-    #    sums ‖W‖²_F): bf16's rounded outputs put a ≈ 1e-3 relative floor under the Ritz residuals, which would
-    #    leave fewer pairs deflated and the deflated ones coupled to the rest — a bias in the entropy, not only
-    #    in σ₁'s bound. The Krylov phase is scale-free (only r₁/θ₁ is tested), so it runs unscaled until then.
+    #    In bf16 mode this phase runs on fp32-accurate products — split bf16 GEMMs (`_split_mm`), or where those
+    #    are unavailable fp32 GEMMs on W's row blocks upcast on the fly (whose first pass also sums ‖W‖²_F):
+    #    bf16's rounded outputs put a ≈ 1e-3 relative floor under the Ritz residuals, which would leave fewer
+    #    pairs deflated and the deflated ones coupled to the rest — a bias in the entropy, not only in σ₁'s
+    #    bound. The Krylov phase is scale-free (only r₁/θ₁ is tested), so it runs unscaled until then.
+    def A_split(V: torch.Tensor) -> torch.Tensor:  # (WᵀW or WWᵀ)·V, unscaled, fp32-accurate from split bf16 GEMMs
+        nonlocal matvecs
+        matvecs += V.shape[1]
+        if m >= n:
+            return _split_mm(X, _split_mm(X, V, left=True).T, left=False).T  # ((XV)ᵀX)ᵀ, (n, b)
+        return _split_mm(X, _split_mm(X, V.T, left=False).T, left=True)  # X(VᵀX)ᵀ, (m, b)
+
     def A_krylov(V: torch.Tensor) -> torch.Tensor:
         nonlocal fro2
         if not low:
             return A(V)
+        if split:
+            return A_split(V)
         out, f2 = A_fp32(V, fro=fro2 == 0)
         fro2 = fro2 or f2
         return out
@@ -350,7 +417,8 @@ def fast_spectrum(
         frobenius_norm=math.sqrt(fro2),
         stable_rank=r / x1,
         # not below what fp32 products can resolve (≈ 2√max(m,n)·2⁻²⁴ on x₁; the Kato–Temple bound can go under it)
-        stable_rank_rel_err=max(r1 / x1, 2 * math.sqrt(max(m, n)) * 2.0**-24),
+        # (split bf16 Krylov products: not below their ≈ 2⁻¹⁶ accuracy, for the two products of each step)
+        stable_rank_rel_err=max(r1 / x1, 2 * math.sqrt(max(m, n)) * 2.0**-24, 2 * _SPLIT_EPS if split else 0.0),
         svd_entropy=min(1.0, max(0.0, entropy)),
         svd_entropy_err=ent_err,
         method="fast",

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from muonft_cli._common import looks_local
@@ -142,8 +143,10 @@ def _read_st_header(path: Path) -> list[_StEntry]:
     return entries
 
 
-def _pread(path: str, offset: int, nbytes: int) -> bytearray:
-    buf = bytearray(nbytes)
+def _pread(path: str, offset: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of ``path`` from ``offset`` into a fresh uint8 array (``np.empty``: no zero-fill pass before the
+    read, unlike a ``bytearray``); dropped from the page cache after."""
+    buf = np.empty(nbytes, dtype=np.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
         view, done = memoryview(buf), 0
@@ -168,10 +171,10 @@ def _load_st(entry: _StEntry, raw: bool = False) -> torch.Tensor:
     buf = _pread(entry.path, entry.offset, entry.nbytes)
     t = torch.frombuffer(buf, dtype=tdtype).reshape(entry.shape)
     if raw and tdtype in (torch.float16, torch.bfloat16, torch.float32):
-        return t  # owns the bytearray
+        return t  # owns the read buffer
     out = t.to(torch.float32)
     if out.data_ptr() == t.data_ptr():
-        out = out.clone()  # fp32 on disk: own the memory so the bytearray can go
+        out = out.clone()  # fp32 on disk: own the memory so the read buffer can go
     return out
 
 
@@ -335,7 +338,6 @@ def _gguf_field(reader, key: str):
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    import numpy as np
     from gguf import GGUFReader, GGMLQuantizationType
     from gguf.quants import dequantize
 
