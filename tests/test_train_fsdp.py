@@ -144,8 +144,12 @@ def test_fsdp_muon_follows_one_process_with_half_the_bytes(fsdp_muon):
     d, one, two = fsdp_muon["dir"], fsdp_muon["one"], fsdp_muon["two"]
     _assert_curve(d / "one", d / "two")
     assert two["world_size"] == 2 and two["strategy"] == "fsdp"
-    # ‖W − W₀‖ of the sharded matrices, each gathered whole: the single process's
-    assert two["drift"] == pytest.approx(one["drift"], rel=1e-3)
+    # ‖W − W₀‖ of the sharded matrices, each gathered whole: the single process's. `max_rel` (the largest
+    # element-wise |ΔW|/|W|) is a maximum over near-zero weights and moves with rounding alone: two
+    # mathematically equal loss implementations put it 1.6e-3 apart in one process, so it gets 5e-3
+    assert {k: v for k, v in two["drift"].items() if k != "max_rel"} == \
+        pytest.approx({k: v for k, v in one["drift"].items() if k != "max_rel"}, rel=1e-3)
+    assert two["drift"]["max_rel"] == pytest.approx(one["drift"]["max_rel"], rel=5e-3)
     # every matrix orthogonalised once, split between the ranks (by NS FLOPs: equal shapes here, so halves)
     total = one["ortho_per_rank"][0]
     assert total == STEPS * 14 and sum(two["ortho_per_rank"]) == total
