@@ -189,9 +189,12 @@ def test_muon_matches_torch_muon(adjust):
     for p, q, w0 in zip(ours, ref, init):
         moved = (q.detach() - w0).norm()
         err = (p.detach() - q.detach()).norm() / moved
-        # direct shapes run the same bf16 NS as torch; thin ones use the exact-in-fp64 Gram path,
-        # so they differ by torch's bf16 error
-        assert err < (1e-2 if min(p.shape) > 64 else 3e-2), (p.shape, err)
+        # near-square direct shapes run the same bf16 NS as torch; rectangular ones (aspect ≥ 2) the Gram
+        # NS on their short side (same iterate, bf16 round-off in another order: as close to fp64 NS as
+        # torch's, test_gram_newton_schulz_for_rectangular_matrices_matches_standard_ns); thin ones the
+        # exact-in-fp64 Gram path, so they differ by torch's bf16 error
+        square = max(p.shape) < 2 * min(p.shape)
+        assert err < (1e-2 if min(p.shape) > 64 and square else 3e-2), (p.shape, err)
     # classic momentum M = βM + G (ours) is torch's EMA buffer divided by (1 − β): same direction
     for p, q in zip(ours, ref):
         torch.testing.assert_close(a.state[p]["momentum_buffer"] * 0.05, b.state[q]["momentum_buffer"], rtol=1e-5, atol=1e-6)

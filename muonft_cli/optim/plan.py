@@ -44,7 +44,9 @@ from . import update as U
 from .orthogonalize import (
     _PE_NORM_SCALE,
     GRAM_MAX_DIM,
+    GRAM_NS_MIN_ASPECT,
     _direct,
+    _direct_gram,
     _gram,
     _gram_q,
     _svd_polar,
@@ -363,7 +365,9 @@ class StepPlanner:
 
     @staticmethod
     def _ns(X: Tensor, method: str, steps: int, thin: bool) -> Tensor:
-        """Orthogonalise the wide stack X (k, r, c) → O (k, r, c) (fp32 for the Gram path)."""
+        """Orthogonalise the wide stack X (k, r, c) → O (k, r, c) (fp32 for the Gram path). Rectangular full
+        matrices (c ≥ `GRAM_NS_MIN_ASPECT`·r) iterate on their short side (`_direct_gram`, with restarts): the
+        same iterate at equal accuracy against fp64 NS (tests), fewer FLOPs (README "Optimizers")."""
         if method == "svd":
             return _svd_polar(X, X.dtype)
         coeffs = ns_coefficients(method, steps)
@@ -371,6 +375,8 @@ class StepPlanner:
         if thin:
             out = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
             return _gram(X, coeffs, scale, out)
+        if X.shape[-1] >= GRAM_NS_MIN_ASPECT * X.shape[-2]:
+            return _direct_gram(X, coeffs, scale)
         return _direct(X, coeffs, scale)
 
     def _chunk_local(self, chunk: Chunk, rule: UpdateRule) -> None:
