@@ -231,13 +231,9 @@ def fast_spectrum(
         # off, and an fp64 copy of each block costs ~15 % of the whole estimate)
         return float(torch.linalg.vector_norm(Wc, dim=1).double().square().sum())
 
-    # ‖W‖²_F: in fp32 mode now (one pass); with split products from bf16 row blocks (fp32 norms, no upcast copy);
-    # otherwise in bf16 mode from the same row blocks as the first fp32 Krylov product
-    if split:
-        fro2 = sum(float(torch.linalg.vector_norm(X[i : i + rows], dim=1, dtype=torch.float32).double().square().sum())
-                   for i in range(0, m, rows))
-    else:
-        fro2 = 0.0 if low else sum(fro2_of(Wc) for _, Wc in chunks())
+    # ‖W‖²_F: in fp32 mode and with split products now (one pass over W's row blocks); otherwise in bf16 mode from
+    # the same row blocks as the first fp32 Krylov product
+    fro2 = sum(fro2_of(Wc) for _, Wc in chunks()) if split or not low else 0.0
     if fro2 == 0 and not low:
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", 0)
     c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1 (bf16 mode: set after the Krylov phase)
