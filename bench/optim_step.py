@@ -3,7 +3,8 @@ pick instead (heavyball's Muon, pytorch-optimizer's Muon), at realistic sizes, p
 
 Cases (defaults):
   1. LoRA r=8 at Llama-2-7B shapes: adapters on q,k,v,o,gate,up,down of 32 layers → 448 thin matrices,
-     ~20 M params (muonft's fused thin path: stacked momentum, one batched r×r Gram iteration per step).
+     ~20 M params (muonft's fused thin path; on CPU its native kernel, ``muonft_muon_torchpath`` the same
+     optimizer with ``native=False``: stacked momentum, one batched r×r Gram iteration per step).
   2. Full hidden matrices of a Llama-style model: hidden 1024, intermediate 2816, 8 layers (56 matrices),
      every Muon with its NS in bf16 (torch.optim.Muon's and the peers' choice), muonft too (``ns_dtype=bf16``).
   3. Optimizer state bytes, muonft Muon / AdamW on the LoRA matrices (target 0.5).
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from muonft_cli.native import status as native_status  # noqa: E402
 from muonft_cli.optim import Muon, default_ns_dtype, optimizer_state_bytes  # noqa: E402
 
 LLAMA2_7B = dict(hidden=4096, intermediate=11008, layers=32)
@@ -101,6 +103,7 @@ def builders(lr: float, full: bool, heavyball_compile: bool) -> tuple[dict, dict
     else:
         out["muonft_muon"] = lambda ps: Muon(ps, lr=lr)
         out["muonft_muon_pe"] = lambda ps: Muon(ps, lr=lr, ns_method="polar_express")
+        out["muonft_muon_torchpath"] = lambda ps: Muon(ps, lr=lr, native=False)  # the kernel's A/B
     out["torch_muon"] = lambda ps: torch.optim.Muon(ps, lr=lr, adjust_lr_fn="match_rms_adamw")
     try:
         import pytorch_optimizer
@@ -210,6 +213,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "muonft_default_ns_dtype": str(default_ns_dtype(device)),
+        "native_kernel": native_status()["thin"],
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "load_average_1min_at_start": load,
         "method": "interleaved rounds, order rotated; medians of per-step times; ratios of medians",
@@ -223,7 +227,8 @@ def main() -> None:
     med = {k: v["median_ms"] for k, v in lora.items()}
     peers = [k for k in med if k.startswith(("torch_muon", "pytorch_optimizer", "heavyball"))]
     pairs = [("muonft_muon", "adamw_fused"), ("muonft_muon", "adamw_foreach"),
-             ("muonft_muon_pe", "adamw_fused")] + [(p, "muonft_muon") for p in peers]
+             ("muonft_muon_pe", "adamw_fused"), ("muonft_muon_torchpath", "muonft_muon")] + [
+        (p, "muonft_muon") for p in peers]
     lora_ratios = ratios(med, pairs)
     cpu_ratios = ratios({k: v["cpu_median_ms"] for k, v in lora.items()}, pairs)
     state_ratio = optimizer_state_bytes(opts["muonft_muon"]) / optimizer_state_bytes(opts["adamw_foreach"])

@@ -80,6 +80,11 @@ def test_finetune_every_optimizer(pretrained, tmp_path, optim, lora):
     assert s["optim"] == optim and s["steps"] == 3 and s["lora"] is lora
     if optim != "adamw":
         assert s["ortho_per_rank"][0] > 0  # Muon ran (did not degrade to AdamW)
+        nk = s["native_kernel"]
+        if optim == "muon" and lora and nk["status"].startswith("loaded"):  # fp32 LoRA factors on CPU
+            assert nk["matrices"] == s["ortho_per_rank"][0], nk
+        elif optim in ("adamuon", "normuon"):  # their own rules: never the Muon kernel
+            assert nk["matrices"] == 0, nk
     losses = [rec["loss"] for rec in read_metrics(out)]
     assert all(torch.isfinite(torch.tensor(losses)))
     final = out / "final"

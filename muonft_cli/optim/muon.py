@@ -21,7 +21,8 @@ Distributed NS (used by the engine under torchrun, with DDP-synchronised gradien
 With FSDP2 (``fully_shard``: DTensor parameters sharded by rows) no hook is needed: each matrix has one
 owner rank, balanced by NS FLOPs, that gathers its full input, orthogonalises it and returns every rank its
 rows (:mod:`.sharded`; Muon and muon-pe).
-``opt.ns_matrices_done`` / ``opt.ns_matrices_last_step`` count the matrices this rank orthogonalised.
+``opt.ns_matrices_done`` / ``opt.ns_matrices_last_step`` count the matrices this rank orthogonalised,
+``opt.native_matrices_done`` those of them the native CPU kernel stepped (:mod:`muonft_cli.native`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class MuonFamily(torch.optim.Optimizer):
         self._planner = StepPlanner(ns_chunk_bytes)
         self.ns_matrices_done = 0
         self.ns_matrices_last_step = 0
+        self.native_matrices_done = 0
         for group in self.param_groups:
             self._check_group(group)
 
@@ -182,6 +184,7 @@ class MuonFamily(torch.optim.Optimizer):
                 self._adamw_group_step(group)
         self.ns_matrices_last_step = self._planner.run(self.param_groups, self.state, self)
         self.ns_matrices_done += self.ns_matrices_last_step
+        self.native_matrices_done += self._planner.native_done
         return loss
 
     def _adamw_group_step(self, group: dict[str, Any]) -> None:
@@ -261,17 +264,23 @@ class Muon(MuonFamily):
         update_rank: k: apply only the top-k directions of each orthogonalised update, ``O_k = Q·(Qᵀ·O)``
             with Q the top-k left singular vectors of the NS input (:func:`.constraints.top_k_project`;
             state ``rank_basis``, rows × (k + max(k, 4)) oversampled, warm-started); None = the full update.
+        native: let fp32 thin matrices on CPU (LoRA factors) take the native kernel
+            (:mod:`muonft_cli.native`: the same update, each matrix read from memory once) when it is
+            available; ``False`` keeps them on the torch path.  ``MUONFT_NATIVE=0`` turns it off for the
+            process.
     """
 
     _fused_thin = True  # thin matrices on CPU take the planner's fused path (plan._FusedThin)
 
-    def __init__(self, params: Iterable[Any], *args: Any, update_rank: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, params: Iterable[Any], *args: Any, update_rank: int | None = None, native: bool = True,
+                 **kwargs: Any) -> None:
         if update_rank is not None and update_rank < 1:
             raise ValueError(f"update_rank must be >= 1 (or None = full rank), got {update_rank}")
         self.update_rank = update_rank
         if update_rank is not None:
             self._fused_thin = False  # the rank limit needs each matrix's O (`_apply_updates`)
         super().__init__(params, *args, **kwargs)
+        self._planner.native = bool(native)
 
     def _apply_updates(self, chunk: list[Item], outs: list[Tensor]) -> None:
         if self.update_rank is not None:

@@ -10,7 +10,9 @@ the update math (that is :mod:`.update`; the NS iterations are :mod:`.orthogonal
 * the fused thin path (:class:`_FusedThin`; Muon, fp32/fp64 weights, unsharded): per chunk a few
   whole-chunk launches on stacked tensors (the thin matrices' momentum buffers become views of one
   stacked tensor per chunk), one batched r×r Gram iteration for all thin matrices of the step, and a
-  ``_foreach`` apply — no per-matrix op.
+  ``_foreach`` apply — no per-matrix op.  On CPU with fp32 weights and gradients the whole step of these
+  matrices is instead one call into the native kernel (:mod:`muonft_cli.native`, built and loaded there;
+  same math, each matrix read from memory once), unless it is unavailable or ``Muon(native=False)``.
 * the plan cache: buckets → chunks (and per-chunk index and tensor lists, :meth:`StepPlanner.memoized`)
   are built once and reused while the param groups, the set of parameters with gradients, the state dict
   object and the sharding are unchanged.
@@ -33,6 +35,7 @@ through :class:`UpdateRule`.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import defaultdict
 from typing import Any, NamedTuple, Protocol
 
@@ -42,6 +45,7 @@ from torch import Tensor
 from . import sharded
 from . import update as U
 from .orthogonalize import (
+    _NORM_EPS,
     _PE_NORM_SCALE,
     GRAM_MAX_DIM,
     GRAM_NS_MIN_ASPECT,
@@ -129,6 +133,8 @@ class StepPlanner:
         self._memo: dict[tuple[str, int], Any] = {}  # per-chunk index lists of the cached plan
         self._ws: dict[tuple[str, torch.dtype], Tensor] = {}  # CPU scratch buffers, reused every step
         self._done = 0
+        self.native = False  # may the fused thin path use the native kernel (Muon(native=True))
+        self.native_done = 0  # matrices the native kernel stepped in the last step
         self.dist_enabled = False
         self.dist_group: Any = None
         self.shard_thin = False
@@ -161,7 +167,7 @@ class StepPlanner:
 
     def run(self, param_groups: list[dict[str, Any]], state: Any, rule: UpdateRule) -> int:
         """One Muon step over the ``kind="muon"`` groups; returns how many matrices this rank orthogonalised."""
-        self._done = 0
+        self._done = self.native_done = 0
         chunks = self._current(param_groups, state, rule)
         if self._fused is not None:
             chunks = self._fused.run(self, chunks)
@@ -469,6 +475,21 @@ class _FusedEntry(NamedTuple):
     params: list[Tensor]
     groups: list[dict[str, Any]]  # distinct param groups, in chunk order
     uniform: bool  # one group and one scale: scalar coefficients
+    native: bool  # CPU fp32 with r ≤ 64: the native kernel can run it (:mod:`muonft_cli.native`)
+
+
+class _NativeCall(NamedTuple):
+    """One native-kernel call of a step (the matrices of one NS method and step count), built per plan."""
+
+    entries: list[_FusedEntry]
+    params: list[Tensor]
+    mp: array  # momentum-buffer data pointers (views of the entries' stacked M)
+    shapes: array  # (rows, cols) per matrix, as stored
+    coeffs: list[tuple[float, float, float]]
+    norm_scale: float
+    items: list[Item]
+    scal: list[Any]  # [(key, array)]: the per-matrix scalars of the last step, see _native_scal
+    max_numel: list[int]  # [the largest matrix's element count]
 
 
 class _FusedThin:
@@ -484,12 +505,14 @@ class _FusedThin:
     runs for every thin matrix of the step, and the update is ``O = (−η·s·Q) X`` (one bmm) added with one
     ``_foreach`` decay and one ``_foreach_add_``.  The Nesterov inputs X stay in stack buffers kept by the
     plan between the Gram and the apply (one fp32 copy of the thin parameters; recomputing them from G and M
-    instead measured ~20 % slower on CPU).
+    instead measured ~20 % slower on CPU).  On CPU (fp32) all of it is one native call instead
+    (:meth:`_run_native`).
     """
 
     def __init__(self, entries: list[_FusedEntry], sizes: dict[tuple[int, str, int], int]) -> None:
         self.entries, self.sizes = entries, sizes
         self.ids = {id(e.chunk) for e in entries}
+        self._native: tuple[tuple[int, ...], list[_NativeCall]] | None = None  # cached kernel calls
 
     @staticmethod
     def eligible_dtype(dtype: torch.dtype) -> bool:
@@ -515,8 +538,9 @@ class _FusedThin:
             sizes[key] = offset + len(items)
             groups = list({id(it.group): it.group for it in items}.values())
             uniform = len(groups) == 1 and len({it.scale for it in items}) == 1
+            native = p0.device.type == "cpu" and p0.dtype == M.dtype == torch.float32 and key[0] <= 64
             entries.append(_FusedEntry(chunk, M, key, offset, tuple(p0.shape), [it.param for it in items],
-                                       groups, uniform))
+                                       groups, uniform, native))
         return cls(entries, sizes) if entries else None
 
     def run(self, planner: StepPlanner, chunks: list[Chunk]) -> list[Chunk]:
@@ -531,6 +555,8 @@ class _FusedThin:
             todo.append((e, beta, bool(nesterov and beta > 0.0)))
         rest = [c for c in chunks if id(c) not in self.ids or id(c) in rest_ids]
         if not todo:
+            return rest
+        if self._run_native(planner, todo):
             return rest
         f64 = torch.float64
         S = {key: planner.kept(("S", key), (n, key[0], key[0]), f64, todo[0][0].M.device)
@@ -552,6 +578,90 @@ class _FusedThin:
             self._apply(planner, e, Q[e.key][e.offset : e.offset + X.shape[0]], X)
             planner._done += X.shape[0]
         return rest
+
+    def _run_native(self, planner: StepPlanner, todo: list[tuple[_FusedEntry, float, bool]]) -> bool:
+        """The whole step of ``todo`` in the native kernel (one call per NS method and step count), when
+        every entry is native-eligible and every gradient a contiguous CPU fp32 tensor; returns whether it
+        ran.  Same math as the torch path below, one matrix at a time: each is read from memory once.
+        Per step only the pointers are gathered (and the per-matrix scalars when a group's lr, decay or
+        momentum changed); the rest is built once per plan (:meth:`_native_calls`)."""
+        if not (planner.native and all(e.native for e, _, _ in todo)):
+            return False
+        from muonft_cli.native import thin_kernel
+
+        kernel = thin_kernel()
+        if kernel is None:
+            return False
+        calls = self._native_calls(todo)
+        f32, cpu, data_ptr = torch.float32, torch.device("cpu"), Tensor.data_ptr
+        grads = []
+        for call in calls:
+            gs = [it.grad for it in call.items]
+            if not (all(g.dtype is f32 and g.is_cpu for g in gs) and all(map(Tensor.is_contiguous, gs))):
+                return False
+            grads.append(gs)
+        threads = torch.get_num_threads()
+        for call, gs in zip(calls, grads):
+            need = kernel.scratch_bytes(call.max_numel[0], threads) + 64
+            buf = planner.kept(("native",), (need,), torch.uint8, cpu)  # kept across steps
+            addr = buf.data_ptr()
+            scratch = addr + (-addr) % 64
+            kernel.step(array("q", map(data_ptr, call.params)), array("q", map(data_ptr, gs)), call.mp,
+                        call.shapes, self._native_scal(call, todo), call.coeffs, call.norm_scale, _NORM_EPS,
+                        threads, scratch, need - (scratch - addr))
+            planner._done += len(call.params)
+            planner.native_done += len(call.params)
+        return True
+
+    def _native_calls(self, todo: list[tuple[_FusedEntry, float, bool]]) -> list[_NativeCall]:
+        """The kernel calls for ``todo`` (one per NS method and step count), cached per set of entries:
+        parameters, shapes and momentum-buffer pointers in order."""
+        key = tuple(id(e) for e, _, _ in todo)
+        if self._native is not None and self._native[0] == key:
+            return self._native[1]
+        by: dict[tuple[str, int], _NativeCall] = {}
+        for e, _, _ in todo:
+            _, method, steps = e.key
+            call = by.get((method, steps))
+            if call is None:
+                call = by[(method, steps)] = _NativeCall(
+                    [], [], array("q"), array("q"), ns_coefficients(method, steps),
+                    _PE_NORM_SCALE if method == "polar_express" else 1.0, [], [None], [1])
+            m0, mstep = e.M.data_ptr(), e.M[0].numel() * e.M.element_size()
+            call.entries.append(e)
+            for i, it in enumerate(e.chunk.items):
+                call.params.append(it.param)
+                call.items.append(it)
+                call.mp.append(m0 + i * mstep)
+                call.shapes.extend((it.rows, it.cols))
+                call.max_numel[0] = max(call.max_numel[0], it.rows * it.cols)
+        calls = list(by.values())
+        self._native = (key, calls)
+        return calls
+
+    @staticmethod
+    def _native_scal(call: _NativeCall, todo: list[tuple[_FusedEntry, float, bool]]) -> array:
+        """(beta, nesterov, −lr·scale, 1 − lr·wd) per matrix of ``call``, rebuilt only when a group's lr,
+        decay, momentum or Nesterov flag changed since the last step."""
+        flags = {id(e): (beta, nesterov) for e, beta, nesterov in todo}
+        key = tuple((flags[id(e)], tuple((g["lr"], g["weight_decay"]) for g in e.groups)) for e in call.entries)
+        if call.scal[0] is not None and call.scal[0][0] == key:
+            return call.scal[0][1]
+        scal = array("d")
+        for e in call.entries:
+            beta, nesterov = flags[id(e)]
+            nest = 1.0 if nesterov else 0.0
+            items = e.chunk.items
+            if e.uniform:
+                g = e.groups[0]
+                lr, wd = g["lr"], g["weight_decay"]
+                scal.extend(array("d", (beta, nest, -lr * items[0].scale, 1.0 - lr * wd)) * len(items))
+            else:
+                for it in items:
+                    lr, wd = it.group["lr"], it.group["weight_decay"]
+                    scal.extend((beta, nest, -lr * it.scale, 1.0 - lr * wd))
+        call.scal[0] = (key, scal)
+        return scal
 
     @staticmethod
     def _input(planner: StepPlanner, j: int, e: _FusedEntry, beta: float, nesterov: bool) -> Tensor:

@@ -414,6 +414,11 @@ class Loop:
             extra["drift"] = drift
         if (mit := self.mitigation()) is not None:
             extra["mitigation"] = mit
+        if ortho is not None:  # the muonft Muon family: did its native CPU kernel run (and if not, why)?
+            from muonft_cli.native import status as native_status
+
+            extra["native_kernel"] = {"matrices": int(getattr(self.optimizer, "native_matrices_done", 0)),
+                                      "status": native_status(build=False)["thin"]}
         return extra | {
             "out": str(self.out), "mode": self.mode, "optim": self.cfg.optimizer.name, "steps": st.step,
             "tokens": st.tokens,

@@ -1,0 +1,163 @@
+"""Native CPU kernels: building, caching and loading them, and the typed call into each.
+
+Owns ``thin_muon.c`` — the whole Muon step of thin fp32 matrices (LoRA factors) in one pass per matrix
+(momentum, Nesterov input, float64 Gram, the r×r iteration, apply), which torch has no fused op for — and
+the machinery around it:
+
+* built on first use with the system C compiler (``$CC``, else ``cc``) at ``-O3 -march=native`` into
+  ``$MUONFT_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/muonft/native`` or ``~/.cache/muonft/native``), named
+  by a hash of the source, the flags, the compiler's version and the CPU's flags (a different CPU or
+  compiler builds its own copy); written to a temporary name and renamed, so concurrent processes
+  (torchrun ranks) never load a half-written library;
+* loaded with :mod:`ctypes`: plain C, no torch headers, so a build takes about a second and needs no ninja
+  (``torch.utils.cpp_extension`` would compile the torch headers, ~1 min, and need ninja; this is why the
+  kernel is not one);
+* optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel`
+  returns ``None`` and the optimizer runs its torch path (same math); :func:`status` says which and why.
+
+No torch import here: callers pass raw pointers and sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from array import array
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["ThinKernel", "status", "thin_kernel"]
+
+_SOURCE = Path(__file__).with_name("thin_muon.c")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+MAX_RANK = 64  # MAXR in thin_muon.c
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("MUONFT_NATIVE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "muonft" / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+class ThinKernel:
+    """The loaded ``muonft_thin_step``: :meth:`step` runs it on matrices described by raw pointers."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        fn = lib.muonft_thin_step
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int64]
+        size = lib.muonft_thin_scratch_bytes
+        size.restype, size.argtypes = ctypes.c_int64, [ctypes.c_int64]
+        self._fn, self._size, self._lib, self.path = fn, size, lib, path
+
+    def scratch_bytes(self, max_numel: int, threads: int) -> int:
+        """Bytes of scratch :meth:`step` needs for matrices of at most ``max_numel`` elements."""
+        return int(self._size(int(max_numel))) * max(1, min(64, int(threads)))
+
+    def step(self, wp: array, gp: array, mp: array, shapes: array, scal: array,
+             coeffs: Sequence[tuple[float, float, float]], norm_scale: float, norm_eps: float, threads: int,
+             scratch: int, scratch_size: int) -> None:
+        """One Muon step of ``len(shapes) // 2`` thin fp32 matrices, in place.
+
+        ``wp``, ``gp``, ``mp``: int64 data pointers of each matrix's W, G and M (contiguous fp32,
+        row-major); ``shapes``: int64
+        (rows, cols) per matrix; ``scal``: float64 (beta, nesterov, coef, keep) per matrix, the update being
+        ``M ← G + βM``, ``W ← keep·W + coef·(Q X)``; ``coeffs``: the Gram iteration's (a, b, c) per step;
+        ``scratch``: the address of ``scratch_size`` ≥ :meth:`scratch_bytes` bytes, 64-byte aligned.
+        Raises ``ValueError`` before touching any matrix when it cannot run.
+        """
+        n = len(shapes) // 2
+        if not len(wp) == len(gp) == len(mp) == n or len(scal) != 4 * n:
+            raise ValueError("thin kernel: pointers, shapes and scal disagree on the number of matrices")
+        flat = array("d", [float(v) for abc in coeffs for v in abc])
+        rc = self._fn(n, wp.buffer_info()[0], gp.buffer_info()[0], mp.buffer_info()[0], shapes.buffer_info()[0],
+                      scal.buffer_info()[0],
+                      len(coeffs), flat.buffer_info()[0] if len(flat) else None, float(norm_scale),
+                      float(norm_eps), int(threads), scratch, int(scratch_size))
+        if rc == 3:
+            raise ValueError("thin kernel: scratch too small or not 64-byte aligned")
+        if rc:
+            raise ValueError(f"thin kernel: a matrix is empty or has min(rows, cols) > {MAX_RANK}")
+
+
+_STATUS: dict[str, str] = {}
+
+
+def _build() -> Path:
+    """Compile ``thin_muon.c`` into the cache (or reuse it); returns the library's path."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                                        platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    out_dir = _cache_dir()
+    lib = out_dir / f"thin_muon-{digest}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".thin_muon-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # a compiler without it
+            proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm", "-lpthread"],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                break
+        else:
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"{cc} failed: {last[0]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@lru_cache(maxsize=1)
+def thin_kernel() -> ThinKernel | None:
+    """The thin-matrix kernel, built and loaded once per process; ``None`` when unavailable (see
+    :func:`status`)."""
+    if os.environ.get("MUONFT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _STATUS["thin"] = "disabled (MUONFT_NATIVE=0)"
+        return None
+    try:
+        path = _build()
+        kernel = ThinKernel(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _STATUS["thin"] = f"unavailable: {exc}"
+        return None
+    _STATUS["thin"] = f"loaded from {path}"
+    return kernel
+
+
+def status(build: bool = True) -> dict[str, str]:
+    """Whether each kernel is loaded, and why not: ``"loaded from PATH"``, ``"disabled (MUONFT_NATIVE=0)"``
+    or ``"unavailable: REASON"``; with ``build=False`` a kernel not tried yet in this process is
+    ``"not used"`` (nothing is compiled)."""
+    if build:
+        thin_kernel()
+    return {"thin": _STATUS.get("thin", "not used")}

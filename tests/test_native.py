@@ -1,0 +1,157 @@
+"""The native thin-matrix kernel (:mod:`muonft_cli.native`) against the torch path and references: the
+same optimizer step (every r the kernel specialises and others, wide and tall, several blocks, groups,
+Nesterov on/off, both NS methods), float64-level accuracy on ill-conditioned matrices, the torch path
+taking over whenever the kernel cannot run, and its build cache (fallbacks, concurrent builds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import muonft_cli.native as native
+from muonft_cli.optim import Muon, orthogonalize, update_scale
+from _helpers_optim import matrix_with_condition
+
+REPO = Path(__file__).resolve().parents[1]
+F32 = torch.float32
+
+
+@pytest.fixture
+def kernel():
+    k = native.thin_kernel()
+    if k is None:
+        pytest.skip(f"native kernel: {native.status()['thin']}")
+    return k
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _train(monkeypatch, use_native: bool, init, grads_seq, groups, **kw):
+    """Params and momentum buffers after stepping a fresh Muon through ``grads_seq``; counts kernel calls."""
+    calls = []
+    with monkeypatch.context() as mp:
+        if use_native:
+            k = native.thin_kernel()
+            real = k.step
+            mp.setattr(k, "step", lambda *a: calls.append(len(a[3]) // 2) or real(*a))
+        else:
+            mp.setattr(native, "thin_kernel", lambda: None)
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = Muon([dict(params=[ps[i] for i in idx], **g) for idx, g in groups], ns_dtype="fp32", **kw)
+        for grads in grads_seq:
+            for p, g in zip(ps, grads):
+                p.grad = g() if callable(g) else g.clone()
+            opt.step()
+    return [p.detach() for p in ps], [opt.state[p]["momentum_buffer"] for p in ps], calls
+
+
+@pytest.mark.parametrize("method", ["jordan", "polar_express"])
+def test_kernel_step_equals_the_torch_path(kernel, monkeypatch, method):
+    """Same weights and momentum as the torch fused path over three steps, for every r the kernel
+    specialises (4, 8, 16, 32) and others (1, 3, 13, 64), wide and tall, matrices spanning several
+    cache blocks, and groups with their own lr, decay, scaling, momentum and Nesterov flag."""
+    torch.manual_seed(3)
+    shapes = [(8, 5000), (9000, 8), (4, 700), (700, 4), (16, 333), (333, 16), (32, 96), (96, 32),
+              (1, 50), (50, 1), (3, 77), (77, 3), (13, 130), (130, 13), (64, 200), (200, 64), (8, 64)]
+    init = [torch.randn(*s) * 0.1 for s in shapes]
+    grads_seq = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+    groups = [(list(range(0, len(shapes), 2)), dict(lr=0.02, weight_decay=0.1, scaling="original")),
+              (list(range(1, len(shapes), 2)), dict(lr=0.05, weight_decay=0.0, scaling="match_rms_adamw",
+                                                    momentum=0.9, nesterov=False))]
+    W_t, M_t, _ = _train(monkeypatch, False, init, grads_seq, groups, ns_method=method)
+    W_n, M_n, calls = _train(monkeypatch, True, init, grads_seq, groups, ns_method=method)
+    assert calls == [len(shapes)] * 3  # every matrix, one kernel call per step
+    for s, a, b in zip(shapes, W_n, W_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{s}: {m}")
+    for a, b in zip(M_n, M_t):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["jordan", "polar_express"])
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e3, 1e4])
+@pytest.mark.parametrize("shape", [(8, 4096), (4096, 8), (16, 1000), (64, 300)])
+def test_kernel_update_is_as_accurate_as_fp32_newton_schulz(kernel, monkeypatch, method, cond, shape):
+    """The kernel's orthogonalised update on ill-conditioned gradients (float64 Gram and r×r iteration)
+    against the float64 Newton–Schulz reference: within 2× the error of fp32 Newton–Schulz itself (the
+    same bound as the torch Gram path's accuracy test)."""
+    G = matrix_with_condition(*shape, cond=cond, seed=2).float()
+    W0 = torch.zeros(shape)
+    W, _, calls = _train(monkeypatch, True, [W0], [[G]], [([0], dict(lr=1.0, scaling="original"))],
+                         momentum=0.0, nesterov=False, ns_method=method)
+    assert calls == [1]
+    O = -W[0] / update_scale("original", *shape)
+    exact64 = orthogonalize(G.double(), 5, method, torch.float64, gram=False)
+    direct = orthogonalize(G, 5, method, F32, gram=False)
+    assert _rel(O, exact64) <= _rel(direct, exact64) * 2 + 1e-6
+
+
+def test_torch_path_takes_over_when_the_kernel_cannot_run(kernel, monkeypatch):
+    """A non-contiguous gradient, bf16 weights or ``Muon(native=False)``: the step runs on the torch
+    path (no kernel call) and is the same update."""
+    torch.manual_seed(4)
+    shapes = [(8, 300), (300, 8)]
+    init = [torch.randn(*s) for s in shapes]
+    grads = [torch.randn(*s) for s in shapes]
+    groups = [([0, 1], dict(lr=0.02))]
+    want, _, calls = _train(monkeypatch, True, init, [grads], groups)
+    assert calls == [2]
+    strided = [lambda g=g: g.t().contiguous().t() for g in grads]  # same values, column-major
+    got, _, calls = _train(monkeypatch, True, init, [strided], groups)
+    assert calls == []
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    bf, _, calls = _train(monkeypatch, True, [w.bfloat16() for w in init], [[g.bfloat16() for g in grads]], groups)
+    assert calls == [] and all(p.dtype == torch.bfloat16 for p in bf)
+    off, _, calls = _train(monkeypatch, True, init, [grads], groups, native=False)
+    assert calls == []
+    for a, b in zip(off, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _probe(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    code = ("import muonft_cli.native as n; k = n.thin_kernel(); "
+            "print('PATH', k.path if k else None); print('STATUS', n.status()['thin'])")
+    full = {k: v for k, v in os.environ.items() if k not in ("CC", "MUONFT_NATIVE", "MUONFT_NATIVE_DIR")}
+    full.update(env, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=cwd,
+                          timeout=300)
+
+
+def test_kernel_unavailable_or_disabled_says_why(tmp_path):
+    """No compiler, a failing compiler, or ``MUONFT_NATIVE=0``: no kernel, one status line saying why,
+    nothing half-written in the cache."""
+    cache = tmp_path / "cache"
+    for env, why in (({"CC": str(tmp_path / "no-such-cc")}, "no C compiler"),
+                     ({"CC": "false"}, "failed"),
+                     ({"MUONFT_NATIVE": "0"}, "disabled (MUONFT_NATIVE=0)")):
+        r = _probe({**env, "MUONFT_NATIVE_DIR": str(cache)}, tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "PATH None" in r.stdout and why in r.stdout, (env, r.stdout)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_concurrent_builds_share_one_cached_library(kernel, tmp_path):
+    """Two processes building into an empty cache at once (torchrun ranks) both load the same library;
+    no temporary file is left; a later process reuses it without rebuilding."""
+    cache = tmp_path / "cache"
+    env = {"MUONFT_NATIVE_DIR": str(cache)}
+    code = "import muonft_cli.native as n; k = n.thin_kernel(); print('PATH', k.path if k else n.status())"
+    full = {k: v for k, v in os.environ.items() if k not in ("CC", "MUONFT_NATIVE")}
+    full.update(env, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=full, cwd=tmp_path)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    paths = {ln.split(" ", 1)[1] for out in outs for ln in out.splitlines() if ln.startswith("PATH")}
+    assert len(paths) == 1 and all(p.returncode == 0 for p in procs), outs
+    (lib,) = cache.iterdir()
+    assert str(lib) in paths and lib.suffix == ".so"
+    stamp = lib.stat().st_mtime_ns
+    r = _probe(env, tmp_path)
+    assert f"PATH {lib}" in r.stdout and lib.stat().st_mtime_ns == stamp
