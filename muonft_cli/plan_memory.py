@@ -176,22 +176,36 @@ def _activations(s: dict[str, Any], micro: int, seq: int, c: dict[str, Any], che
         layers = L * c["residual"] * h + per_layer
     else:
         layers = L * per_layer
+    from muonft_cli.train.batching import NLL_CHUNK_ELEMENTS
+
     outside = c["residual"] * h + 4 * (2 * h + 1) + c["compute"] * h  # embeddings out, final norm, head input
-    loss = v * (c["compute"] + 3 * 4)  # logits; fp32 log-softmax; its gradient and the logits' gradient
-    return int(micro * seq * (layers + outside + loss))
+    # the loss (train.batching._ChunkedNLL): the logits and, in its backward pass, their gradient (c each per
+    # vocabulary entry) and one chunk's fp32 softmax with its upcast (≤ NLL_CHUNK_ELEMENTS entries)
+    loss = v * 2 * c["compute"] + 4
+    chunk = 2 * 4 * min(micro * seq * v, NLL_CHUNK_ELEMENTS)
+    return int(micro * seq * (layers + outside + loss) + chunk)
 
 
-def _muon_workspace(routes: list[Any], ns_bytes: int, chunk_bytes: int, shard_world: int) -> int:
+def _muon_workspace(routes: list[Any], ns_bytes: int, chunk_bytes: int, shard_world: int,
+                    native_threads: int = 0) -> int:
     """The largest Newton–Schulz chunk: stacked input and its iterate (2·X) + three r×r Gram-sized blocks, and
-    the fp32 Nesterov input of that chunk (`optim.plan`: same-shape matrices stacked, ≤ ns_chunk_bytes)."""
+    the fp32 Nesterov input of that chunk (`optim.plan`: same-shape matrices stacked, ≤ ns_chunk_bytes).
+    With ``native_threads`` (the native CPU kernel steps the fp32 thin matrices): their workspace is the
+    kernel's scratch instead, per thread the largest thin matrix in fp32 plus a 64 × 512 float64 block."""
+    import torch
+
     buckets: dict[tuple[int, int], int] = {}
+    native_fp32 = 0
     for r in routes:
         if r.kind != "muon":
             continue
         rows, cols = r.param.shape[0], math.prod(r.param.shape[1:])
         key = (min(rows, cols), max(rows, cols))
+        if native_threads and key[0] <= 64 and r.param.dtype == torch.float32:
+            native_fp32 = max(native_fp32, rows * cols)
+            continue
         buckets[key] = buckets.get(key, 0) + 1
-    best = 0
+    best = native_threads * (4 * native_fp32 + 8 * 64 * 512) if native_fp32 else 0
     for (a, b), count in buckets.items():
         thin = a <= 64
         item = ns_bytes if not thin else 4
@@ -349,8 +363,12 @@ def plan_memory(cfg: Any, mode: str, *, world_size: int | None = None, gpu_memor
         ns_bytes = resolve_ns_dtype("auto", "cpu").itemsize
     step_ws = (0 if on_cuda else int(4 * adamw_numel * shard))
     if optim_name != "adamw":  # the AdamW group steps first, its copy freed before Newton–Schulz runs
+        from muonft_cli import native
+
+        fused = optim_name in ("muon", "muon-pe") and cfg.optimizer.update_rank is None and strategy != "fsdp"
+        threads = torch.get_num_threads() if fused and not on_cuda and native.expected() else 0
         step_ws = max(step_ws, _muon_workspace(routes, ns_bytes, DEFAULT_CHUNK_BYTES,
-                                               world if strategy != "single" else 1))
+                                               world if strategy != "single" else 1, threads))
     ddp_buckets = gradients if strategy == "ddp" else 0  # DDP's flat gradient buckets beside .grad
     fsdp_gather = 0
     if strategy == "fsdp":  # the unsharded parameters of two layers (current + prefetched) and one layer's grads

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["ThinKernel", "status", "thin_kernel"]
+__all__ = ["ThinKernel", "expected", "status", "thin_kernel"]
 
 _SOURCE = Path(__file__).with_name("thin_muon.c")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
@@ -141,7 +141,7 @@ def _build() -> Path:
 def thin_kernel() -> ThinKernel | None:
     """The thin-matrix kernel, built and loaded once per process; ``None`` when unavailable (see
     :func:`status`)."""
-    if os.environ.get("MUONFT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         _STATUS["thin"] = "disabled (MUONFT_NATIVE=0)"
         return None
     try:
@@ -152,6 +152,18 @@ def thin_kernel() -> ThinKernel | None:
         return None
     _STATUS["thin"] = f"loaded from {path}"
     return kernel
+
+
+def _disabled() -> bool:
+    return os.environ.get("MUONFT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def expected() -> bool:
+    """Whether :func:`thin_kernel` will (or did) load, judged without compiling anything: loaded already, or
+    not tried yet, not disabled and a C compiler on PATH (the memory plan uses this)."""
+    if "thin" in _STATUS:
+        return _STATUS["thin"].startswith("loaded")
+    return not _disabled() and shutil.which(os.environ.get("CC") or "cc") is not None
 
 
 def status(build: bool = True) -> dict[str, str]:
