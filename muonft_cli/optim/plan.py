@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -478,18 +479,19 @@ class _FusedEntry(NamedTuple):
     native: bool  # CPU fp32 with r ≤ 64: the native kernel can run it (:mod:`muonft_cli.native`)
 
 
-class _NativeCall(NamedTuple):
+@dataclass
+class _NativeCall:
     """One native-kernel call of a step (the matrices of one NS method and step count), built per plan."""
 
-    entries: list[_FusedEntry]
-    params: list[Tensor]
-    mp: array  # momentum-buffer data pointers (views of the entries' stacked M)
-    shapes: array  # (rows, cols) per matrix, as stored
     coeffs: list[tuple[float, float, float]]
     norm_scale: float
-    items: list[Item]
-    scal: list[Any]  # [(key, array)]: the per-matrix scalars of the last step, see _native_scal
-    max_numel: list[int]  # [the largest matrix's element count]
+    entries: list[_FusedEntry] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    mp: array = field(default_factory=lambda: array("q"))  # momentum pointers (views of the entries' stacked M)
+    shapes: array = field(default_factory=lambda: array("q"))  # (rows, cols) per matrix, as stored
+    max_numel: int = 1  # the largest matrix's element count
+    scal: tuple[Any, array] | None = None  # (key, per-matrix scalars) of the last step, see _native_scal
 
 
 class _FusedThin:
@@ -602,7 +604,7 @@ class _FusedThin:
             grads.append(gs)
         threads = torch.get_num_threads()
         for call, gs in zip(calls, grads):
-            need = kernel.scratch_bytes(call.max_numel[0], threads) + 64
+            need = kernel.scratch_bytes(call.max_numel, threads) + 64
             buf = planner.kept(("native",), (need,), torch.uint8, cpu)  # kept across steps
             addr = buf.data_ptr()
             scratch = addr + (-addr) % 64
@@ -625,8 +627,7 @@ class _FusedThin:
             call = by.get((method, steps))
             if call is None:
                 call = by[(method, steps)] = _NativeCall(
-                    [], [], array("q"), array("q"), ns_coefficients(method, steps),
-                    _PE_NORM_SCALE if method == "polar_express" else 1.0, [], [None], [1])
+                    ns_coefficients(method, steps), _PE_NORM_SCALE if method == "polar_express" else 1.0)
             m0, mstep = e.M.data_ptr(), e.M[0].numel() * e.M.element_size()
             call.entries.append(e)
             for i, it in enumerate(e.chunk.items):
@@ -634,7 +635,7 @@ class _FusedThin:
                 call.items.append(it)
                 call.mp.append(m0 + i * mstep)
                 call.shapes.extend((it.rows, it.cols))
-                call.max_numel[0] = max(call.max_numel[0], it.rows * it.cols)
+                call.max_numel = max(call.max_numel, it.rows * it.cols)
         calls = list(by.values())
         self._native = (key, calls)
         return calls
@@ -645,8 +646,8 @@ class _FusedThin:
         decay, momentum or Nesterov flag changed since the last step."""
         flags = {id(e): (beta, nesterov) for e, beta, nesterov in todo}
         key = tuple((flags[id(e)], tuple((g["lr"], g["weight_decay"]) for g in e.groups)) for e in call.entries)
-        if call.scal[0] is not None and call.scal[0][0] == key:
-            return call.scal[0][1]
+        if call.scal is not None and call.scal[0] == key:
+            return call.scal[1]
         scal = array("d")
         for e in call.entries:
             beta, nesterov = flags[id(e)]
@@ -660,7 +661,7 @@ class _FusedThin:
                 for it in items:
                     lr, wd = it.group["lr"], it.group["weight_decay"]
                     scal.extend((beta, nest, -lr * it.scale, 1.0 - lr * wd))
-        call.scal[0] = (key, scal)
+        call.scal = (key, scal)
         return scal
 
     @staticmethod
