@@ -194,6 +194,8 @@ def _muon_workspace(routes: list[Any], ns_bytes: int, chunk_bytes: int, shard_wo
     kernel's scratch instead, per thread the largest thin matrix in fp32 plus a 64 × 512 float64 block."""
     import torch
 
+    from muonft_cli import native
+
     buckets: dict[tuple[int, int], int] = {}
     native_fp32 = 0
     for r in routes:
@@ -201,11 +203,11 @@ def _muon_workspace(routes: list[Any], ns_bytes: int, chunk_bytes: int, shard_wo
             continue
         rows, cols = r.param.shape[0], math.prod(r.param.shape[1:])
         key = (min(rows, cols), max(rows, cols))
-        if native_threads and key[0] <= 64 and r.param.dtype == torch.float32:
+        if native_threads and key[0] <= native.MAX_RANK and r.param.dtype == torch.float32:
             native_fp32 = max(native_fp32, rows * cols)
             continue
         buckets[key] = buckets.get(key, 0) + 1
-    best = native_threads * (4 * native_fp32 + 8 * 64 * 512) if native_fp32 else 0
+    best = native.planned_scratch_bytes(native_fp32, native_threads) if native_fp32 else 0
     for (a, b), count in buckets.items():
         thin = a <= 64
         item = ns_bytes if not thin else 4

@@ -115,6 +115,14 @@ def test_torch_path_takes_over_when_the_kernel_cannot_run(kernel, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_planned_scratch_matches_the_kernels_own_size(kernel):
+    """The memory plan's scratch estimate (no kernel loaded) is the kernel's request, to 64 B per thread."""
+    for numel, threads in ((8 * 4096, 2), (11008 * 16, 1), (64 * 300, 8), (1, 1)):
+        want = kernel.scratch_bytes(numel, threads)
+        got = native.planned_scratch_bytes(numel, threads)
+        assert 0 <= want - got <= 64 * threads, (numel, threads, want, got)
+
+
 def _probe(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     code = ("import muonft_cli.native as n; k = n.thin_kernel(); "
             "print('PATH', k.path if k else None); print('STATUS', n.status()['thin'])")

@@ -32,11 +32,18 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["ThinKernel", "expected", "status", "thin_kernel"]
+__all__ = ["MAX_RANK", "ThinKernel", "expected", "planned_scratch_bytes", "status", "thin_kernel"]
 
 _SOURCE = Path(__file__).with_name("thin_muon.c")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
 MAX_RANK = 64  # MAXR in thin_muon.c
+_BLOCK_BYTES = MAX_RANK * 512 * 8  # MAXR × BLK float64 in thin_muon.c: each thread's block of X
+
+
+def planned_scratch_bytes(max_numel: int, threads: int) -> int:
+    """The scratch :meth:`ThinKernel.step` will ask for (≤ 64 B per thread over), without loading the kernel:
+    per thread the largest matrix in fp32 and one float64 block (the memory plan uses this)."""
+    return max(1, min(64, threads)) * (4 * max_numel + _BLOCK_BYTES)
 
 
 def _cache_dir() -> Path:

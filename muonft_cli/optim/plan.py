@@ -43,6 +43,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from muonft_cli.native import MAX_RANK
+
 from . import sharded
 from . import update as U
 from .orthogonalize import (
@@ -540,7 +542,7 @@ class _FusedThin:
             sizes[key] = offset + len(items)
             groups = list({id(it.group): it.group for it in items}.values())
             uniform = len(groups) == 1 and len({it.scale for it in items}) == 1
-            native = p0.device.type == "cpu" and p0.dtype == M.dtype == torch.float32 and key[0] <= 64
+            native = p0.device.type == "cpu" and p0.dtype == M.dtype == torch.float32 and key[0] <= MAX_RANK
             entries.append(_FusedEntry(chunk, M, key, offset, tuple(p0.shape), [it.param for it in items],
                                        groups, uniform, native))
         return cls(entries, sizes) if entries else None
