@@ -11,7 +11,9 @@ Cases (defaults):
 
 Method: every optimizer gets its own copy of the same parameters (shared, identical gradients); steps are
 interleaved in rounds (each optimizer once per round, order rotated) after warm-up rounds, so drifting load
-hits all alike.  Reported: median and min/max step ms per optimizer, and ratios of medians.  Like is compared
+hits all alike.  Reported: median and min/max step ms per optimizer, ratios of medians, and the median of
+the per-round ratios (two optimizers timed within one rotation of each other; a shared machine's slow
+spells cancel).  Like is compared
 with like: on one layer's matrices each Muon's first update direction (same init, same gradient) is compared
 with torch.optim.Muon's (mean per-matrix cosine similarity; 1.0 = same direction; scale-invariant, so the
 different lr-scaling conventions do not matter).  Peers missing from the environment are reported as skipped
@@ -177,6 +179,18 @@ def ratios(med: dict, pairs: list[tuple[str, str]]) -> dict:
     return {f"{a} / {b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
 
 
+def per_round_ratios(times: dict, pairs: list[tuple[str, str]]) -> dict:
+    """Median over rounds of a's step time / b's in the same round (measured within one rotation of each
+    other, so a shared machine's slow spells cancel): [median, lower quartile, upper quartile]."""
+    out = {}
+    for a, b in pairs:
+        if a in times and b in times:
+            r = sorted(x / y for x, y in zip(times[a][0], times[b][0]))
+            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
+            out[f"{a} / {b}"] = [statistics.median(r), q[0], q[2]]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -216,7 +230,8 @@ def main() -> None:
         "native_kernel": native_status()["thin"],
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "load_average_1min_at_start": load,
-        "method": "interleaved rounds, order rotated; medians of per-step times; ratios of medians",
+        "method": "interleaved rounds, order rotated; medians of per-step times; ratios of medians, and "
+                  "medians of the per-round ratios",
     }
 
     # 1. LoRA ------------------------------------------------------------------------------------
@@ -242,6 +257,7 @@ def main() -> None:
         "step_ms": lora,
         "ratios": lora_ratios,
         "ratios_cpu_time": cpu_ratios,
+        "ratios_per_round": per_round_ratios(times, pairs),
         "cosine_vs_torch_muon (one layer)": directions(muons, one_layer, device),
         "state_bytes_ratio_muonft_muon_to_adamw": state_ratio,
         "skipped": skipped,
@@ -268,6 +284,7 @@ def main() -> None:
             "step_ms": full,
             "ratios": ratios(fmed, fpairs),
             "ratios_cpu_time": ratios({k: v["cpu_median_ms"] for k, v in full.items()}, fpairs),
+            "ratios_per_round": per_round_ratios(ftimes, fpairs),
             "cosine_vs_torch_muon (one layer)": directions(fbuild, fshapes[:7], device),
             "skipped": fskipped,
         }
@@ -285,7 +302,9 @@ def main() -> None:
             print(f"  {k:<30} {v['median_ms']:9.1f}  [{v['min_ms']:.1f}..{v['max_ms']:.1f}]  "
                   f"cpu {v['cpu_median_ms']:.1f}{c}")
         for k, v in sec["ratios"].items():
-            print(f"  {k:<48} {v:6.2f}x   (cpu time {sec['ratios_cpu_time'][k]:.2f}x)")
+            pr = sec["ratios_per_round"][k]
+            print(f"  {k:<48} {v:6.2f}x   (cpu time {sec['ratios_cpu_time'][k]:.2f}x; per round "
+                  f"{pr[0]:.2f}x [{pr[1]:.2f}..{pr[2]:.2f}])")
         for k, v in sec["skipped"].items():
             print(f"  skipped {k}: {v}")
     if "lora" in result:

@@ -163,3 +163,49 @@ def test_concurrent_builds_share_one_cached_library(kernel, tmp_path):
     stamp = lib.stat().st_mtime_ns
     r = _probe(env, tmp_path)
     assert f"PATH {lib}" in r.stdout and lib.stat().st_mtime_ns == stamp
+
+
+def test_kernel_runs_on_torchs_openmp_pool_and_any_thread_count_gives_the_same_step(kernel, monkeypatch):
+    """Built with OpenMP, the kernel binds to the libgomp torch loaded (one OpenMP runtime in the process,
+    so its threads are torch's own pool, not a second set fighting it for the cores); 1, 2 or 3 threads
+    split the matrices differently and give bit-identical weights and momentum."""
+    if kernel.threading == "OpenMP" and Path("/proc/self/maps").is_file():
+        gomp = {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in ln}
+        assert len(gomp) == 1, gomp
+    torch.manual_seed(5)
+    shapes = [(8, 700), (700, 8), (16, 300), (300, 16), (4, 90), (64, 80)]
+    init = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(2)]
+    groups = [(list(range(len(shapes))), dict(lr=0.02, weight_decay=0.1))]
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        runs.append(_train(monkeypatch, True, init, grads, groups)[:2])
+    for W, M in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(W, runs[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(M, runs[0][1]))
+
+
+def test_kernel_without_openmp_starts_its_own_threads(kernel, tmp_path):
+    """A compiler that cannot link OpenMP: the kernel is built without it, says so, and its pthreads give
+    the same step as the torch path."""
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && exit 1; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    code = ("import torch; import muonft_cli.native as n; from muonft_cli.optim import Muon\n"
+            "k = n.thin_kernel(); print('STATUS', n.status()['thin'])\n"
+            "torch.manual_seed(0); init = [torch.randn(8, 500), torch.randn(500, 8)]\n"
+            "grads = [torch.randn(8, 500), torch.randn(500, 8)]\nout = []\n"
+            "for native in (True, False):\n"
+            "    ps = [torch.nn.Parameter(w.clone()) for w in init]\n"
+            "    opt = Muon(ps, lr=0.02, ns_dtype='fp32', native=native)\n"
+            "    for p, g in zip(ps, grads): p.grad = g.clone()\n"
+            "    opt.step(); out.append([p.detach() for p in ps])\n"
+            "    print('DONE', native, opt.native_matrices_done)\n"
+            "print('CLOSE', all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*out)))\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("MUONFT_NATIVE",)}
+    full.update(CC=str(cc), MUONFT_NATIVE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "(pthreads threads)" in r.stdout and "DONE True 2" in r.stdout and "CLOSE True" in r.stdout, r.stdout

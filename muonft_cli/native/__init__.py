@@ -12,6 +12,11 @@ the machinery around it:
 * loaded with :mod:`ctypes`: plain C, no torch headers, so a build takes about a second and needs no ninja
   (``torch.utils.cpp_extension`` would compile the torch headers, ~1 min, and need ninja; this is why the
   kernel is not one);
+* threaded with OpenMP, linked against ``libgomp.so.1``: loaded into a process that has imported torch
+  (every caller has), it binds to the libgomp torch already loaded, so its matrices run on torch's own
+  intra-op pool — whose workers still spin after the backward pass; threads of its own (as the first
+  version started) fought them for the cores and made a step up to ~20 % slower right after torch work.
+  Without libgomp to link it starts pthreads instead;
 * optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel`
   returns ``None`` and the optimizer runs its torch path (same math); :func:`status` says which and why.
 
@@ -35,15 +40,19 @@ from pathlib import Path
 __all__ = ["MAX_RANK", "ThinKernel", "expected", "planned_scratch_bytes", "status", "thin_kernel"]
 
 _SOURCE = Path(__file__).with_name("thin_muon.c")
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+# tried in order: this CPU's instructions and OpenMP threads; then without -march=native (a compiler that
+# lacks it); then without OpenMP (no libgomp to link: the kernel starts its own pthreads)
+_ATTEMPTS = (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native"),
+             tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in _FLAGS if f != "-march=native"))
 MAX_RANK = 64  # MAXR in thin_muon.c
-_BLOCK_BYTES = MAX_RANK * 512 * 8  # MAXR × BLK float64 in thin_muon.c: each thread's block of X
+_SUMS_BYTES = MAX_RANK * MAX_RANK * 8 * 8  # SV_BYTES in thin_muon.c: r×r vectors of ≤ 8 float64 lanes
 
 
 def planned_scratch_bytes(max_numel: int, threads: int) -> int:
     """The scratch :meth:`ThinKernel.step` will ask for (≤ 64 B per thread over), without loading the kernel:
-    per thread the largest matrix in fp32 and one float64 block (the memory plan uses this)."""
-    return max(1, min(64, threads)) * (4 * max_numel + _BLOCK_BYTES)
+    per thread the largest matrix in fp32 and the wide Gram's vector sums (the memory plan uses this)."""
+    return max(1, min(64, threads)) * (4 * max_numel + _SUMS_BYTES)
 
 
 def _cache_dir() -> Path:
@@ -77,7 +86,12 @@ class ThinKernel:
                        ctypes.c_int64]
         size = lib.muonft_thin_scratch_bytes
         size.restype, size.argtypes = ctypes.c_int64, [ctypes.c_int64]
+        omp = lib.muonft_thin_openmp
+        omp.restype, omp.argtypes = ctypes.c_int, []
         self._fn, self._size, self._lib, self.path = fn, size, lib, path
+        #: how matrices are spread over threads: ``"OpenMP"`` (the pool of the libgomp torch loaded) or
+        #: ``"pthreads"`` (built without OpenMP)
+        self.threading = "OpenMP" if omp() else "pthreads"
 
     def scratch_bytes(self, max_numel: int, threads: int) -> int:
         """Bytes of scratch :meth:`step` needs for matrices of at most ``max_numel`` elements."""
@@ -129,7 +143,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".thin_muon-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # a compiler without it
+        for flags in _ATTEMPTS:
             proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm", "-lpthread"],
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
@@ -157,7 +171,7 @@ def thin_kernel() -> ThinKernel | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATUS["thin"] = f"unavailable: {exc}"
         return None
-    _STATUS["thin"] = f"loaded from {path}"
+    _STATUS["thin"] = f"loaded from {path} ({kernel.threading} threads)"
     return kernel
 
 

@@ -7,17 +7,34 @@
  *   W <- keep*W + (coef*Q) X          (tall matrices as stored: X (coef*Q)^T)
  * The matrix is read from memory once: X stays in a per-thread scratch buffer between the Gram and the
  * apply, so the second pass runs from cache (five tensor passes per step against fused AdamW's seven).
- * Matrices are spread over threads by size; the caller owns the scratch memory (reused across steps).
+ * Matrices are spread over threads by size (OpenMP when built with it: the pool of the libgomp torch has
+ * loaded, whose workers are still spinning from the backward pass; else pthreads); the caller owns the
+ * scratch memory (reused across steps).
  * No Python, no torch: pointers in, 0 or an error code out.
  */
 #include <math.h>
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAXR 64
-#define BLK 512 /* scratch unit: the float64 block of X is MAXR x BLK */
+#define CHUNK 2048 /* elements of X converted to float64 and taken into the Gram at a time (16 KiB, in L1) */
+#ifndef VL
+#if defined(__AVX512F__)
+#define VL 8 /* float64 lanes of a vector register */
+#define TB 4 /* wide Gram register tile: 4 x TB row pairs (32 vector registers) */
+#else
+#define VL 4
+#define TB 2 /* (16 vector registers: 8 accumulators, 4 + 1 operands) */
+#endif
+#endif
+typedef double vd __attribute__((vector_size(8 * VL)));
+typedef double vdu __attribute__((vector_size(8 * VL), aligned(8), may_alias)); /* unaligned loads */
+#define SV_BYTES (MAXR * MAXR * 8 * 8) /* r x r vectors of up to 8 float64 lanes, per thread */
 #define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
@@ -30,7 +47,7 @@ typedef struct {
     double norm_scale, norm_eps;
     int64_t begin, end;   /* this thread's matrices */
     float *xs;            /* its scratch: X as stored (fp32, the largest matrix) */
-    double *xd;           /* and one float64 column block of X (wide matrices) */
+    vd *sv;               /* and the wide Gram's vector sums (SV_BYTES) */
 } job_t;
 
 INLINE void matmul(const int r, const double *restrict A, const double *restrict B, double *restrict C) {
@@ -101,97 +118,156 @@ INLINE void momentum(int64_t len, const float *restrict G, float *restrict M, fl
     }
 }
 
-/* S += X[:, j0:j0+len] X[:, j0:j0+len]^T for a wide X held as float64 rows xd (r x ld): register tiles
- * of 4 x 4 row pairs (16 independent accumulator chains; the lower triangle is filled, the diagonal
- * tiles whole). */
-INLINE void gram_block(const int r, const double *restrict xd, const int64_t ld, int64_t len, double *restrict S) {
-    if (r % 4 == 0) {
-        for (int a0 = 0; a0 < r; a0 += 4)
-            for (int b0 = 0; b0 <= a0; b0 += 4) {
-                const double *x0 = xd + a0 * ld, *x1 = x0 + ld, *x2 = x1 + ld, *x3 = x2 + ld;
-                const double *y0 = xd + b0 * ld, *y1 = y0 + ld, *y2 = y1 + ld, *y3 = y2 + ld;
-                double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-                double s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
-                for (int64_t j = 0; j < len; j++) {
-                    const double a_0 = x0[j], a_1 = x1[j], a_2 = x2[j], a_3 = x3[j];
-                    const double b_0 = y0[j], b_1 = y1[j], b_2 = y2[j], b_3 = y3[j];
-                    s00 += a_0 * b_0; s01 += a_0 * b_1; s02 += a_0 * b_2; s03 += a_0 * b_3;
-                    s10 += a_1 * b_0; s11 += a_1 * b_1; s12 += a_1 * b_2; s13 += a_1 * b_3;
-                    s20 += a_2 * b_0; s21 += a_2 * b_1; s22 += a_2 * b_2; s23 += a_2 * b_3;
-                    s30 += a_3 * b_0; s31 += a_3 * b_1; s32 += a_3 * b_2; s33 += a_3 * b_3;
-                }
-                double *S0 = S + a0 * r + b0, *S1 = S0 + r, *S2 = S1 + r, *S3 = S2 + r;
-                S0[0] += s00; S0[1] += s01; S0[2] += s02; S0[3] += s03;
-                S1[0] += s10; S1[1] += s11; S1[2] += s12; S1[3] += s13;
-                S2[0] += s20; S2[1] += s21; S2[2] += s22; S2[3] += s23;
-                S3[0] += s30; S3[1] += s31; S3[2] += s32; S3[3] += s33;
+/* S += X X^T over one chunk of a wide X held as float64 rows xd (r x len, row stride len): register tiles
+ * of 4 x TB row pairs (the lower triangle and the diagonal tiles) whose vector sums go to Sv (one vector
+ * per entry, reduced once per matrix by gram_wide_finish: no horizontal sums per chunk), columns past the
+ * last full vector and rows past the last tile straight to S. */
+INLINE void gram_wide_chunk(const int r, const double *restrict xd, const int64_t len, vd *restrict Sv,
+                            double *restrict S) {
+    const int r4 = r / 4 * 4;
+    const int64_t lv = len / VL * VL;
+    for (int a0 = 0; a0 < r4; a0 += 4)
+        for (int b0 = 0; b0 < a0 + 4; b0 += TB) {
+            const double *x0 = xd + a0 * len, *x1 = x0 + len, *x2 = x1 + len, *x3 = x2 + len;
+            const double *y0 = xd + b0 * len, *y1 = y0 + len;
+            vd s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+#if TB == 4
+            const double *y2 = y1 + len, *y3 = y2 + len;
+            vd s02 = {0}, s03 = {0}, s12 = {0}, s13 = {0}, s22 = {0}, s23 = {0}, s32 = {0}, s33 = {0};
+#endif
+            for (int64_t j = 0; j < lv; j += VL) {
+                const vd a_0 = *(const vdu *)(x0 + j), a_1 = *(const vdu *)(x1 + j);
+                const vd a_2 = *(const vdu *)(x2 + j), a_3 = *(const vdu *)(x3 + j);
+                const vd b_0 = *(const vdu *)(y0 + j), b_1 = *(const vdu *)(y1 + j);
+                s00 += a_0 * b_0; s01 += a_0 * b_1; s10 += a_1 * b_0; s11 += a_1 * b_1;
+                s20 += a_2 * b_0; s21 += a_2 * b_1; s30 += a_3 * b_0; s31 += a_3 * b_1;
+#if TB == 4
+                const vd b_2 = *(const vdu *)(y2 + j), b_3 = *(const vdu *)(y3 + j);
+                s02 += a_0 * b_2; s03 += a_0 * b_3; s12 += a_1 * b_2; s13 += a_1 * b_3;
+                s22 += a_2 * b_2; s23 += a_2 * b_3; s32 += a_3 * b_2; s33 += a_3 * b_3;
+#endif
             }
-    } else {
-        for (int a = 0; a < r; a++)
-            for (int b = 0; b <= a; b++) {
-                const double *da = xd + a * ld, *db = xd + b * ld;
-                double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t j = 0; j < len; j++) acc += da[j] * db[j];
-                S[a * r + b] += acc;
-            }
-    }
-}
-
-/* Pass 1 of a wide X (r x n as stored), by column blocks of MAXR*BLK/r: momentum into xs, the block's
- * float64 copy, and its Gram tiles, while the block is in cache (the block's compute overlaps the
- * streaming of the next). */
-INLINE void pass1_wide(const int r, const int64_t n, const float *restrict G, float *restrict M,
-                       float *restrict xs, double *restrict xd, double *restrict S, float beta, int nesterov) {
-    const int64_t cb = (int64_t)MAXR * BLK / r;
-    memset(S, 0, sizeof(double) * r * r);
-    for (int64_t j0 = 0; j0 < n; j0 += cb) {
-        const int64_t len = (n - j0 < cb) ? n - j0 : cb;
-        for (int a = 0; a < r; a++) {
-            float *xa = xs + a * n + j0;
-            momentum(len, G + a * n + j0, M + a * n + j0, xa, beta, nesterov);
-            double *da = xd + a * cb;
-#pragma omp simd
-            for (int64_t j = 0; j < len; j++) da[j] = (double)xa[j];
+            vd *V0 = Sv + a0 * r + b0, *V1 = V0 + r, *V2 = V1 + r, *V3 = V2 + r;
+            V0[0] += s00; V0[1] += s01; V1[0] += s10; V1[1] += s11;
+            V2[0] += s20; V2[1] += s21; V3[0] += s30; V3[1] += s31;
+#if TB == 4
+            V0[2] += s02; V0[3] += s03; V1[2] += s12; V1[3] += s13;
+            V2[2] += s22; V2[3] += s23; V3[2] += s32; V3[3] += s33;
+#endif
+            for (int64_t j = lv; j < len; j++) /* columns past the last full vector */
+                for (int i = 0; i < 4; i++)
+                    for (int k = 0; k < TB; k++) S[(a0 + i) * r + b0 + k] += xd[(a0 + i) * len + j] * xd[(b0 + k) * len + j];
         }
-        gram_block(r, xd, cb, len, S);
-    }
-    for (int a = 0; a < r; a++)
-        for (int b = a + 1; b < r; b++) S[a * r + b] = S[b * r + a];
+    for (int a = r4; a < r; a++) /* rows past the last tile (none when r % 4 == 0) */
+        for (int b = 0; b <= a; b++) {
+            const double *xa = xd + a * len, *xb = xd + b * len;
+            double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < len; j++) acc += xa[j] * xb[j];
+            S[a * r + b] += acc;
+        }
 }
 
-/* Pass 1 of a tall X (n x r as stored), by row blocks: momentum into xs, the float64 copy and the sum of
- * row outer products X^T X (rows are contiguous: the r-wide inner loop vectorises). */
-INLINE void pass1_tall(const int r, const int64_t n, const float *restrict G, float *restrict M,
-                       float *restrict xs, double *restrict xd, double *restrict S, float beta, int nesterov) {
-    const int64_t rows_per = (int64_t)MAXR * BLK / r;
-    double acc[MAXR * MAXR];
-    memset(acc, 0, sizeof(double) * r * r);
-    for (int64_t i0 = 0; i0 < n; i0 += rows_per) {
-        const int64_t len = (n - i0 < rows_per) ? n - i0 : rows_per;
-        float *src = xs + i0 * r;
-        momentum(len * r, G + i0 * r, M + i0 * r, src, beta, nesterov);
-#pragma omp simd
-        for (int64_t k = 0; k < len * r; k++) xd[k] = (double)src[k];
+/* S += the lane sums of Sv over the entries the wide tiles fill. */
+INLINE void gram_wide_finish(const int r, const vd *restrict Sv, double *restrict S) {
+    const int r4 = r / 4 * 4;
+    for (int a = 0; a < r4; a++)
+        for (int b = 0; b < a / 4 * 4 + 4 && b < r; b++) {
+            double t = 0.0;
+            for (int l = 0; l < VL; l++) t += Sv[a * r + b][l];
+            S[a * r + b] += t;
+        }
+}
+
+/* S += X^T X over one chunk of a tall X held as float64 rows xd (len x r): for each group of VL columns
+ * b0.., the rows a >= b0 in groups of up to 8 accumulate x[a] * x[b0:b0+VL] (one vector FMA per row and a)
+ * while the chunk is in L1; the lower triangle and the diagonal blocks are filled. */
+INLINE void gram_tall_chunk(const int r, const double *restrict xd, const int64_t len, double *restrict S) {
+    if (r % VL) { /* r not a multiple of the vector width: row outer products, the lower triangle */
         for (int64_t i = 0; i < len; i++) {
             const double *v = xd + i * r;
             for (int a = 0; a < r; a++) {
                 const double va = v[a];
-#pragma omp simd
-                for (int b = 0; b < r; b++) acc[a * r + b] += va * v[b];
+                for (int b = 0; b <= a; b++) S[a * r + b] += va * v[b];
             }
         }
+        return;
     }
+    for (int b0 = 0; b0 < r; b0 += VL)
+        for (int a0 = b0; a0 < r; a0 += 8) {
+            vd s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
+            if (r - a0 >= 8) {
+                for (int64_t i = 0; i < len; i++) {
+                    const double *v = xd + i * r, *u = v + a0;
+                    const vd vb = *(const vdu *)(v + b0);
+                    s0 += u[0] * vb; s1 += u[1] * vb; s2 += u[2] * vb; s3 += u[3] * vb;
+                    s4 += u[4] * vb; s5 += u[5] * vb; s6 += u[6] * vb; s7 += u[7] * vb;
+                }
+            } else { /* 4 rows left (r - a0 is a multiple of VL = 4): two rows per step, 8 chains */
+                int64_t i = 0;
+                for (; i + 2 <= len; i += 2) {
+                    const double *v = xd + i * r, *u = v + a0, *w = u + r;
+                    const vd vb = *(const vdu *)(v + b0), wb = *(const vdu *)(v + r + b0);
+                    s0 += u[0] * vb; s1 += u[1] * vb; s2 += u[2] * vb; s3 += u[3] * vb;
+                    s4 += w[0] * wb; s5 += w[1] * wb; s6 += w[2] * wb; s7 += w[3] * wb;
+                }
+                for (; i < len; i++) {
+                    const double *v = xd + i * r, *u = v + a0;
+                    const vd vb = *(const vdu *)(v + b0);
+                    s0 += u[0] * vb; s1 += u[1] * vb; s2 += u[2] * vb; s3 += u[3] * vb;
+                }
+                s0 += s4; s1 += s5; s2 += s6; s3 += s7;
+            }
+            const vd acc[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+            const int ag = r - a0 < 8 ? r - a0 : 8;
+            for (int k = 0; k < ag; k++)
+                for (int l = 0; l < VL; l++) S[(a0 + k) * r + b0 + l] += acc[k][l];
+        }
+}
+
+/* Pass 1: momentum into xs (X as stored) and the Gram S (r x r, lower triangle then mirrored).  G and M
+ * are read in long contiguous runs (whole rows of a wide X, the whole of a tall one, so the hardware
+ * prefetchers keep up); the Gram then takes X CHUNK elements at a time, converted to float64 into an
+ * L1-resident block.  Wide X (r x n): chunks of CHUNK / r columns; tall (n x r): of CHUNK / r rows (a tall
+ * X's momentum runs chunk by chunk, one contiguous stream). */
+INLINE void pass1(const int r, const int64_t n, const int flip, const float *restrict G, float *restrict M,
+                  float *restrict xs, vd *restrict Sv, double *restrict S, float beta, int nesterov) {
+    double xd[CHUNK] __attribute__((aligned(64)));
+    int64_t ch = CHUNK / r;
+    if (!flip && ch >= 2 * VL) ch = ch / VL * VL;
+    memset(S, 0, sizeof(double) * r * r);
+    if (!flip) {
+        memset(Sv, 0, sizeof(vd) * r * r);
+        for (int a = 0; a < r; a++) momentum(n, G + a * n, M + a * n, xs + a * n, beta, nesterov);
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += ch) {
+        const int64_t len = (n - j0 < ch) ? n - j0 : ch;
+        if (!flip) {
+            for (int a = 0; a < r; a++) {
+                const float *xa = xs + a * n + j0;
+                double *da = xd + a * len;
+#pragma omp simd
+                for (int64_t j = 0; j < len; j++) da[j] = (double)xa[j];
+            }
+            gram_wide_chunk(r, xd, len, Sv, S);
+        } else {
+            float *x = xs + j0 * r;
+            momentum(len * r, G + j0 * r, M + j0 * r, x, beta, nesterov);
+#pragma omp simd
+            for (int64_t k = 0; k < len * r; k++) xd[k] = (double)x[k];
+            gram_tall_chunk(r, xd, len, S);
+        }
+    }
+    if (!flip) gram_wide_finish(r, Sv, S);
     for (int a = 0; a < r; a++)
-        for (int b = 0; b < r; b++) S[a * r + b] = 0.5 * (acc[a * r + b] + acc[b * r + a]);
+        for (int b = a + 1; b < r; b++) S[a * r + b] = S[b * r + a];
 }
 
 /* One matrix, r = min(rows, cols) (a compile-time constant where step_one dispatches on it).
  * Pass 1 reads G and M from memory (one contiguous sweep) and leaves X in the scratch; the Gram and the
  * apply then read X from cache.  Wide (r x n as stored): the apply forms four output rows per sweep
  * (register tiles).  Tall (n x r as stored): a small matvec per contiguous row. */
-INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict xs, double *restrict xd) {
+INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict xs, vd *restrict sv) {
     float *restrict W = (float *)(intptr_t)job->wp[idx];
     const float *restrict G = (const float *)(intptr_t)job->gp[idx];
     float *restrict M = (float *)(intptr_t)job->mp[idx];
@@ -205,10 +281,7 @@ INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict x
     double S[MAXR * MAXR], Q[MAXR * MAXR], P[MAXR * MAXR], T[MAXR * MAXR], U[MAXR * MAXR];
     float Qc[MAXR * MAXR], Qt[MAXR * MAXR];
 
-    if (!flip)
-        pass1_wide(r, n, G, M, xs, xd, S, beta, nesterov);
-    else
-        pass1_tall(r, n, G, M, xs, xd, S, beta, nesterov);
+    pass1(r, n, flip, G, M, xs, sv, S, beta, nesterov);
 
     /* the r x r iteration, then the update factor coef*Q in float (the apply runs in fp32) */
     gram_iterate(r, S, job, Q, P, T, U);
@@ -218,25 +291,26 @@ INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict x
             Qt[b * r + a] = Qc[a * r + b];
         }
 
-    if (!flip) { /* W[a, :] <- keep*W[a, :] + sum_b Qc[a, b] X[b, :] */
+    if (!flip) { /* W[a, :] <- keep*W[a, :] + sum_b Qc[a, b] X[b, :], 4 output rows per sweep */
         int a = 0;
         for (; a + 4 <= r; a += 4) {
             const float *q0 = Qc + a * r, *q1 = q0 + r, *q2 = q1 + r, *q3 = q2 + r;
             float *w0 = W + a * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
 #pragma omp simd
             for (int64_t j = 0; j < n; j++) {
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-                for (int b = 0; b < r; b++) {
-                    const float xv = xs[b * n + j];
-                    s0 += q0[b] * xv;
-                    s1 += q1[b] * xv;
-                    s2 += q2[b] * xv;
-                    s3 += q3[b] * xv;
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+                int b = 0;
+                for (; b + 2 <= r; b += 2) { /* even and odd b in separate sums: 8 independent chains */
+                    const float xv = xs[b * n + j], yv = xs[(b + 1) * n + j];
+                    s0 += q0[b] * xv; s1 += q1[b] * xv; s2 += q2[b] * xv; s3 += q3[b] * xv;
+                    t0 += q0[b + 1] * yv; t1 += q1[b + 1] * yv; t2 += q2[b + 1] * yv; t3 += q3[b + 1] * yv;
                 }
-                w0[j] = keep * w0[j] + s0;
-                w1[j] = keep * w1[j] + s1;
-                w2[j] = keep * w2[j] + s2;
-                w3[j] = keep * w3[j] + s3;
+                if (b < r) {
+                    const float xv = xs[b * n + j];
+                    s0 += q0[b] * xv; s1 += q1[b] * xv; s2 += q2[b] * xv; s3 += q3[b] * xv;
+                }
+                w0[j] = keep * w0[j] + (s0 + t0); w1[j] = keep * w1[j] + (s1 + t1);
+                w2[j] = keep * w2[j] + (s2 + t2); w3[j] = keep * w3[j] + (s3 + t3);
             }
         }
         for (; r % 4 && a < r; a++) { /* rows past the last tile (none when r % 4 == 0) */
@@ -249,47 +323,66 @@ INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict x
                 w0[j] = keep * w0[j] + s0;
             }
         }
-    } else { /* W[i, :] <- keep*W[i, :] + X[i, :] Qc^T */
-        for (int64_t i = 0; i < n; i++) {
+    } else { /* W[i, :] <- keep*W[i, :] + X[i, :] Qc^T, RG rows at a time (independent FMA chains) */
+        enum { RG = 4 };
+        int64_t i = 0;
+        for (; i + RG <= n; i += RG) {
+            const float *x = xs + i * r;
+            float *w = W + i * r;
+            float o[RG][MAXR];
+            for (int k = 0; k < RG; k++)
+                for (int c = 0; c < r; c++) o[k][c] = 0.0f;
+            for (int b = 0; b < r; b++) {
+                const float *qt = Qt + b * r;
+                for (int k = 0; k < RG; k++) {
+                    const float xb = x[k * r + b];
+#pragma omp simd
+                    for (int c = 0; c < r; c++) o[k][c] += xb * qt[c];
+                }
+            }
+            for (int k = 0; k < RG; k++)
+#pragma omp simd
+                for (int c = 0; c < r; c++) w[k * r + c] = keep * w[k * r + c] + o[k][c];
+        }
+        for (; i < n; i++) {
             const float *x = xs + i * r;
             float *w = W + i * r;
             float o[MAXR];
-            for (int a = 0; a < r; a++) o[a] = 0.0f;
+            for (int c = 0; c < r; c++) o[c] = 0.0f;
             for (int b = 0; b < r; b++) {
                 const float xb = x[b];
                 const float *qt = Qt + b * r;
 #pragma omp simd
-                for (int a = 0; a < r; a++) o[a] += xb * qt[a];
+                for (int c = 0; c < r; c++) o[c] += xb * qt[c];
             }
 #pragma omp simd
-            for (int a = 0; a < r; a++) w[a] = keep * w[a] + o[a];
+            for (int c = 0; c < r; c++) w[c] = keep * w[c] + o[c];
         }
     }
 }
 
-static void step_one(const job_t *job, int64_t idx, float *xs, double *xd) {
+static void step_one(const job_t *job, int64_t idx) {
     const int64_t rows = job->shape[2 * idx], cols = job->shape[2 * idx + 1];
     const int r = (int)(rows > cols ? cols : rows);
     switch (r) { /* constant r: the small loops unroll and their accumulators stay in registers */
-    case 4: step_r(4, job, idx, xs, xd); break;
-    case 8: step_r(8, job, idx, xs, xd); break;
-    case 16: step_r(16, job, idx, xs, xd); break;
-    case 32: step_r(32, job, idx, xs, xd); break;
-    default: step_r(r, job, idx, xs, xd); break;
+    case 4: step_r(4, job, idx, job->xs, job->sv); break;
+    case 8: step_r(8, job, idx, job->xs, job->sv); break;
+    case 16: step_r(16, job, idx, job->xs, job->sv); break;
+    case 32: step_r(32, job, idx, job->xs, job->sv); break;
+    default: step_r(r, job, idx, job->xs, job->sv); break;
     }
 }
 
 static void *run_job(void *arg) {
     job_t *job = (job_t *)arg;
-    for (int64_t i = job->begin; i < job->end; i++) step_one(job, i, job->xs, job->xd);
+    for (int64_t i = job->begin; i < job->end; i++) step_one(job, i);
     return NULL;
 }
 
 /* Scratch bytes per thread for matrices of at most max_numel elements (the caller allocates them once and
  * keeps them: fresh multi-100-KiB buffers would be page-faulted in on every step). */
 int64_t muonft_thin_scratch_bytes(int64_t max_numel) {
-    const int64_t xs = (max_numel * (int64_t)sizeof(float) + 63) / 64 * 64;
-    return xs + (int64_t)MAXR * BLK * (int64_t)sizeof(double);
+    return (max_numel * (int64_t)sizeof(float) + 63) / 64 * 64 + SV_BYTES;
 }
 
 /* One step of n matrices.  scratch: scratch_size >= nthreads * muonft_thin_scratch_bytes(largest numel)
@@ -312,10 +405,7 @@ int muonft_thin_step(int64_t n, const int64_t *wp, const int64_t *gp, const int6
     if (nthreads > n) nthreads = (int)(n > 0 ? n : 1);
     const int64_t per = muonft_thin_scratch_bytes(most);
     if (per * nthreads > scratch_size || ((intptr_t)scratch & 63)) return 3;
-    const int64_t xs_bytes = per - (int64_t)MAXR * BLK * (int64_t)sizeof(double);
     job_t jobs[64];
-    pthread_t tids[64];
-    int started[64];
     double acc = 0.0;
     int64_t begin = 0;
     for (int t = 0; t < nthreads; t++) { /* contiguous shares of about equal size */
@@ -327,9 +417,20 @@ int muonft_thin_step(int64_t n, const int64_t *wp, const int64_t *gp, const int6
         }
         char *base = (char *)scratch + (int64_t)t * per;
         jobs[t] = (job_t){n, wp, gp, mp, shape, scal, ncoef, coeffs, norm_scale, norm_eps, begin, end,
-                          (float *)base, (double *)(base + xs_bytes)};
+                          (float *)base, (vd *)(base + per - SV_BYTES)};
         begin = end;
     }
+#ifdef _OPENMP
+    /* torch's own OpenMP pool (this library binds to the libgomp torch loaded): its workers are still
+     * spinning from the backward pass, so a second set of threads would fight them for the cores */
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int got = omp_get_num_threads();
+        for (int t = omp_get_thread_num(); t < nthreads; t += got) run_job(&jobs[t]);
+    }
+#else
+    pthread_t tids[64];
+    int started[64];
     for (int t = 1; t < nthreads; t++)
         started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
     run_job(&jobs[0]);
@@ -339,5 +440,15 @@ int muonft_thin_step(int64_t n, const int64_t *wp, const int64_t *gp, const int6
         else
             run_job(&jobs[t]); /* no thread: run its share here */
     }
+#endif
     return 0;
+}
+
+/* 1 when matrices are spread over OpenMP threads (the pool of the libgomp already loaded), 0 for pthreads. */
+int muonft_thin_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

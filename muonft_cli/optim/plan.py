@@ -35,6 +35,7 @@ through :class:`UpdateRule`.
 from __future__ import annotations
 
 import math
+import operator
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ DEFAULT_CHUNK_BYTES = 512 * 2**20
 CPU_BLOCK_BYTES = 4 * 2**20  # Gram-path blocks on CPU: fill → Gram → update while in cache
 CPU_GRAM64_BYTES = 1 * 2**20  # float64 copy per Gram sub-block on CPU (L2-sized; 4 MiB measured ~15% slower)
 CPU_FUSED_CHUNK_BYTES = 16 * 2**20  # thin chunks of the fused CPU path (few, large launches; see _FusedThin)
+_GRAD_OF = operator.attrgetter("grad")  # per-step getters of the native path (C-level, used with map)
+_DTYPE_OF = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_F32_ONLY = {torch.float32}
 
 
 class Item:
@@ -597,11 +602,12 @@ class _FusedThin:
         if kernel is None:
             return False
         calls = self._native_calls(todo)
-        f32, cpu, data_ptr = torch.float32, torch.device("cpu"), Tensor.data_ptr
+        cpu, data_ptr = torch.device("cpu"), Tensor.data_ptr
         grads = []
-        for call in calls:
-            gs = [it.grad for it in call.items]
-            if not (all(g.dtype is f32 and g.is_cpu for g in gs) and all(map(Tensor.is_contiguous, gs))):
+        for call in calls:  # map() over C-level getters: ~4× less Python per matrix than a generator
+            gs = list(map(_GRAD_OF, call.items))
+            if not (set(map(_DTYPE_OF, gs)) == _F32_ONLY and all(map(_IS_CPU, gs))
+                    and all(map(Tensor.is_contiguous, gs))):
                 return False
             grads.append(gs)
         threads = torch.get_num_threads()
@@ -610,7 +616,8 @@ class _FusedThin:
             buf = planner.kept(("native",), (need,), torch.uint8, cpu)  # kept across steps
             addr = buf.data_ptr()
             scratch = addr + (-addr) % 64
-            kernel.step(array("q", map(data_ptr, call.params)), array("q", map(data_ptr, gs)), call.mp,
+            # array(list) is one C loop; array(iterator) appends item by item (~4× slower here)
+            kernel.step(array("q", list(map(data_ptr, call.params))), array("q", list(map(data_ptr, gs))), call.mp,
                         call.shapes, self._native_scal(call, todo), call.coeffs, call.norm_scale, _NORM_EPS,
                         threads, scratch, need - (scratch - addr))
             planner._done += len(call.params)
