@@ -7,13 +7,15 @@
  *   W <- keep*W + (coef*Q) X          (tall matrices as stored: X (coef*Q)^T)
  * The matrix is read from memory once: X stays in a per-thread scratch buffer between the Gram and the
  * apply, so the second pass runs from cache (five tensor passes per step against fused AdamW's seven).
- * Matrices are spread over threads by size (OpenMP when built with it: the pool of the libgomp torch has
- * loaded, whose workers are still spinning from the backward pass; else pthreads); the caller owns the
+ * Threads take the matrices one at a time from a shared counter, so wide and tall ones (different costs
+ * per element) balance; they are OpenMP threads when built with it (the pool of the libgomp torch has
+ * loaded, whose workers are still spinning from the backward pass), else pthreads.  The caller owns the
  * scratch memory (reused across steps).
  * No Python, no torch: pointers in, 0 or an error code out.
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -45,7 +47,7 @@ typedef struct {
     int ncoef;
     const double *coeffs; /* 3 per iteration: a, b, c */
     double norm_scale, norm_eps;
-    int64_t begin, end;   /* this thread's matrices */
+    atomic_llong *next;   /* the next matrix to take (shared by the threads: dynamic balance) */
     float *xs;            /* its scratch: X as stored (fp32, the largest matrix) */
     vd *sv;               /* and the wide Gram's vector sums (SV_BYTES) */
 } job_t;
@@ -375,8 +377,11 @@ static void step_one(const job_t *job, int64_t idx) {
 
 static void *run_job(void *arg) {
     job_t *job = (job_t *)arg;
-    for (int64_t i = job->begin; i < job->end; i++) step_one(job, i);
-    return NULL;
+    for (;;) {
+        const long long i = atomic_fetch_add_explicit(job->next, 1, memory_order_relaxed);
+        if (i >= job->n) return NULL;
+        step_one(job, i);
+    }
 }
 
 /* Scratch bytes per thread for matrices of at most max_numel elements (the caller allocates them once and
@@ -391,13 +396,11 @@ int64_t muonft_thin_scratch_bytes(int64_t max_numel) {
 int muonft_thin_step(int64_t n, const int64_t *wp, const int64_t *gp, const int64_t *mp, const int64_t *shape, const double *scal, int ncoef,
                      const double *coeffs, double norm_scale, double norm_eps, int nthreads, void *scratch,
                      int64_t scratch_size) {
-    double total = 0.0;
     int64_t most = 1;
     for (int64_t i = 0; i < n; i++) {
         const int64_t rows = shape[2 * i], cols = shape[2 * i + 1];
         const int64_t r = rows < cols ? rows : cols;
         if (r < 1 || r > MAXR) return 2;
-        total += (double)(rows * cols);
         if (rows * cols > most) most = rows * cols;
     }
     if (nthreads < 1) nthreads = 1;
@@ -406,40 +409,26 @@ int muonft_thin_step(int64_t n, const int64_t *wp, const int64_t *gp, const int6
     const int64_t per = muonft_thin_scratch_bytes(most);
     if (per * nthreads > scratch_size || ((intptr_t)scratch & 63)) return 3;
     job_t jobs[64];
-    double acc = 0.0;
-    int64_t begin = 0;
-    for (int t = 0; t < nthreads; t++) { /* contiguous shares of about equal size */
-        const double target = total * (t + 1) / nthreads;
-        int64_t end = begin;
-        while (end < n && (t == nthreads - 1 || acc < target)) {
-            acc += (double)(shape[2 * end] * shape[2 * end + 1]);
-            end++;
-        }
+    atomic_llong next;
+    atomic_init(&next, 0);
+    for (int t = 0; t < nthreads; t++) { /* each thread its scratch; matrices taken one at a time */
         char *base = (char *)scratch + (int64_t)t * per;
-        jobs[t] = (job_t){n, wp, gp, mp, shape, scal, ncoef, coeffs, norm_scale, norm_eps, begin, end,
+        jobs[t] = (job_t){n, wp, gp, mp, shape, scal, ncoef, coeffs, norm_scale, norm_eps, &next,
                           (float *)base, (vd *)(base + per - SV_BYTES)};
-        begin = end;
     }
 #ifdef _OPENMP
     /* torch's own OpenMP pool (this library binds to the libgomp torch loaded): its workers are still
      * spinning from the backward pass, so a second set of threads would fight them for the cores */
 #pragma omp parallel num_threads(nthreads)
-    {
-        const int got = omp_get_num_threads();
-        for (int t = omp_get_thread_num(); t < nthreads; t += got) run_job(&jobs[t]);
-    }
+    run_job(&jobs[omp_get_thread_num()]); /* a smaller team than asked for shares the same counter */
 #else
     pthread_t tids[64];
     int started[64];
     for (int t = 1; t < nthreads; t++)
         started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
     run_job(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t])
-            pthread_join(tids[t], NULL);
-        else
-            run_job(&jobs[t]); /* no thread: run its share here */
-    }
+    for (int t = 1; t < nthreads; t++) /* a thread that could not start: the others took its matrices */
+        if (started[t]) pthread_join(tids[t], NULL);
 #endif
     return 0;
 }
