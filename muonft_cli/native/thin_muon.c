@@ -25,7 +25,7 @@
 
 #define MAXR 64
 #define CHUNK 2048 /* elements of X converted to float64 and taken into the Gram at a time (16 KiB, in L1) */
-#ifndef VL
+#ifndef VL /* VL and TB may be set together on the command line (one width's code tested on another CPU) */
 #if defined(__AVX512F__)
 #define VL 8 /* float64 lanes of a vector register */
 #define TB 4 /* wide Gram register tile: 4 x TB row pairs (32 vector registers) */
