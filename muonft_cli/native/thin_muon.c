@@ -268,7 +268,7 @@ INLINE void pass1(const int r, const int64_t n, const int flip, const float *res
 /* One matrix, r = min(rows, cols) (a compile-time constant where step_one dispatches on it).
  * Pass 1 reads G and M from memory (one contiguous sweep) and leaves X in the scratch; the Gram and the
  * apply then read X from cache.  Wide (r x n as stored): the apply forms four output rows per sweep
- * (register tiles).  Tall (n x r as stored): a small matvec per contiguous row. */
+ * (register tiles).  Tall (n x r as stored): small matvecs, four contiguous rows at a time. */
 INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict xs, vd *restrict sv) {
     float *restrict W = (float *)(intptr_t)job->wp[idx];
     const float *restrict G = (const float *)(intptr_t)job->gp[idx];
