@@ -356,9 +356,9 @@ def test_split_bf16_products_match_fp64_both_orientations():
 
 @pytest.mark.parametrize("shape", [(1536, 1024), (1024, 1536)])
 def test_split_krylov_agrees_with_fp32_row_blocks(shape, monkeypatch):
-    """On a bf16 matrix the split-product Krylov phase gives the fp32-product estimate (same basis to rounding),
-    both within their bounds of exact SVD; an fp32 matrix never takes the split path (it would analyse a rounded
-    copy)."""
+    """On a bf16 matrix the split-product Krylov phase and the native Gram operator's give the fp32-product
+    estimate (same basis to rounding), all within their bounds of exact SVD; an fp32 matrix never takes the
+    split path (it would analyse a rounded copy)."""
     from muonft_cli.diagnose import fast as F
 
     if not F.split_bf16_ok("cpu"):
@@ -367,15 +367,18 @@ def test_split_krylov_agrees_with_fp32_row_blocks(shape, monkeypatch):
     U, V = torch.randn(shape[0], 16, generator=g), torch.randn(16, shape[1], generator=g)
     W = (torch.randn(*shape, generator=g) * 0.02 + (U * torch.arange(16, 0, -1) * 0.01) @ V).bfloat16()
     e = exact_estimate(W)
+    native = fast_spectrum(W, precision="bf16")  # the native Gram operator's fp32 products, where it builds
+    monkeypatch.setattr(F, "_gram_kernel", lambda: None)
     split = fast_spectrum(W, precision="bf16")
     monkeypatch.setattr(F, "split_bf16_ok", lambda device_type="cpu": False)
     blocks = fast_spectrum(W, precision="bf16")
-    for f in (split, blocks):
+    for f in (native, split, blocks):
         assert abs(f.stable_rank / e.stable_rank - 1) <= f.stable_rank_rel_err + 1e-9
         assert abs(f.svd_entropy - e.svd_entropy) <= f.svd_entropy_err
         assert f.frobenius_norm == pytest.approx(e.frobenius_norm, rel=1e-6)
-    assert split.stable_rank == pytest.approx(blocks.stable_rank, rel=1e-4)
-    assert split.svd_entropy == pytest.approx(blocks.svd_entropy, abs=1e-4)
+    for f in (native, split):
+        assert f.stable_rank == pytest.approx(blocks.stable_rank, rel=1e-4)
+        assert f.svd_entropy == pytest.approx(blocks.svd_entropy, abs=1e-4)
     assert split.stable_rank_rel_err >= 2 * F._SPLIT_EPS  # never claims more than the split products resolve
     calls = []
     monkeypatch.setattr(F, "split_bf16_ok", lambda device_type="cpu": calls.append(1) or True)

@@ -209,3 +209,83 @@ def test_kernel_without_openmp_starts_its_own_threads(kernel, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "(pthreads threads)" in r.stdout and "DONE True 2" in r.stdout and "CLOSE True" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------------ the Gram operator (`muonft diagnose`)
+
+
+def _gram_or_skip():
+    k = native.gram_kernel()
+    if k is None:
+        pytest.skip(f"gram kernel: {native.status()['gram']}")
+    return k
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700), (257, 257), (33, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_kernel_matches_fp64(shape, dtype):
+    """out = XᵀX·V (tall) or XXᵀ·V (wide) in fp32 from X as stored, against float64; every supported width
+    (and row counts that leave a partial row group); a width it does not take is refused, nothing written."""
+    k = _gram_or_skip()
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(*shape, generator=g).to(dtype)
+    m, n = shape
+    r = min(m, n)
+    Xd = X.double()
+    for b in (8, 16, 24, 32):
+        V = torch.randn(r, b, generator=g)
+        ref = Xd.T @ (Xd @ V.double()) if m >= n else Xd @ (Xd.T @ V.double())
+        out = torch.full((r, b), float("nan"))
+        scratch = torch.empty(k.scratch_floats(m, n, b))
+        k.apply(X.data_ptr(), dtype == torch.bfloat16, m, n, V.data_ptr(), b, out.data_ptr(), scratch.data_ptr())
+        assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5, (b, shape, dtype)
+    out = torch.zeros(r, 12)
+    with pytest.raises(ValueError, match="b must be"):
+        k.apply(X.data_ptr(), dtype == torch.bfloat16, m, n, torch.zeros(r, 12).data_ptr(), 12, out.data_ptr(),
+                torch.empty(k.scratch_floats(m, n, 16)).data_ptr())
+    assert not out.any()
+
+
+def test_gram_native_pads_and_blocks_columns():
+    """diagnose's wrapper: widths that are not a multiple of 8 are zero-padded and widths past 32 split into
+    blocks, each column equal to the product on its own (fp32 accuracy)."""
+    from muonft_cli.diagnose.fast import _gram_native
+
+    k = _gram_or_skip()
+    g = torch.Generator().manual_seed(8)
+    for shape in ((400, 150), (150, 400)):
+        X = torch.randn(*shape, generator=g).bfloat16()
+        Xd = X.double()
+        for b in (1, 5, 40, 70):
+            V = torch.randn(min(shape), b, generator=g)
+            ref = Xd.T @ (Xd @ V.double()) if shape[0] >= shape[1] else Xd @ (Xd.T @ V.double())
+            got = _gram_native(k, X, V)
+            assert got.shape == (min(shape), b)
+            assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5, (shape, b)
+
+
+def test_fast_spectrum_same_with_and_without_the_gram_kernel(monkeypatch):
+    """The estimate does not depend on whether the native operator ran (fp32 products either way, other
+    summation order), in both precisions; MUONFT_NATIVE=0 turns it off."""
+    from muonft_cli.diagnose import fast as F
+
+    _gram_or_skip()
+    g = torch.Generator().manual_seed(9)
+    U, V = torch.randn(1100, 12, generator=g), torch.randn(12, 800, generator=g)
+    W = (torch.randn(1100, 800, generator=g) * 0.02 + (U * torch.arange(12, 0, -1) * 0.01) @ V).bfloat16()
+    for precision in ("fp32", "bf16"):
+        for Wx in (W, W.t().contiguous()):
+            with_k = F.fast_spectrum(Wx, precision=precision)
+            with monkeypatch.context() as mp:
+                mp.setattr(F, "_gram_kernel", lambda: None)
+                without = F.fast_spectrum(Wx, precision=precision)
+            assert with_k.stable_rank == pytest.approx(without.stable_rank, rel=1e-4), precision
+            assert with_k.svd_entropy == pytest.approx(without.svd_entropy, abs=1e-4), precision
+            assert with_k.matvecs == without.matvecs
+    monkeypatch.setenv("MUONFT_NATIVE", "0")
+    native.gram_kernel.cache_clear()
+    try:
+        assert native.gram_kernel() is None and native.status(build=False)["gram"].startswith("disabled")
+    finally:
+        monkeypatch.delenv("MUONFT_NATIVE")
+        native.gram_kernel.cache_clear()

@@ -31,7 +31,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "muonft_cli" / "recipes").glob("*.yaml"))
-DATA_FILES = ["muonft_cli/diagnose/calibration.json", "muonft_cli/native/thin_muon.c"] + [f"muonft_cli/recipes/{n}" for n in RECIPES]
+DATA_FILES = ["muonft_cli/diagnose/calibration.json", "muonft_cli/native/thin_muon.c", "muonft_cli/native/gram_apply.c"] + [f"muonft_cli/recipes/{n}" for n in RECIPES]
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "runs", ".cache",
                                     "__pycache__", ".pytest_cache", ".whl")
 
@@ -114,11 +114,12 @@ def test_installed_wheel_runs_every_printed_command_from_an_empty_directory(whee
         return _run([muonft, *args], cwd=work, env=env)
 
     assert "recipes" in cli("--help").stdout
-    if shutil.which(os.environ.get("CC") or "cc"):  # the native kernel builds from the installed source
+    if shutil.which(os.environ.get("CC") or "cc"):  # the native kernels build from the installed sources
         cache = tmp_path / "native"
-        code = "import muonft_cli.native as n; k = n.thin_kernel(); print(k.path if k else n.status())"
-        built = _run([py, "-c", code], cwd=work, env=_env(MUONFT_NATIVE_DIR=str(cache))).stdout.strip()
-        assert Path(built).parent == cache and Path(built).is_file(), built
+        for kernel in ("thin_kernel", "gram_kernel"):
+            code = f"import muonft_cli.native as n; k = n.{kernel}(); print(k.path if k else n.status())"
+            built = _run([py, "-c", code], cwd=work, env=_env(MUONFT_NATIVE_DIR=str(cache))).stdout.strip()
+            assert Path(built).parent == cache and Path(built).is_file(), built
     listing = cli("recipes").stdout
     assert {ln.split()[0] for ln in listing.splitlines()} == {n[:-5] for n in RECIPES}
     assert cli("recipes", "show", "sweep-finetune").stdout == (REPO / "recipes" / "sweep-finetune.yaml").read_text()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from muonft_cli.diagnose.fast import exact_estimate, fast_spectrum, native_bf16
+from muonft_cli.diagnose.fast import auto_precision, exact_estimate, fast_spectrum
 from muonft_cli.diagnose.io import Checkpoint, MatrixSpec, open_checkpoint, recorded_base
 from muonft_cli.diagnose.layouts import DEFAULT_SAMPLE_EXPERTS, sample_experts as _sample_experts
 from muonft_cli.errors import UserInputError
@@ -294,7 +294,7 @@ def diagnose(
     report = V.build_report(ck, records, mode=mode, target_optim=target_optim, data=data)
     report["seconds"] = round(seconds, 3)
     report["device"] = str(dev)
-    report["fast_precision"] = "bf16" if dev.type == "cpu" and native_bf16() else "fp32"
+    report["fast_precision"] = auto_precision(dev.type)
     if per_matrix:
         report["matrices"] = records
     return report

@@ -22,14 +22,22 @@ two Lanczos lengths; probes are added until it is below the tolerance (or the pr
 GEMMs on blocks of vectors, so the cost is a few hundred matrix-vector products instead of an O(r³)
 eigendecomposition.
 
-Precision: on CPUs with native bf16 (``avx512_bf16``/``amx_bf16``, `native_bf16`) the SLQ products — most of
-the work — run in bf16 (fp32 accumulation, oneDNN/AMX; W is usually stored in bf16, and is used as stored);
-elsewhere (CUDA included) everything is fp32. The Krylov phase needs more than bf16: bf16 rounds each product's
+Products: on CPU, every product A·V is by default the native Gram operator (`_gram_native`,
+``muonft_cli/native/gram_apply.c``): fp32 products and sums straight from W as stored (bf16 or fp32; no fp32
+copy of a bf16 W), W streamed row by row — BLAS does A·V as two skinny GEMMs and re-packs W for each (MKL fp32:
+2–4× slower than the operator for 8–24 columns, measured on Zen 4; on an AVX2 Zen 3 35 % of a run was MKL's
+packing). It serves the Krylov phase always and the SLQ unless the SLQ runs in bf16 (below). Without a C
+compiler (or with ``MUONFT_NATIVE=0``) the torch products below run instead, with the same results to
+rounding.
+
+Precision: the SLQ products — most of the work — run in bf16 (fp32 accumulation, oneDNN; W is used as stored)
+where `auto_precision` says so: on CPUs with AMX, or with native bf16 (``avx512_bf16``, `native_bf16`) when the
+native operator is unavailable; elsewhere (CUDA included) everything is fp32. The Krylov phase needs more than bf16: bf16 rounds each product's
 output (≈ 2⁻⁹ relative), which floors the Ritz residuals near 1e-3, so fewer pairs deflate and the deflated ones
 stay coupled to the rest — a bias in the entropy, measured at up to 0.004 on a spiky test matrix — whereas in the
 SLQ the same rounding is far below the probes' sampling error (measured: bf16 and fp32 SLQ on one deflation agree
 to < 1e-4; a term for it is still added to the entropy's reported error, `_BF16_ENTROPY_TERM`). So the Krylov
-products run as *split* bf16 GEMMs (`_split_mm`): the fp32 block is split into bf16 high and low parts, and the
+products run on the native operator, or without it as *split* bf16 GEMMs (`_split_mm`): the fp32 block is split into bf16 high and low parts, and the
 output's rounding error is recovered by a second GEMM that subtracts the rounded result inside the fp32
 accumulator (``addmm(−Ŷ, X, V_hi)`` = round(XV_hi − Ŷ)); two bf16 GEMMs per product (one at twice the block's
 width), ≈ 2⁻¹⁷ relative, no fp32 copy of W, and ~1.3× faster than fp32 GEMMs on W's upcast row blocks for the
@@ -50,7 +58,8 @@ import torch
 
 from muonft_cli.spectral import singular_values, stable_rank, svd_entropy
 
-__all__ = ["FastEstimate", "fast_spectrum", "exact_estimate", "native_bf16", "split_bf16_ok", "PRECISIONS"]
+__all__ = ["FastEstimate", "auto_precision", "fast_spectrum", "exact_estimate", "native_bf16", "split_bf16_ok",
+           "PRECISIONS"]
 
 _CHUNK_BYTES = 1 << 21  # row blocks of about 2 MiB: the Frobenius sum, and a bf16 W's fp32 products (upcast per block)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -86,6 +95,28 @@ def native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def _amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN's bf16 GEMMs there are far faster than any fp32 product)."""
+    f = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(f is not None and f())
+    except Exception:  # noqa: BLE001 - a missing/odd probe means "no AMX"
+        return False
+
+
+def auto_precision(device_type: str = "cpu") -> str:
+    """What ``precision="auto"`` runs: ``bf16`` (the SLQ products as bf16 GEMMs) on a CPU with native bf16 —
+    unless the native Gram operator (`_gram_native`, fp32) is available and the CPU has no AMX: it was as fast
+    as oneDNN's bf16 GEMMs there (AVX512-BF16 without AMX, Zen 4: measured faster for 8-column products of
+    tall and square matrices, ~10 % slower for wide ones), and exact to fp32; ``fp32`` otherwise, CUDA
+    included. ``MUONFT_DIAGNOSE_BF16=0|1`` forces it (`native_bf16`)."""
+    if device_type != "cpu" or not native_bf16():
+        return "fp32"
+    if os.environ.get("MUONFT_DIAGNOSE_BF16") == "1" or _amx():
+        return "bf16"
+    return "fp32" if _gram_kernel() is not None else "bf16"
+
+
 _SPLIT_EPS = 2.0 ** -16
 """Relative accuracy claimed for a split bf16 product (`_split_mm`): the low part and the recovered output
 rounding leave ≈ 2⁻¹⁷ (measured 5e-6 max-relative on 5632×2048); the stable-rank bound is not reported below it."""
@@ -102,7 +133,15 @@ def _split_mm(X: torch.Tensor, S: torch.Tensor, left: bool) -> torch.Tensor:
     if left:
         H = X @ torch.cat([hi, lo], 1)  # (m, 2b)
         main, low = H[:, :b], H[:, b:]
-        err = torch.addmm(main, X, hi, beta=-1)
+        # X·V of a width past a multiple of 16 (the Krylov block's 24) ran ~2× slower than at the next multiple
+        # (oneDNN on AVX512-BF16, Zen 4: 8.2 vs 4.1 ms for 5632×2048 at 24 vs 32 columns; 45 vs 23 ms for a
+        # 32000×2048 embedding; equal or ±5 % elsewhere): zero columns make it one pass, the same bits per column
+        pad = -b % 16 if b > 16 else 0
+        if pad:
+            err = torch.addmm(torch.cat([main, main.new_zeros(main.shape[0], pad)], 1), X,
+                              torch.cat([hi, hi.new_zeros(hi.shape[0], pad)], 1), beta=-1)[:, :b]
+        else:
+            err = torch.addmm(main, X, hi, beta=-1)
     else:
         H = torch.cat([hi, lo], 0) @ X  # (2b, n)
         main, low = H[:b], H[b:]
@@ -127,6 +166,36 @@ def split_bf16_ok(device_type: str = "cpu") -> bool:
         if float((got - ref).abs().max() / ref.abs().max()) > 2.0 ** -14:
             return False
     return True
+
+
+def _gram_kernel():
+    """The native Gram operator (`muonft_cli.native.gram_kernel`), or ``None`` (no compiler, MUONFT_NATIVE=0)."""
+    from muonft_cli.native import gram_kernel
+
+    return gram_kernel()
+
+
+def _gram_native(gk, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(WᵀW if m ≥ n else WWᵀ)·V in fp32 (products and sums) from the native kernel, W (m, n) contiguous fp32 or
+    bf16 on CPU, V (r, b) fp32: columns in blocks of ≤ 32, each padded to a multiple of 8 with zeros (the
+    kernel's widths; a zero column changes no other column)."""
+    from muonft_cli.native import GRAM_MAX_BLOCK
+
+    m, n = W.shape
+    r, b = V.shape
+    out = torch.empty(r, b)
+    for j in range(0, b, GRAM_MAX_BLOCK):
+        k = min(GRAM_MAX_BLOCK, b - j)
+        kp = -(-k // 8) * 8
+        Vj = V[:, j : j + k].float()
+        if kp != k:
+            Vj = torch.cat([Vj, Vj.new_zeros(r, kp - k)], 1)
+        Vj = Vj.contiguous()
+        oj = torch.empty(r, kp)
+        scratch = torch.empty(max(1, gk.scratch_floats(m, n, kp)))
+        gk.apply(W.data_ptr(), W.dtype == torch.bfloat16, m, n, Vj.data_ptr(), kp, oj.data_ptr(), scratch.data_ptr())
+        out[:, j : j + k] = oj[:, :k]
+    return out
 
 
 @dataclass
@@ -190,8 +259,9 @@ def fast_spectrum(
             tolerance (more probes cannot shrink the quadrature term).
         seed: seed of the probes' generator (results are deterministic for a given seed and precision).
         exact_below: compute exactly when r ≤ max(exact_below, 3·block·(krylov_iters+1)).
-        precision: ``bf16`` (products in bf16, the top pair refined in fp32), ``fp32``, or ``auto`` (bf16 on a
-            CPU with native bf16, `native_bf16`; fp32 otherwise, CUDA included).
+        precision: ``bf16`` (the SLQ products in bf16; the Krylov phase's fp32-accurate), ``fp32``, or
+            ``auto`` (`auto_precision`: bf16 on a CPU with native bf16 unless the native fp32 operator is as
+            fast there; fp32 otherwise, CUDA included).
 
     Returns:
         `FastEstimate` with ``method="fast"`` (or ``"exact"`` on fallback).
@@ -207,13 +277,18 @@ def fast_spectrum(
         return exact_estimate(W)
     dev = W.device
     if precision == "auto":
-        precision = "bf16" if dev.type == "cpu" and native_bf16() else "fp32"
+        precision = auto_precision(dev.type)
     low = precision == "bf16"
-    # Krylov products as split bf16 GEMMs: only for a matrix stored in bf16 (X is then W itself; a rounded copy of
-    # an fp32/fp16 W would be a different matrix, ≈ 2⁻⁹ off — measured 1.3e-4 in stable rank on MiniLM)
-    split = low and W.dtype == torch.bfloat16 and dev.type == "cpu" and split_bf16_ok(dev.type)
-    # the matrix the block products read: bf16 as stored (or rounded once), else fp32
-    X = W.to(torch.bfloat16 if low else torch.float32).contiguous()  # (m, n)
+    # the native Gram operator (`_gram_native`): fp32 products straight from W as stored (fp32 or bf16) — the
+    # Krylov phase's products in bf16 mode (instead of split GEMMs or upcast row blocks), every product in fp32
+    # mode (no fp32 copy of a bf16 W); where it is unavailable, the torch products below
+    gk = _gram_kernel() if dev.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16) else None
+    Wn = W.contiguous() if gk is not None else None
+    # without it, Krylov products as split bf16 GEMMs: only for a matrix stored in bf16 (X is then W itself; a
+    # rounded copy of an fp32/fp16 W would be a different matrix, ≈ 2⁻⁹ off — 1.3e-4 in stable rank on MiniLM)
+    split = low and gk is None and W.dtype == torch.bfloat16 and dev.type == "cpu" and split_bf16_ok(dev.type)
+    # the matrix the torch block products read: bf16 as stored (or rounded once), else fp32
+    X = Wn if gk is not None and not low else W.to(torch.bfloat16 if low else torch.float32).contiguous()
     rows = max(1, _CHUNK_BYTES // (4 * n))
 
     def chunks():  # fp32 row blocks of W: views if W is fp32, else upcast into one reused buffer (no fp32 copy
@@ -233,7 +308,7 @@ def fast_spectrum(
 
     # ‖W‖²_F: in fp32 mode and with split products now (one pass over W's row blocks); otherwise in bf16 mode from
     # the same row blocks as the first fp32 Krylov product
-    fro2 = sum(fro2_of(Wc) for _, Wc in chunks()) if split or not low else 0.0
+    fro2 = sum(fro2_of(Wc) for _, Wc in chunks()) if split or not low or gk is not None else 0.0
     if fro2 == 0 and not low:
         return FastEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "fast", 0)
     c = 1.0 if low else r / fro2  # normalise: eigenvalues x = c·σ², mean 1 (bf16 mode: set after the Krylov phase)
@@ -248,6 +323,8 @@ def fast_spectrum(
         # (Row-blocked single-pass variants measured slower here: the skinny GEMM, not memory, is the bound.)
         nonlocal matvecs
         matvecs += V.shape[1]
+        if gk is not None and not low:
+            return _gram_native(gk, Wn, V) * c
         Vx = V.to(X.dtype)
         if m >= n:  # A = XᵀX
             Y = X @ Vx  # (m, b)
@@ -309,9 +386,12 @@ def fast_spectrum(
         return _split_mm(X, _split_mm(X, V.T, left=False).T, left=True)  # X(VᵀX)ᵀ, (m, b)
 
     def A_krylov(V: torch.Tensor) -> torch.Tensor:
-        nonlocal fro2
+        nonlocal fro2, matvecs
         if not low:
             return A(V)
+        if gk is not None:
+            matvecs += V.shape[1]
+            return _gram_native(gk, Wn, V)
         if split:
             return A_split(V)
         out, f2 = A_fp32(V, fro=fro2 == 0)

@@ -2,7 +2,9 @@
 
 Owns ``thin_muon.c`` — the whole Muon step of thin fp32 matrices (LoRA factors) in one pass per matrix
 (momentum, Nesterov input, float64 Gram, the r×r iteration, apply), which torch has no fused op for — and
-the machinery around it:
+``gram_apply.c`` — a matrix's Gram operator on a thin block (XᵀX·V or XXᵀ·V, fp32, X streamed once or twice
+as stored, bf16 or fp32) for `muonft diagnose`, where BLAS re-packs the big matrix for every skinny product —
+and the machinery around them:
 
 * built on first use with the system C compiler (``$CC``, else ``cc``) at ``-O3 -march=native`` into
   ``$MUONFT_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/muonft/native`` or ``~/.cache/muonft/native``), named
@@ -17,8 +19,9 @@ the machinery around it:
   intra-op pool — whose workers still spin after the backward pass; threads of its own (as the first
   version started) fought them for the cores and made a step up to ~20 % slower right after torch work.
   Without libgomp to link it starts pthreads instead;
-* optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel`
-  returns ``None`` and the optimizer runs its torch path (same math); :func:`status` says which and why.
+* optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel` and
+  :func:`gram_kernel` return ``None`` and their callers run their torch paths (same math); :func:`status`
+  says which and why.
 
 No torch import here: callers pass raw pointers and sizes.
 """
@@ -37,9 +40,11 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["MAX_RANK", "ThinKernel", "expected", "planned_scratch_bytes", "status", "thin_kernel"]
+__all__ = ["GRAM_MAX_BLOCK", "GramKernel", "MAX_RANK", "ThinKernel", "expected", "gram_kernel",
+           "planned_scratch_bytes", "status", "thin_kernel"]
 
 _SOURCE = Path(__file__).with_name("thin_muon.c")
+_GRAM_SOURCE = Path(__file__).with_name("gram_apply.c")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 # tried in order: this CPU's instructions and OpenMP threads; then without -march=native (a compiler that
 # lacks it); then without OpenMP (no libgomp to link: the kernel starts its own pthreads)
@@ -123,28 +128,58 @@ class ThinKernel:
             raise ValueError(f"thin kernel: a matrix is empty or has min(rows, cols) > {MAX_RANK}")
 
 
+GRAM_MAX_BLOCK = 32  # BMAX in gram_apply.c: columns per call, a multiple of 8
+
+
+class GramKernel:
+    """The loaded ``muonft_gram_apply``: :meth:`apply` runs it on one matrix and one block of vectors."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        fn = lib.muonft_gram_apply
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        size = lib.muonft_gram_apply_scratch
+        size.restype, size.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        self._fn, self._size, self._lib, self.path = fn, size, lib, path
+
+    def scratch_floats(self, m: int, n: int, b: int) -> int:
+        """fp32 elements of scratch :meth:`apply` needs for an m×n matrix and b columns."""
+        return int(self._size(int(m), int(n), int(b)))
+
+    def apply(self, x: int, bf16: bool, m: int, n: int, v: int, b: int, out: int, scratch: int) -> None:
+        """``out = XᵀX·V`` (m ≥ n; V, out n×b) or ``XXᵀ·V`` (m < n; V, out m×b), fp32 products and sums.
+
+        ``x``: address of X (m×n row-major, bf16 when ``bf16`` else fp32); ``v``, ``out``: addresses of
+        row-major fp32 blocks, ``b`` ∈ {8, 16, 24, 32} columns; ``scratch``: :meth:`scratch_floats` fp32
+        elements. Raises ``ValueError`` (nothing written) for another ``b`` or an empty X."""
+        if self._fn(x, int(bool(bf16)), int(m), int(n), v, int(b), out, scratch):
+            raise ValueError(f"gram kernel: b must be 8, 16, 24 or 32 and X non-empty (got {m}x{n}, b={b})")
+
+
 _STATUS: dict[str, str] = {}
 
 
-def _build() -> Path:
-    """Compile ``thin_muon.c`` into the cache (or reuse it); returns the library's path."""
+def _build(source: Path = _SOURCE, flags: Sequence[str] = _FLAGS,
+           attempts: Sequence[Sequence[str]] = _ATTEMPTS) -> Path:
+    """Compile ``source`` into the cache (or reuse it); returns the library's path."""
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    text = source.read_bytes()
+    digest = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),
                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
-    lib = out_dir / f"thin_muon-{digest}.so"
+    lib = out_dir / f"{source.stem}-{digest}.so"
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".thin_muon-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        for flags in _ATTEMPTS:
-            proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm", "-lpthread"],
+        for attempt in attempts:
+            proc = subprocess.run([cc, *attempt, "-o", tmp, str(source), "-lm", "-lpthread"],
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
                 break
@@ -175,6 +210,28 @@ def thin_kernel() -> ThinKernel | None:
     return kernel
 
 
+# one thread per call (diagnose runs a matrix per core): no OpenMP
+_GRAM_FLAGS = tuple(f for f in _FLAGS if f != "-fopenmp") + ("-fopenmp-simd",)
+_GRAM_ATTEMPTS = (_GRAM_FLAGS, tuple(f for f in _GRAM_FLAGS if f != "-march=native"))
+
+
+@lru_cache(maxsize=1)
+def gram_kernel() -> GramKernel | None:
+    """The Gram-operator kernel for `muonft diagnose`, built and loaded once per process; ``None`` when
+    unavailable (see :func:`status`)."""
+    if _disabled():
+        _STATUS["gram"] = "disabled (MUONFT_NATIVE=0)"
+        return None
+    try:
+        path = _build(_GRAM_SOURCE, _GRAM_FLAGS, _GRAM_ATTEMPTS)
+        kernel = GramKernel(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _STATUS["gram"] = f"unavailable: {exc}"
+        return None
+    _STATUS["gram"] = f"loaded from {path}"
+    return kernel
+
+
 def _disabled() -> bool:
     return os.environ.get("MUONFT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -193,4 +250,5 @@ def status(build: bool = True) -> dict[str, str]:
     ``"not used"`` (nothing is compiled)."""
     if build:
         thin_kernel()
-    return {"thin": _STATUS.get("thin", "not used")}
+        gram_kernel()
+    return {"thin": _STATUS.get("thin", "not used"), "gram": _STATUS.get("gram", "not used")}
