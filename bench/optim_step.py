@@ -97,6 +97,14 @@ def cpu_model() -> str:
 # ------------------------------------------------------------------------------------------- optimizers
 
 
+def drop(build: dict, skipped: dict, names: list[str]) -> None:
+    """Remove the optimizers named with ``--skip`` (muonft's own and AdamW are never dropped)."""
+    for name in names:
+        if name in build and not name.startswith(("muonft", "adamw")):
+            del build[name]
+            skipped[name] = "left out with --skip"
+
+
 def builders(lr: float, full: bool, heavyball_compile: bool) -> tuple[dict, dict]:
     """name -> fn(params) -> optimizer, and name -> reason for peers that are not installed."""
     out, skipped = {}, {}
@@ -208,6 +216,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--skip-full", action="store_true", help="LoRA case only")
     ap.add_argument("--heavyball-compile", action="store_true", help="let heavyball torch.compile its step")
+    ap.add_argument("--skip", action="append", default=[], metavar="NAME",
+                    help="leave out this optimizer (repeatable; recorded under 'skipped'), e.g. "
+                         "pytorch_optimizer_muon_gram, whose fp16 Gram iteration runs torch's unvectorised "
+                         "fp16 GEMM on CPUs without native fp16 (minutes per step)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,6 +249,7 @@ def main() -> None:
     # 1. LoRA ------------------------------------------------------------------------------------
     shapes = lora_shapes(**LLAMA2_7B, r=args.lora_rank)
     build, skipped = builders(lr, full=False, heavyball_compile=args.heavyball_compile)
+    drop(build, skipped, args.skip)
     opts, times = time_interleaved(build, shapes, device, args.warmup, args.rounds)
     lora = summarize(times)
     med = {k: v["median_ms"] for k, v in lora.items()}
@@ -271,6 +284,7 @@ def main() -> None:
     if not args.skip_full:
         fshapes = hidden_shapes(args.hidden, args.intermediate, args.layers)
         fbuild, fskipped = builders(lr, full=True, heavyball_compile=args.heavyball_compile)
+        drop(fbuild, fskipped, args.skip)
         _, ftimes = time_interleaved(fbuild, fshapes, device, 1, args.full_rounds)
         full = summarize(ftimes)
         fmed = {k: v["median_ms"] for k, v in full.items()}
