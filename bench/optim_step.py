@@ -98,9 +98,10 @@ def cpu_model() -> str:
 
 
 def drop(build: dict, skipped: dict, names: list[str]) -> None:
-    """Remove the optimizers named with ``--skip`` (muonft's own and AdamW are never dropped)."""
+    """Remove the peers named with ``--skip`` (muonft's own, AdamW and torch.optim.Muon — the reference the
+    update directions are compared with — are never dropped)."""
     for name in names:
-        if name in build and not name.startswith(("muonft", "adamw")):
+        if name in build and not name.startswith(("muonft", "adamw", "torch_muon")):
             del build[name]
             skipped[name] = "left out with --skip"
 
@@ -217,7 +218,7 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true", help="LoRA case only")
     ap.add_argument("--heavyball-compile", action="store_true", help="let heavyball torch.compile its step")
     ap.add_argument("--skip", action="append", default=[], metavar="NAME",
-                    help="leave out this optimizer (repeatable; recorded under 'skipped'), e.g. "
+                    help="leave out this peer (repeatable; recorded under 'skipped'), e.g. "
                          "pytorch_optimizer_muon_gram, whose fp16 Gram iteration runs torch's unvectorised "
                          "fp16 GEMM on CPUs without native fp16 (minutes per step)")
     args = ap.parse_args()
