@@ -193,20 +193,29 @@ def _build(source: Path = _SOURCE, flags: Sequence[str] = _FLAGS,
     return lib
 
 
+def _load(name: str, cls: type, source: Path, flags: Sequence[str], attempts: Sequence[Sequence[str]]):
+    """Build (or reuse) and load one kernel, recording in ``_STATUS[name]`` what happened; ``None`` when it is
+    disabled or cannot be built or loaded."""
+    if _disabled():
+        _STATUS[name] = "disabled (MUONFT_NATIVE=0)"
+        return None
+    try:
+        path = _build(source, flags, attempts)
+        kernel = cls(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _STATUS[name] = f"unavailable: {exc}"
+        return None
+    _STATUS[name] = f"loaded from {path}"
+    return kernel
+
+
 @lru_cache(maxsize=1)
 def thin_kernel() -> ThinKernel | None:
     """The thin-matrix kernel, built and loaded once per process; ``None`` when unavailable (see
     :func:`status`)."""
-    if _disabled():
-        _STATUS["thin"] = "disabled (MUONFT_NATIVE=0)"
-        return None
-    try:
-        path = _build()
-        kernel = ThinKernel(ctypes.CDLL(str(path)), path)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _STATUS["thin"] = f"unavailable: {exc}"
-        return None
-    _STATUS["thin"] = f"loaded from {path} ({kernel.threading} threads)"
+    kernel = _load("thin", ThinKernel, _SOURCE, _FLAGS, _ATTEMPTS)
+    if kernel is not None:
+        _STATUS["thin"] += f" ({kernel.threading} threads)"
     return kernel
 
 
@@ -219,17 +228,7 @@ _GRAM_ATTEMPTS = (_GRAM_FLAGS, tuple(f for f in _GRAM_FLAGS if f != "-march=nati
 def gram_kernel() -> GramKernel | None:
     """The Gram-operator kernel for `muonft diagnose`, built and loaded once per process; ``None`` when
     unavailable (see :func:`status`)."""
-    if _disabled():
-        _STATUS["gram"] = "disabled (MUONFT_NATIVE=0)"
-        return None
-    try:
-        path = _build(_GRAM_SOURCE, _GRAM_FLAGS, _GRAM_ATTEMPTS)
-        kernel = GramKernel(ctypes.CDLL(str(path)), path)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _STATUS["gram"] = f"unavailable: {exc}"
-        return None
-    _STATUS["gram"] = f"loaded from {path}"
-    return kernel
+    return _load("gram", GramKernel, _GRAM_SOURCE, _GRAM_FLAGS, _GRAM_ATTEMPTS)
 
 
 def _disabled() -> bool:

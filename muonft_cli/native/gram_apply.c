@@ -44,12 +44,17 @@ INLINE const float *rows_at(const void *X, int bf16, int64_t i0, int R, int64_t 
     return buf;
 }
 
+/* the R x b block at p (row-major, b = 8 NV) into vector registers */
+INLINE void ld_tile(const int R, const int NV, const float *p, v8 t[RMAX][BMAX / 8]) {
+    for (int k = 0; k < R; k++)
+        for (int v = 0; v < NV; v++) t[k][v] = ld8(p + k * 8 * NV + 8 * v);
+}
+
 /* acc[k, :] += sum_j x[k, j] V[j, :] over len columns, R rows (NV vectors of 8 per row of V, b = 8 NV) */
 INLINE void rowdot(const int R, const int NV, const float *restrict x, int64_t ld, int64_t len,
                    const float *restrict V, float *restrict acc) {
     v8 a[RMAX][BMAX / 8];
-    for (int k = 0; k < R; k++)
-        for (int v = 0; v < NV; v++) a[k][v] = ld8(acc + k * 8 * NV + 8 * v);
+    ld_tile(R, NV, acc, a);
     for (int64_t j = 0; j < len; j++) {
         const float *vj = V + j * 8 * NV;
         v8 vv[BMAX / 8];
@@ -67,8 +72,7 @@ INLINE void rowdot(const int R, const int NV, const float *restrict x, int64_t l
 INLINE void rowouter(const int R, const int NV, const float *restrict x, int64_t ld, int64_t len,
                      const float *restrict y, float *restrict out) {
     v8 yy[RMAX][BMAX / 8];
-    for (int k = 0; k < R; k++)
-        for (int v = 0; v < NV; v++) yy[k][v] = ld8(y + k * 8 * NV + 8 * v);
+    ld_tile(R, NV, y, yy);
     for (int64_t j = 0; j < len; j++) {
         float *oj = out + j * 8 * NV;
         v8 o[BMAX / 8];
