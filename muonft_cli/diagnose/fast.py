@@ -32,19 +32,19 @@ rounding.
 
 Precision: the SLQ products — most of the work — run in bf16 (fp32 accumulation, oneDNN; W is used as stored)
 where `auto_precision` says so: on CPUs with AMX, or with native bf16 (``avx512_bf16``, `native_bf16`) when the
-native operator is unavailable; elsewhere (CUDA included) everything is fp32. The Krylov phase needs more than bf16: bf16 rounds each product's
-output (≈ 2⁻⁹ relative), which floors the Ritz residuals near 1e-3, so fewer pairs deflate and the deflated ones
-stay coupled to the rest — a bias in the entropy, measured at up to 0.004 on a spiky test matrix — whereas in the
-SLQ the same rounding is far below the probes' sampling error (measured: bf16 and fp32 SLQ on one deflation agree
-to < 1e-4; a term for it is still added to the entropy's reported error, `_BF16_ENTROPY_TERM`). So the Krylov
-products run on the native operator, or without it as *split* bf16 GEMMs (`_split_mm`): the fp32 block is split into bf16 high and low parts, and the
-output's rounding error is recovered by a second GEMM that subtracts the rounded result inside the fp32
-accumulator (``addmm(−Ŷ, X, V_hi)`` = round(XV_hi − Ŷ)); two bf16 GEMMs per product (one at twice the block's
-width), ≈ 2⁻¹⁷ relative, no fp32 copy of W, and ~1.3× faster than fp32 GEMMs on W's upcast row blocks for the
-Krylov phase of a 5632×2048 matrix on one AMX core. Only for matrices stored in bf16: the products must be of W
-itself, not of a rounded copy. Whether the accumulator really takes the subtraction in fp32 is checked once per
-process (`split_bf16_ok`); where it does not, the Krylov phase runs on fp32 products from W's row blocks
-(upcast on the fly) as before.
+native operator is unavailable; elsewhere (CUDA included) everything is fp32. The Krylov phase needs more than
+bf16: bf16 rounds each product's output (≈ 2⁻⁹ relative), which floors the Ritz residuals near 1e-3, so fewer
+pairs deflate and the deflated ones stay coupled to the rest — a bias in the entropy, measured at up to 0.004 on
+a spiky test matrix — whereas in the SLQ the same rounding is far below the probes' sampling error (measured:
+bf16 and fp32 SLQ on one deflation agree to < 1e-4; a term for it is still added to the entropy's reported error,
+`_BF16_ENTROPY_TERM`). So the Krylov products run on the native operator, or without it as *split* bf16 GEMMs
+(`_split_mm`): the fp32 block is split into bf16 high and low parts, and the output's rounding error is recovered
+by a second GEMM that subtracts the rounded result inside the fp32 accumulator (``addmm(−Ŷ, X, V_hi)`` =
+round(XV_hi − Ŷ)); two bf16 GEMMs per product (one at twice the block's width), ≈ 2⁻¹⁷ relative, no fp32 copy of
+W, and ~1.3× faster than fp32 GEMMs on W's upcast row blocks for the Krylov phase of a 5632×2048 matrix on one
+AMX core. Only for matrices stored in bf16: the products must be of W itself, not of a rounded copy. Whether the
+accumulator really takes the subtraction in fp32 is checked once per process (`split_bf16_ok`); where it does
+not, the Krylov phase runs on fp32 products from W's row blocks (upcast on the fly) as before.
 """
 
 from __future__ import annotations
