@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--skip-full", action="store_true", help="LoRA case only")
+    ap.add_argument("--skip-lora", action="store_true", help="full case only")
     ap.add_argument("--heavyball-compile", action="store_true", help="let heavyball torch.compile its step")
     ap.add_argument("--skip", action="append", default=[], metavar="NAME",
                     help="leave out this peer (repeatable; recorded under 'skipped'), e.g. "
@@ -247,39 +248,44 @@ def main() -> None:
                   "medians of the per-round ratios",
     }
 
+    if args.skip_full and args.skip_lora:
+        ap.error("--skip-full and --skip-lora leave nothing to measure")
+    report = []
+
     # 1. LoRA ------------------------------------------------------------------------------------
-    shapes = lora_shapes(**LLAMA2_7B, r=args.lora_rank)
-    build, skipped = builders(lr, full=False, heavyball_compile=args.heavyball_compile)
-    drop(build, skipped, args.skip)
-    opts, times = time_interleaved(build, shapes, device, args.warmup, args.rounds)
-    lora = summarize(times)
-    med = {k: v["median_ms"] for k, v in lora.items()}
-    peers = [k for k in med if k.startswith(("torch_muon", "pytorch_optimizer", "heavyball"))]
-    pairs = [("muonft_muon", "adamw_fused"), ("muonft_muon", "adamw_foreach"),
-             ("muonft_muon_pe", "adamw_fused"), ("muonft_muon_torchpath", "muonft_muon")] + [
-        (p, "muonft_muon") for p in peers]
-    lora_ratios = ratios(med, pairs)
-    cpu_ratios = ratios({k: v["cpu_median_ms"] for k, v in lora.items()}, pairs)
-    state_ratio = optimizer_state_bytes(opts["muonft_muon"]) / optimizer_state_bytes(opts["adamw_foreach"])
-    del opts
-    one_layer = shapes[:14]
-    muons = {k: v for k, v in build.items() if not k.startswith("adamw")}
-    result["lora"] = {
-        "shapes": "Llama-2-7B LoRA r=%d, q,k,v,o,gate,up,down x 32 layers" % args.lora_rank,
-        "matrices": len(shapes),
-        "params": sum(a * b for a, b in shapes),
-        "step_ms": lora,
-        "ratios": lora_ratios,
-        "ratios_cpu_time": cpu_ratios,
-        "ratios_per_round": per_round_ratios(times, pairs),
-        "cosine_vs_torch_muon (one layer)": directions(muons, one_layer, device),
-        "state_bytes_ratio_muonft_muon_to_adamw": state_ratio,
-        "skipped": skipped,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")  # each case as soon as it is measured
-    report = [("LoRA r=%d (%d matrices, %.1f M params)" % (args.lora_rank, len(shapes),
-                                                          result["lora"]["params"] / 1e6), result["lora"])]
+    if not args.skip_lora:
+        shapes = lora_shapes(**LLAMA2_7B, r=args.lora_rank)
+        build, skipped = builders(lr, full=False, heavyball_compile=args.heavyball_compile)
+        drop(build, skipped, args.skip)
+        opts, times = time_interleaved(build, shapes, device, args.warmup, args.rounds)
+        lora = summarize(times)
+        med = {k: v["median_ms"] for k, v in lora.items()}
+        peers = [k for k in med if k.startswith(("torch_muon", "pytorch_optimizer", "heavyball"))]
+        pairs = [("muonft_muon", "adamw_fused"), ("muonft_muon", "adamw_foreach"),
+                 ("muonft_muon_pe", "adamw_fused"), ("muonft_muon_torchpath", "muonft_muon")] + [
+            (p, "muonft_muon") for p in peers]
+        lora_ratios = ratios(med, pairs)
+        cpu_ratios = ratios({k: v["cpu_median_ms"] for k, v in lora.items()}, pairs)
+        state_ratio = optimizer_state_bytes(opts["muonft_muon"]) / optimizer_state_bytes(opts["adamw_foreach"])
+        del opts
+        one_layer = shapes[:14]
+        muons = {k: v for k, v in build.items() if not k.startswith("adamw")}
+        result["lora"] = {
+            "shapes": "Llama-2-7B LoRA r=%d, q,k,v,o,gate,up,down x 32 layers" % args.lora_rank,
+            "matrices": len(shapes),
+            "params": sum(a * b for a, b in shapes),
+            "step_ms": lora,
+            "ratios": lora_ratios,
+            "ratios_cpu_time": cpu_ratios,
+            "ratios_per_round": per_round_ratios(times, pairs),
+            "cosine_vs_torch_muon (one layer)": directions(muons, one_layer, device),
+            "state_bytes_ratio_muonft_muon_to_adamw": state_ratio,
+            "skipped": skipped,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")  # each case as soon as it is measured
+        report.append(("LoRA r=%d (%d matrices, %.1f M params)" % (args.lora_rank, len(shapes),
+                                                                  result["lora"]["params"] / 1e6), result["lora"]))
 
     # 2. Full hidden matrices --------------------------------------------------------------------
     if not args.skip_full:

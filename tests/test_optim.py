@@ -125,6 +125,58 @@ def test_gram_newton_schulz_for_rectangular_matrices_matches_standard_ns(shape, 
                                                                           gram=False, gram_ns=True).mT, want)
 
 
+# ----------------------------------------------------------------------------- symmetric products
+
+
+@pytest.mark.parametrize("n,want", [(256, 1), (512, 4), (640, 5), (1024, 8), (520, 4), (514, 1), (2048, 8)])
+def test_sym_blocks_split_only_large_divisible_matrices(n, want):
+    from muonft_cli.optim.orthogonalize import _sym_blocks
+    assert _sym_blocks(torch.empty(1, n, 8)) == want
+    assert _sym_blocks(torch.empty(1, n, 8, device="meta")) == 1  # off CPU: one plain bmm
+
+
+@pytest.mark.parametrize("n", [512, 640, 1024])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_sym_bmm_matches_bmm_and_baddbmm(n, dtype):
+    from muonft_cli.optim.orthogonalize import _sym_blocks, _sym_bmm
+    assert _sym_blocks(torch.empty(1, n, 4)) > 1  # the blocked path is the one under test
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2, n, 96, generator=g).to(dtype)
+    XXt = _sym_bmm(X, X)
+    ref = torch.bmm(X, X.mT)
+    assert torch.equal(XXt, XXt.mT)  # symmetric by construction
+    tol = 1e-6 if dtype == F32 else 1e-2
+    assert _rel(XXt, ref) < tol
+    A = XXt / n  # exactly symmetric (the plain fp32 bmm need not be)
+    got = _sym_bmm(A, A, A, beta=-2.5, alpha=0.75)  # beta·A + alpha·A²
+    want = torch.baddbmm(A, A, A, beta=-2.5, alpha=0.75)
+    assert _rel(got, got.mT) < tol and _rel(got, want) < tol  # blocks mirrored; the diagonal ones to round-off
+    scaled = _sym_bmm(X, X, alpha=0.5)
+    assert _rel(scaled, 0.5 * ref) < tol
+    # a product symmetric only in exact arithmetic (P·(AP)ᵀ with P a polynomial in A): close to the full one
+    P = torch.baddbmm(A, A, A, beta=0.3, alpha=-0.2)
+    AP = _sym_bmm(A, P)
+    PAP = _sym_bmm(P, AP)
+    assert _rel(PAP, torch.bmm(P, torch.bmm(A, P))) < (1e-5 if dtype == F32 else 3e-2)
+
+
+@pytest.mark.parametrize("shape,gram_ns", [((512, 512), False), ((1024, 1024), False), ((512, 1408), True)])
+def test_ns_with_symmetric_products_as_accurate_as_plain_bmm(monkeypatch, shape, gram_ns):
+    """Newton–Schulz with the blocked symmetric products against the same iteration with plain bmm
+    (``_sym_blocks`` forced to 1), both measured against fp64 NS: no accuracy is paid for the FLOPs."""
+    import importlib
+    O = importlib.import_module("muonft_cli.optim.orthogonalize")
+    G = matrix_with_condition(*shape, cond=100.0, seed=7).float()
+    ns64 = orthogonalize(G.double(), 5, "jordan", torch.float64, gram=False)
+    for dtype in (torch.bfloat16, F32):
+        sym = orthogonalize(G, 5, "jordan", dtype, gram=False, gram_ns=gram_ns)
+        with monkeypatch.context() as m:
+            m.setattr(O, "_sym_blocks", lambda X: 1)
+            plain = orthogonalize(G, 5, "jordan", dtype, gram=False, gram_ns=gram_ns)
+        e_sym, e_plain = _rel(sym, ns64), _rel(plain, ns64)
+        assert e_sym <= e_plain * 1.1 + (1e-5 if dtype == F32 else 0.0), (dtype, e_sym, e_plain)
+
+
 def test_zero_and_rank_deficient_inputs():
     for shape in [(8, 300), (300, 8), (96, 128)]:
         Z = orthogonalize(torch.zeros(*shape), 5, "polar_express", F32)
