@@ -19,7 +19,8 @@ the update math (that is :mod:`.update`; the NS iterations are :mod:`.orthogonal
 * CPU cache blocking (the rest): on CPU (memory-bound) each matrix's momentum, NS input and stacking run
   while it is in cache, Gram-path chunks are ~4 MiB blocks, full-matrix chunks at most 8 MiB of stacked
   input, and the stacked input, its float64 Gram sub-blocks and output blocks live in scratch buffers
-  reused across steps (fresh multi-MiB allocations are page-faulted in every step).  On CUDA (launch-bound) the same steps are ``torch._foreach_*`` ops over a chunk.
+  reused across steps (fresh multi-MiB allocations are page-faulted in every step).  On CUDA
+  (launch-bound) the same steps are ``torch._foreach_*`` ops over a chunk.
 * the distributed split: after ``set_distributed`` the i-th matrix (one running index over the buckets,
   in an order every rank derives identically) is orthogonalised only by rank ``i mod world_size``, and
   the results are exchanged with ``torch.distributed.all_gather`` (one collective per chunk) so every
@@ -70,7 +71,7 @@ DEFAULT_CHUNK_BYTES = 512 * 2**20
 CPU_BLOCK_BYTES = 4 * 2**20  # Gram-path blocks on CPU: fill → Gram → update while in cache
 CPU_GRAM64_BYTES = 1 * 2**20  # float64 copy per Gram sub-block on CPU (L2-sized; 4 MiB measured ~15% slower)
 CPU_FUSED_CHUNK_BYTES = 16 * 2**20  # thin chunks of the fused CPU path (few, large launches; see _FusedThin)
-CPU_DIRECT_CHUNK_BYTES = 8 * 2**20  # full-matrix NS chunks on CPU: 32×1024² bf16 in one bmm ran ~12% slower than 4 at a time
+CPU_DIRECT_CHUNK_BYTES = 8 * 2**20  # full-matrix NS chunks on CPU: 32×1024² bf16 at once 14% slower than 4 at a time
 _GRAD_OF = operator.attrgetter("grad")  # per-step getters of the native path (C-level, used with map)
 _DTYPE_OF = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
