@@ -139,9 +139,10 @@ def test_sym_bmm_unsplit_is_the_plain_call_bit_for_bit():
     from muonft_cli.optim.orthogonalize import _sym_bmm
     X = torch.randn(3, 256, 80, generator=torch.Generator().manual_seed(0))
     A = torch.bmm(X, X.mT)
-    assert torch.equal(_sym_bmm(X, X.mT), A)
-    assert torch.equal(_sym_bmm(A, A, A, beta=0.5, alpha=-2.0), torch.baddbmm(A, A, A, beta=0.5, alpha=-2.0))
-    assert torch.equal(_sym_bmm(A, A), torch.bmm(A, A))
+    assert torch.equal(_sym_bmm(X, X), A)
+    want = torch.baddbmm(A, A, A, beta=0.5, alpha=-2.0)
+    assert torch.equal(_sym_bmm(A, A, A, beta=0.5, alpha=-2.0, symmetric_r=True), want)
+    assert torch.equal(_sym_bmm(A, A, symmetric_r=True), torch.bmm(A, A))
 
 
 @pytest.mark.parametrize("n", [512, 640, 1024])
@@ -151,21 +152,23 @@ def test_sym_bmm_matches_bmm_and_baddbmm(n, dtype):
     assert _sym_blocks(torch.empty(1, n, 4)) > 1  # the blocked path is the one under test
     g = torch.Generator().manual_seed(n)
     X = torch.randn(2, n, 96, generator=g).to(dtype)
-    XXt = _sym_bmm(X, X.mT)
+    XXt = _sym_bmm(X, X)
     ref = torch.bmm(X, X.mT)
     assert torch.equal(XXt, XXt.mT)  # symmetric by construction
     tol = 1e-6 if dtype == F32 else 1e-2
     assert _rel(XXt, ref) < tol
     A = XXt / n  # exactly symmetric (the plain fp32 bmm need not be)
-    got = _sym_bmm(A, A, A, beta=-2.5, alpha=0.75)  # beta·A + alpha·A²
+    got = _sym_bmm(A, A, A, beta=-2.5, alpha=0.75, symmetric_r=True)  # beta·A + alpha·A²
     want = torch.baddbmm(A, A, A, beta=-2.5, alpha=0.75)
     assert _rel(got, got.mT) < tol and _rel(got, want) < tol  # blocks mirrored; the diagonal ones to round-off
-    scaled = _sym_bmm(X, X.mT, alpha=0.5)
+    scaled = _sym_bmm(X, X, alpha=0.5)
+    T = X.mT.contiguous().mT  # the same values, column-major (a tall matrix's wide view)
+    assert torch.equal(_sym_bmm(T, T), XXt)
     assert _rel(scaled, 0.5 * ref) < tol
     # a product symmetric only in exact arithmetic (P·AP with P a polynomial in A): close to the full one
     P = torch.baddbmm(A, A, A, beta=0.3, alpha=-0.2)
-    AP = _sym_bmm(A, P)
-    PAP = _sym_bmm(P, AP)
+    AP = _sym_bmm(A, P, symmetric_r=True)
+    PAP = _sym_bmm(P, AP, symmetric_r=True)
     assert _rel(PAP, torch.bmm(P, torch.bmm(A, P))) < (1e-5 if dtype == F32 else 3e-2)
 
 

@@ -266,27 +266,28 @@ def _sym_bmm(
     *,
     beta: float = 0.0,
     alpha: float = 1.0,
+    symmetric_r: bool = False,
 ) -> torch.Tensor:
-    """``beta·C + alpha·L R`` (b, n, n) for a product that is symmetric in exact arithmetic.
+    """``beta·C + alpha·L Rᵀ`` (b, n, n) for a product that is symmetric in exact arithmetic.
 
-    ``L``: (b, n, m); ``R``: (b, m, n), either the transpose of a contiguous (b, n, m) tensor (``Xᵀ`` in
-    ``XXᵀ``) or itself symmetric in exact arithmetic (``A``, ``Q``, ``AP``: its rows then stand for its
-    columns); ``C``: (b, n, n) symmetric (or None).  Only the blocks on and below the diagonal are
+    ``L``, ``R``: (b, n, m), any strides; ``C``: (b, n, n) symmetric (or None).  ``symmetric_r``: R is
+    symmetric in exact arithmetic (``A``, ``Q``, ``AP``), so ``L R`` is meant, and unsplit that is the
+    call made (``bmm(L, R)``; else ``bmm(L, Rᵀ)``).  Only the blocks on and below the diagonal are
     computed (k row blocks: the k diagonal blocks in one bmm, block row j's ``j`` blocks left of the
     diagonal in one mm per matrix), the ones above are their transposes: (k+1)/2k of the FLOPs,
     0.76–0.81× the time at n = 1024, k = 8 (README "Optimizers"; the mirrored copies, torch's strided
     transpose, are a sixth of it).  Every product Newton–Schulz forms besides the final ``B·X`` is of this
     kind (``XXᵀ``, ``A²``, and in Gram space the products of polynomials in one symmetric matrix, which
     commute).  The mirrored blocks are exact transposes, the diagonal blocks symmetric to round-off.
-    Unsplit (k = 1) it is the plain ``bmm``/``baddbmm(C, L, R)``, the same call as before this existed.
+    Unsplit (k = 1) it is the plain ``bmm``/``baddbmm``, the same call as before this existed.
     This is a syrk/gemmt: BLAS has them, but torch exposes neither, and not for bf16 nor batched.
     """
     k = _sym_blocks(L)
     if k == 1:
+        Rm = R if symmetric_r else R.mT
         if C is None:
-            return torch.bmm(L, R) if alpha == 1.0 else torch.bmm(L, R).mul_(alpha)
-        return torch.baddbmm(C, L, R, beta=beta, alpha=alpha)
-    R = R.mT if R.mT.is_contiguous() else R  # (b, n, m): row i of R stands for column i of R
+            return torch.bmm(L, Rm) if alpha == 1.0 else torch.bmm(L, Rm).mul_(alpha)
+        return torch.baddbmm(C, L, Rm, beta=beta, alpha=alpha)
     b, n, m = L.shape
     s = n // k
     out = torch.empty((b, n, n), dtype=L.dtype, device=L.device)
@@ -326,8 +327,8 @@ def _direct(
         norm = norm * norm_scale
     X = X.div_(norm.clamp_(min=_NORM_EPS))
     for a, b, c in coeffs:
-        A = _sym_bmm(X, X.mT)  # (b, r, r)
-        B = _sym_bmm(A, A, A, beta=b, alpha=c)  # b·A + c·A² (A = Aᵀ)
+        A = _sym_bmm(X, X)  # (b, r, r)
+        B = _sym_bmm(A, A, A, beta=b, alpha=c, symmetric_r=True)  # b·A + c·A² (A = Aᵀ)
         X = torch.baddbmm(X, B, X, beta=a)  # a·X + B·X
     return X
 
@@ -359,17 +360,18 @@ def _direct_gram(
     X = X.div_(norm.clamp_(min=_NORM_EPS))
     r = X.shape[-2]
     eye = torch.eye(r, dtype=X.dtype, device=X.device)
-    A = _sym_bmm(X, X.mT)
+    A = _sym_bmm(X, X)
     Q = None
     last = len(coeffs) - 1
     for i, (a, b, c) in enumerate(coeffs):
         if i in restarts and Q is not None:
             X, Q = torch.bmm(Q, X), None
-            A = _sym_bmm(X, X.mT)
-        P = _sym_bmm(A, A, A, beta=b, alpha=c).add_(eye, alpha=a)  # a + bA + cA²
-        Q = P if Q is None else _sym_bmm(P, Q)  # P, Q, A: polynomials in A₀, symmetric, commuting
+            A = _sym_bmm(X, X)
+        P = _sym_bmm(A, A, A, beta=b, alpha=c, symmetric_r=True).add_(eye, alpha=a)  # a + bA + cA²
+        # P, Q, A: polynomials in A₀, symmetric, commuting
+        Q = P if Q is None else _sym_bmm(P, Q, symmetric_r=True)
         if i < last and (i + 1) not in restarts:
-            A = _sym_bmm(P, _sym_bmm(A, P))  # PAP
+            A = _sym_bmm(P, _sym_bmm(A, P, symmetric_r=True), symmetric_r=True)  # PAP
     return X if Q is None else torch.bmm(Q, X)
 
 
