@@ -55,11 +55,14 @@ def _train(monkeypatch, use_native: bool, init, grads_seq, groups, **kw):
 @pytest.mark.parametrize("method", ["jordan", "polar_express"])
 def test_kernel_step_equals_the_torch_path(kernel, monkeypatch, method):
     """Same weights and momentum as the torch fused path over three steps, for every r the kernel
-    specialises (4, 8, 16, 32) and others (1, 3, 13, 64), wide and tall, matrices spanning several
-    cache blocks, and groups with their own lr, decay, scaling, momentum and Nesterov flag."""
+    specialises (1, 2, 4, 8, 12, 16, 24, 32, 48, 64) and others (3, 13), wide and tall, matrices spanning
+    several cache blocks and columns past the last full vector, and groups with their own lr, decay,
+    scaling, momentum and Nesterov flag."""
     torch.manual_seed(3)
     shapes = [(8, 5000), (9000, 8), (4, 700), (700, 4), (16, 333), (333, 16), (32, 96), (96, 32),
-              (1, 50), (50, 1), (3, 77), (77, 3), (13, 130), (130, 13), (64, 200), (200, 64), (8, 64)]
+              (1, 50), (50, 1), (3, 77), (77, 3), (13, 130), (130, 13), (64, 200), (200, 64), (8, 64),
+              (2, 90), (90, 2), (12, 301), (301, 12), (24, 250), (250, 24), (48, 140), (140, 48),
+              (16, 4099), (4099, 16)]
     init = [torch.randn(*s) * 0.1 for s in shapes]
     grads_seq = [[torch.randn(*s) for s in shapes] for _ in range(3)]
     groups = [(list(range(0, len(shapes), 2)), dict(lr=0.02, weight_decay=0.1, scaling="original")),
@@ -76,7 +79,7 @@ def test_kernel_step_equals_the_torch_path(kernel, monkeypatch, method):
 
 @pytest.mark.parametrize("method", ["jordan", "polar_express"])
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e3, 1e4])
-@pytest.mark.parametrize("shape", [(8, 4096), (4096, 8), (16, 1000), (64, 300)])
+@pytest.mark.parametrize("shape", [(8, 4096), (4096, 8), (16, 1000), (1000, 16), (32, 700), (64, 300)])
 def test_kernel_update_is_as_accurate_as_fp32_newton_schulz(kernel, monkeypatch, method, cond, shape):
     """The kernel's orthogonalised update on ill-conditioned gradients (float64 Gram and r×r iteration)
     against the float64 Newton–Schulz reference: within 2× the error of fp32 Newton–Schulz itself (the
@@ -289,3 +292,75 @@ def test_fast_spectrum_same_with_and_without_the_gram_kernel(monkeypatch):
     finally:
         monkeypatch.delenv("MUONFT_NATIVE")
         native.gram_kernel.cache_clear()
+
+
+# ------------------------------------------------------ the symmetric-product mirror (Newton–Schulz on CPU)
+
+
+def _mirror_or_skip():
+    k = native.mirror_kernel()
+    if k is None:
+        pytest.skip(f"mirror kernel: {native.status()['mirror']}")
+    return k
+
+
+def _torch_mirror(M: torch.Tensor, s: int) -> torch.Tensor:
+    out = M.clone()
+    n = M.shape[-1]
+    for i in range(0, n, s):
+        for j in range(i + s, n, s):
+            out[:, i:i + s, j:j + s] = M[:, j:j + s, i:i + s].mT
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,n,s", [(2, 1024, 128), (3, 640, 128), (1, 520, 130), (2, 36, 9), (1, 8, 8)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mirror_kernel_is_the_transposed_copy(dtype, b, n, s, threads):
+    """Every block above the diagonal becomes its mirror's transpose, bit for bit; the blocks on and below
+    it are untouched (tiles that fill the SSE2 registers, ragged ones — s = 130, 9 — and one block)."""
+    k = _mirror_or_skip()
+    M = torch.randn(b, n, n, generator=torch.Generator().manual_seed(n + s)).to(dtype)
+    want = _torch_mirror(M, s)
+    got = M.clone()
+    k.mirror(got.data_ptr(), got.element_size(), b, n, s, threads)
+    assert torch.equal(got, want)
+
+
+def test_mirror_kernel_refuses_what_it_cannot_copy():
+    k = _mirror_or_skip()
+    M = torch.randn(1, 64, 64, dtype=torch.float64)
+    before = M.clone()
+    with pytest.raises(ValueError, match="element size must be 2 or 4"):
+        k.mirror(M.data_ptr(), 8, 1, 64, 16, 2)
+    with pytest.raises(ValueError, match="s must divide n"):
+        k.mirror(M.data_ptr(), 4, 1, 64, 24, 2)
+    assert torch.equal(M, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_sym_bmm_same_bits_with_and_without_the_mirror_kernel(monkeypatch, dtype):
+    """`_sym_bmm`'s blocked path gives the same bits whether the native kernel or torch's copy mirrors the
+    blocks (no compiler, MUONFT_NATIVE=0, fp64 — which the kernel does not take — run the latter)."""
+    import importlib
+    O = importlib.import_module("muonft_cli.optim.orthogonalize")
+    _mirror_or_skip()
+    calls = []
+    real = O.mirror_kernel
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 640, 200, generator=g).to(dtype)
+    A = torch.bmm(X, X.mT) / 640
+    with monkeypatch.context() as m:
+        m.setattr(O, "mirror_kernel", counted)
+        fast = [O._sym_bmm(X, X), O._sym_bmm(A, A, A, beta=-2.0, alpha=0.5, symmetric_r=True)]
+    assert bool(calls) == (dtype != torch.float64)  # 8-byte elements go to torch's copy without asking
+    with monkeypatch.context() as m:
+        m.setattr(O, "mirror_kernel", lambda: None)
+        slow = [O._sym_bmm(X, X), O._sym_bmm(A, A, A, beta=-2.0, alpha=0.5, symmetric_r=True)]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

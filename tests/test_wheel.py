@@ -116,7 +116,7 @@ def test_installed_wheel_runs_every_printed_command_from_an_empty_directory(whee
     assert "recipes" in cli("--help").stdout
     if shutil.which(os.environ.get("CC") or "cc"):  # the native kernels build from the installed sources
         cache = tmp_path / "native"
-        for kernel in ("thin_kernel", "gram_kernel"):
+        for kernel in ("thin_kernel", "gram_kernel", "mirror_kernel"):
             code = f"import muonft_cli.native as n; k = n.{kernel}(); print(k.path if k else n.status())"
             built = _run([py, "-c", code], cwd=work, env=_env(MUONFT_NATIVE_DIR=str(cache))).stdout.strip()
             assert Path(built).parent == cache and Path(built).is_file(), built

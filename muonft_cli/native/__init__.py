@@ -4,7 +4,9 @@ Owns ``thin_muon.c`` — the whole Muon step of thin fp32 matrices (LoRA factors
 (momentum, Nesterov input, float64 Gram, the r×r iteration, apply), which torch has no fused op for — and
 ``gram_apply.c`` — a matrix's Gram operator on a thin block (XᵀX·V or XXᵀ·V, fp32, X streamed once or twice
 as stored, bf16 or fp32) for `muonft diagnose`, where BLAS re-packs the big matrix for every skinny product —
-and the machinery around them:
+and ``sym_mirror.c`` — the transposed copy of a symmetric product's blocks below the diagonal to the blocks
+above, for Newton–Schulz on full matrices (`muonft_cli.optim.orthogonalize._sym_bmm`), where torch's strided
+transpose copy is 5–9× slower — and the machinery around them:
 
 * built on first use with the system C compiler (``$CC``, else ``cc``) at ``-O3 -march=native`` into
   ``$MUONFT_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/muonft/native`` or ``~/.cache/muonft/native``), named
@@ -19,9 +21,9 @@ and the machinery around them:
   intra-op pool — whose workers still spin after the backward pass; threads of its own (as the first
   version started) fought them for the cores and made a step up to ~20 % slower right after torch work.
   Without libgomp to link it starts pthreads instead;
-* optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel` and
-  :func:`gram_kernel` return ``None`` and their callers run their torch paths (same math); :func:`status`
-  says which and why.
+* optional: without a compiler, when the build fails, or with ``MUONFT_NATIVE=0``, :func:`thin_kernel`,
+  :func:`gram_kernel` and :func:`mirror_kernel` return ``None`` and their callers run their torch paths (same
+  math); :func:`status` says which and why.
 
 No torch import here: callers pass raw pointers and sizes.
 """
@@ -40,11 +42,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["GRAM_MAX_BLOCK", "GramKernel", "MAX_RANK", "ThinKernel", "expected", "gram_kernel",
-           "planned_scratch_bytes", "status", "thin_kernel"]
+__all__ = ["GRAM_MAX_BLOCK", "GramKernel", "MAX_RANK", "MirrorKernel", "ThinKernel", "expected", "gram_kernel",
+           "mirror_kernel", "planned_scratch_bytes", "status", "thin_kernel"]
 
 _SOURCE = Path(__file__).with_name("thin_muon.c")
 _GRAM_SOURCE = Path(__file__).with_name("gram_apply.c")
+_MIRROR_SOURCE = Path(__file__).with_name("sym_mirror.c")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 # tried in order: this CPU's instructions and OpenMP threads; then without -march=native (a compiler that
 # lacks it); then without OpenMP (no libgomp to link: the kernel starts its own pthreads)
@@ -157,6 +160,27 @@ class GramKernel:
             raise ValueError(f"gram kernel: b must be 8, 16, 24 or 32 and X non-empty (got {m}x{n}, b={b})")
 
 
+class MirrorKernel:
+    """The loaded ``muonft_sym_mirror``: :meth:`mirror` runs it on a stack of square matrices."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        fn = lib.muonft_sym_mirror
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int]
+        self._fn, self._lib, self.path = fn, lib, path
+
+    def mirror(self, base: int, elsize: int, b: int, n: int, s: int, threads: int) -> None:
+        """Every block above the diagonal of the grid of s×s blocks becomes its mirror's transpose, in place.
+
+        ``base``: address of ``b`` contiguous row-major n×n matrices of ``elsize``-byte elements (2: bf16 or
+        fp16; 4: fp32); ``s`` divides ``n``; ``threads``: OpenMP threads. Raises ``ValueError`` (nothing
+        written) for another element size or an ``s`` that does not divide ``n``."""
+        if self._fn(base, int(elsize), int(b), int(n), int(s), max(1, int(threads))):
+            raise ValueError(f"mirror kernel: element size must be 2 or 4 and s must divide n "
+                             f"(got {elsize}, n={n}, s={s})")
+
+
 _STATUS: dict[str, str] = {}
 
 
@@ -231,6 +255,13 @@ def gram_kernel() -> GramKernel | None:
     return _load("gram", GramKernel, _GRAM_SOURCE, _GRAM_FLAGS, _GRAM_ATTEMPTS)
 
 
+@lru_cache(maxsize=1)
+def mirror_kernel() -> MirrorKernel | None:
+    """The symmetric-product mirror kernel, built and loaded once per process; ``None`` when unavailable (see
+    :func:`status`)."""
+    return _load("mirror", MirrorKernel, _MIRROR_SOURCE, _FLAGS, _ATTEMPTS)
+
+
 def _disabled() -> bool:
     return os.environ.get("MUONFT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -250,4 +281,5 @@ def status(build: bool = True) -> dict[str, str]:
     if build:
         thin_kernel()
         gram_kernel()
-    return {"thin": _STATUS.get("thin", "not used"), "gram": _STATUS.get("gram", "not used")}
+        mirror_kernel()
+    return {name: _STATUS.get(name, "not used") for name in ("thin", "gram", "mirror")}

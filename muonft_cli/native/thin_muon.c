@@ -36,6 +36,9 @@
 #endif
 typedef double vd __attribute__((vector_size(8 * VL)));
 typedef double vdu __attribute__((vector_size(8 * VL), aligned(8), may_alias)); /* unaligned loads */
+typedef float vf __attribute__((vector_size(8 * VL)));  /* 2 VL float32 lanes: the wide apply's vectors */
+typedef float vfu __attribute__((vector_size(8 * VL), aligned(4), may_alias));
+#define FL (2 * VL)
 #define SV_BYTES (MAXR * MAXR * 8 * 8) /* r x r vectors of up to 8 float64 lanes, per thread */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -52,7 +55,30 @@ typedef struct {
     vd *sv;               /* and the wide Gram's vector sums (SV_BYTES) */
 } job_t;
 
+/* C = A B (r x r, row-major).  r a multiple of VL: blocks of C (rb rows x cg vectors, 8 vector accumulators:
+ * independent FMA chains; one row at a time left the r x r iteration latency-bound, ~35 us per matrix at
+ * r = 16, a quarter of its step).  Each entry is summed over k in order, as in the scalar loop below. */
 INLINE void matmul(const int r, const double *restrict A, const double *restrict B, double *restrict C) {
+    if (r % VL == 0) {
+        enum { ACC = 8 };
+        const int nv = r / VL, cg = nv < ACC ? nv : ACC, rb = ACC / cg; /* rb rows x cg vectors of C */
+        for (int i0 = 0; i0 < r; i0 += rb)
+            for (int v0 = 0; v0 < nv; v0 += cg) {
+                const int rows = r - i0 < rb ? r - i0 : rb;
+                vd acc[ACC];
+                for (int v = 0; v < ACC; v++) acc[v] = (vd){0};
+                for (int k = 0; k < r; k++) {
+                    const double *bk = B + k * r + v0 * VL;
+                    for (int ii = 0; ii < rows; ii++) {
+                        const double aik = A[(i0 + ii) * r + k];
+                        for (int v = 0; v < cg; v++) acc[ii * cg + v] += aik * *(const vdu *)(bk + v * VL);
+                    }
+                }
+                for (int ii = 0; ii < rows; ii++)
+                    for (int v = 0; v < cg; v++) *(vdu *)(C + (i0 + ii) * r + (v0 + v) * VL) = acc[ii * cg + v];
+            }
+        return;
+    }
     for (int i = 0; i < r; i++) {
         double *c = C + i * r;
         for (int j = 0; j < r; j++) c[j] = 0.0;
@@ -185,6 +211,37 @@ INLINE void gram_wide_finish(const int r, const vd *restrict Sv, double *restric
  * b0.., the rows a >= b0 in groups of up to 8 accumulate x[a] * x[b0:b0+VL] (one vector FMA per row and a)
  * while the chunk is in L1; the lower triangle and the diagonal blocks are filled. */
 INLINE void gram_tall_chunk(const int r, const double *restrict xd, const int64_t len, double *restrict S) {
+    if (r == VL) { /* one vector per row: lane l of x * rot_k(x) is x[l] x[l+k mod VL], k = 0..VL/2 — every
+                    * entry of the lower triangle once (k = VL/2 twice: lanes < VL/2 kept), VL/2 + 1 FMAs
+                    * per row instead of VL; each entry summed over the rows in the same order as below */
+#if VL == 8
+        vd s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0};
+        for (int64_t i = 0; i < len; i++) {
+            const vd x = *(const vdu *)(xd + i * r);
+            s0 += x * x;
+            s1 += x * __builtin_shufflevector(x, x, 1, 2, 3, 4, 5, 6, 7, 0);
+            s2 += x * __builtin_shufflevector(x, x, 2, 3, 4, 5, 6, 7, 0, 1);
+            s3 += x * __builtin_shufflevector(x, x, 3, 4, 5, 6, 7, 0, 1, 2);
+            s4 += x * __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+        }
+        const vd acc[5] = {s0, s1, s2, s3, s4};
+#else
+        vd s0 = {0}, s1 = {0}, s2 = {0};
+        for (int64_t i = 0; i < len; i++) {
+            const vd x = *(const vdu *)(xd + i * r);
+            s0 += x * x;
+            s1 += x * __builtin_shufflevector(x, x, 1, 2, 3, 0);
+            s2 += x * __builtin_shufflevector(x, x, 2, 3, 0, 1);
+        }
+        const vd acc[3] = {s0, s1, s2};
+#endif
+        for (int k = 0; k <= VL / 2; k++)
+            for (int l = 0; l < (k == VL / 2 ? VL / 2 : VL); l++) {
+                const int a = l, b = (l + k) % VL;
+                S[(a > b ? a : b) * r + (a > b ? b : a)] += acc[k][l];
+            }
+        return;
+    }
     if (r % VL) { /* r not a multiple of the vector width: row outer products, the lower triangle */
         for (int64_t i = 0; i < len; i++) {
             const double *v = xd + i * r;
@@ -298,8 +355,27 @@ INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict x
         for (; a + 4 <= r; a += 4) {
             const float *q0 = Qc + a * r, *q1 = q0 + r, *q2 = q1 + r, *q3 = q2 + r;
             float *w0 = W + a * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-#pragma omp simd
-            for (int64_t j = 0; j < n; j++) {
+            int64_t j = 0;
+            /* explicit vectors over j: left to `omp simd`, gcc vectorised the short loop over b instead
+             * once r >= 12 (gathers, 5-9x slower per element than at r = 8); the same sums in the same order */
+            for (; j + FL <= n; j += FL) {
+                vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+                int b = 0;
+                for (; b + 2 <= r; b += 2) {
+                    const vf xv = *(const vfu *)(xs + b * n + j), yv = *(const vfu *)(xs + (b + 1) * n + j);
+                    s0 += q0[b] * xv; s1 += q1[b] * xv; s2 += q2[b] * xv; s3 += q3[b] * xv;
+                    t0 += q0[b + 1] * yv; t1 += q1[b + 1] * yv; t2 += q2[b + 1] * yv; t3 += q3[b + 1] * yv;
+                }
+                if (b < r) {
+                    const vf xv = *(const vfu *)(xs + b * n + j);
+                    s0 += q0[b] * xv; s1 += q1[b] * xv; s2 += q2[b] * xv; s3 += q3[b] * xv;
+                }
+                *(vfu *)(w0 + j) = keep * *(const vfu *)(w0 + j) + (s0 + t0);
+                *(vfu *)(w1 + j) = keep * *(const vfu *)(w1 + j) + (s1 + t1);
+                *(vfu *)(w2 + j) = keep * *(const vfu *)(w2 + j) + (s2 + t2);
+                *(vfu *)(w3 + j) = keep * *(const vfu *)(w3 + j) + (s3 + t3);
+            }
+            for (; j < n; j++) { /* columns past the last full vector */
                 float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
                 int b = 0;
                 for (; b + 2 <= r; b += 2) { /* even and odd b in separate sums: 8 independent chains */
@@ -366,11 +442,19 @@ INLINE void step_r(const int r, const job_t *job, int64_t idx, float *restrict x
 static void step_one(const job_t *job, int64_t idx) {
     const int64_t rows = job->shape[2 * idx], cols = job->shape[2 * idx + 1];
     const int r = (int)(rows > cols ? cols : rows);
-    switch (r) { /* constant r: the small loops unroll and their accumulators stay in registers */
+    switch (r) { /* constant r: the small loops unroll and their accumulators stay in registers (the LoRA
+                  * ranks people use; another r runs the same code with runtime loops, 2-10x slower per
+                  * element on tall matrices: README "Optimizers") */
+    case 1: step_r(1, job, idx, job->xs, job->sv); break;
+    case 2: step_r(2, job, idx, job->xs, job->sv); break;
     case 4: step_r(4, job, idx, job->xs, job->sv); break;
     case 8: step_r(8, job, idx, job->xs, job->sv); break;
+    case 12: step_r(12, job, idx, job->xs, job->sv); break;
     case 16: step_r(16, job, idx, job->xs, job->sv); break;
+    case 24: step_r(24, job, idx, job->xs, job->sv); break;
     case 32: step_r(32, job, idx, job->xs, job->sv); break;
+    case 48: step_r(48, job, idx, job->xs, job->sv); break;
+    case 64: step_r(64, job, idx, job->xs, job->sv); break;
     default: step_r(r, job, idx, job->xs, job->sv); break;
     }
 }

@@ -17,7 +17,9 @@ Two execution paths, chosen by shape:
 
 * direct: iterate on the (r×c, r ≤ c) matrix itself in ``dtype`` (bf16 where matmul is native); with
   c ≥ 2r (``gram_ns``) on its short side, ``X_k = Q_k X_0`` with restarts (:func:`_direct_gram`).  On CPU
-  the products symmetric in exact arithmetic are formed from their lower blocks (:func:`_sym_bmm`).
+  the products symmetric in exact arithmetic are formed from their lower blocks (:func:`_sym_bmm`), the
+  upper ones mirrored by a native copy kernel (:func:`muonft_cli.native.mirror_kernel`, torch's copy
+  without it).
 * Gram space (min dimension ≤ 64, i.e. LoRA A and B): every iterate is ``X_k = Q_k X_0`` with
   ``Q_k`` a polynomial in the r×r Gram matrix ``S = X_0 X_0ᵀ``, so the iteration runs on r×r
   matrices (in float64: free at r ≤ 64, and fp32 loses the small singular values once
@@ -31,6 +33,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from muonft_cli.native import mirror_kernel
 
 __all__ = [
     "JORDAN_COEFFICIENTS",
@@ -273,14 +277,14 @@ def _sym_bmm(
     ``L``, ``R``: (b, n, m), any strides; ``C``: (b, n, n) symmetric (or None).  ``symmetric_r``: R is
     symmetric in exact arithmetic (``A``, ``Q``, ``AP``), so ``L R`` is meant, and unsplit that is the
     call made (``bmm(L, R)``; else ``bmm(L, Rᵀ)``).  Only the blocks on and below the diagonal are
-    computed (k row blocks: the k diagonal blocks in one bmm, block row j's ``j`` blocks left of the
-    diagonal in one mm per matrix), the ones above are their transposes: (k+1)/2k of the FLOPs,
-    0.76–0.81× the time at n = 1024, k = 8 (README "Optimizers"; the mirrored copies, torch's strided
-    transpose, are a sixth of it).  Every product Newton–Schulz forms besides the final ``B·X`` is of this
-    kind (``XXᵀ``, ``A²``, and in Gram space the products of polynomials in one symmetric matrix, which
-    commute).  The mirrored blocks are exact transposes, the diagonal blocks symmetric to round-off.
-    Unsplit (k = 1) it is the plain ``bmm``/``baddbmm``, the same call as before this existed.
-    This is a syrk/gemmt: BLAS has them, but torch exposes neither, and not for bf16 nor batched.
+    computed (k row blocks: block row j's ``j + 1`` blocks in one mm per matrix, written in place), the
+    ones above are their transposes (:func:`_mirror_upper`): (k+1)/2k of the FLOPs, 0.70–0.72× the time of
+    one bmm at n = 1024, k = 8 (README "Optimizers").  Every product Newton–Schulz forms besides the final
+    ``B·X`` is of this kind (``XXᵀ``, ``A²``, and in Gram space the products of polynomials in one
+    symmetric matrix, which commute).  The mirrored blocks are exact transposes, the diagonal blocks
+    symmetric to round-off.  Unsplit (k = 1) it is the plain ``bmm``/``baddbmm``, the same call as before
+    this existed.  This is a syrk/gemmt: BLAS has them, but torch exposes neither, and not for bf16 nor
+    batched.
     """
     k = _sym_blocks(L)
     if k == 1:
@@ -288,32 +292,40 @@ def _sym_bmm(
         if C is None:
             return torch.bmm(L, Rm) if alpha == 1.0 else torch.bmm(L, Rm).mul_(alpha)
         return torch.baddbmm(C, L, Rm, beta=beta, alpha=alpha)
-    b, n, m = L.shape
+    b, n, _ = L.shape
     s = n // k
     out = torch.empty((b, n, n), dtype=L.dtype, device=L.device)
-    ov = out.view(b, k, s, k, s)
-    Ld, Rd = L.reshape(b * k, s, m), R.reshape(b * k, s, m)
-    if C is None:
-        diag = torch.bmm(Ld, Rd.mT)
-        if alpha != 1.0:
-            diag.mul_(alpha)
-    else:
-        Cd = C.view(b, k, s, k, s).diagonal(dim1=1, dim2=3).movedim(-1, 1).reshape(b * k, s, s)
-        diag = torch.baddbmm(Cd, Ld, Rd.mT, beta=beta, alpha=alpha)
-    ov.diagonal(dim1=1, dim2=3).copy_(diag.view(b, k, s, s).movedim(1, -1))
     for i in range(b):
         Li, Ri, Oi = L[i], R[i], out[i]
-        for j in range(1, k):
-            rows, left = slice(j * s, (j + 1) * s), slice(0, j * s)
-            blk = Oi[rows, left]
+        for j in range(k):
+            rows, upto = slice(j * s, (j + 1) * s), slice(0, (j + 1) * s)
+            blk = Oi[rows, upto]  # block row j up to the diagonal: one GEMM into the result's rows
             if C is None:
-                torch.mm(Li[rows], Ri[left].mT, out=blk)
+                torch.mm(Li[rows], Ri[upto].mT, out=blk)
                 if alpha != 1.0:
                     blk.mul_(alpha)
             else:
-                torch.addmm(C[i, rows, left], Li[rows], Ri[left].mT, beta=beta, alpha=alpha, out=blk)
-            Oi[left, rows] = blk.mT
+                torch.addmm(C[i, rows, upto], Li[rows], Ri[upto].mT, beta=beta, alpha=alpha, out=blk)
+    _mirror_upper(out, s)
     return out
+
+
+def _mirror_upper(out: torch.Tensor, s: int) -> None:
+    """Copy the blocks below the diagonal of (b, n, n) ``out``'s grid of s×s blocks, transposed, above it.
+
+    The native kernel (``muonft_cli/native/sym_mirror.c``) on contiguous 2- and 4-byte CPU tensors: torch's
+    strided transpose copy took ~1.4 ns per bf16 element on 2 threads, a sixth of the whole product at
+    1024², the kernel 5–9× less; bit for bit the same copy.  Else (no compiler, ``MUONFT_NATIVE=0``, fp64)
+    the torch copy, one block row at a time."""
+    b, n, _ = out.shape
+    kernel = mirror_kernel() if out.is_contiguous() and out.element_size() in (2, 4) else None
+    if kernel is not None:
+        kernel.mirror(out.data_ptr(), out.element_size(), b, n, s, torch.get_num_threads())
+        return
+    for i in range(b):
+        Oi = out[i]
+        for j in range(s, n, s):
+            Oi[:j, j:j + s] = Oi[j:j + s, :j].mT
 
 
 def _direct(
