@@ -180,9 +180,10 @@ def _activations(s: dict[str, Any], micro: int, seq: int, c: dict[str, Any], che
 
     outside = c["residual"] * h + 4 * (2 * h + 1) + c["compute"] * h  # embeddings out, final norm, head input
     # the loss (train.batching._ChunkedNLL): the logits and, in its backward pass, their gradient (c each per
-    # vocabulary entry) and one chunk's fp32 softmax with its upcast (≤ NLL_CHUNK_ELEMENTS entries)
+    # vocabulary entry) and one fp32 chunk buffer (≤ NLL_CHUNK_ELEMENTS entries; none in the backward pass of
+    # fp32 logits, whose softmax is formed in the gradient itself)
     loss = v * 2 * c["compute"] + 4
-    chunk = 2 * 4 * min(micro * seq * v, NLL_CHUNK_ELEMENTS)
+    chunk = 4 * min(micro * seq * v, NLL_CHUNK_ELEMENTS)
     return int(micro * seq * (layers + outside + loss) + chunk)
 
 

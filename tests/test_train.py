@@ -152,6 +152,44 @@ def test_token_nll_sum_gradient_equals_cross_entropys(dtype, monkeypatch):
     assert not grad[:, -1].any() and not grad[1, 2:5].any()
     assert float(train.token_nll_sum(logits[:, :1], labels[:, :1])) == 0.0  # T = 1: no target
 
+
+def test_token_nll_sum_masked_vocabulary_and_no_per_chunk_temporaries(monkeypatch):
+    """Entries at -inf (a masked vocabulary) give cross_entropy's value and gradient (torch.logsumexp's rule
+    for an infinite max), and neither pass allocates a [B, chunk, V] fp32 temporary per chunk: one buffer per
+    pass at most, none in the backward pass of fp32 logits (the softmax is formed in the gradient itself)."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(train.batching, "NLL_CHUNK_ELEMENTS", 2 * 2 * 40)  # 2 positions per chunk, 6 chunks
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 12, 40) * 3)
+    logits[:, :, 30:] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.randint(0, 30, (2, 12))
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+
+    class Chunked(TorchDispatchMode):
+        """Counts the distinct storages of chunk size (2 × 2 × 40 fp32) that ops return."""
+        storages: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.untyped_storage().nbytes() == 2 * 2 * 40 * 4:
+                    Chunked.storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with Chunked():
+        nll = train.token_nll_sum(logits, labels)
+    assert len(Chunked.storages) <= 1, Chunked.storages  # at most one buffer for all 6 chunks
+    Chunked.storages = set()
+    with Chunked():
+        (grad,) = torch.autograd.grad(nll, logits)
+    assert not Chunked.storages, Chunked.storages
+    assert float(nll) == pytest.approx(float(ref), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-6) and not grad[:, :, 30:].any()
+
 def test_rich_sink_shows_progress_validation_and_notices():
     import io
 

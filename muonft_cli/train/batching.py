@@ -67,11 +67,13 @@ NLL_CHUNK_ELEMENTS = 1 << 22
 class _ChunkedNLL(torch.autograd.Function):
     """Σ next-token NLL of logits [B, T, V] against shifted labels [B, T−1], chunk by chunk of positions.
 
-    Forward: per chunk, the fp32 upcast, its log-sum-exp and the target's logit; only the per-token log-sum-exp
-    (B × (T−1) fp32) is saved beside the logits. Backward: per chunk, ``softmax − onehot`` = exp(x − lse) with 1
-    taken off at the target, times the incoming gradient, written into the logits' gradient. The same math as
-    ``F.cross_entropy(reduction="sum")``, with two passes over the logits instead of log-softmax's saved fp32
-    copy (or, as before, a recomputed checkpoint: 2.4× slower at SmolLM2's vocabulary, measured).
+    Forward: per chunk, its log-sum-exp (exp(x − max) upcast into one fp32 buffer that every chunk of the pass
+    reuses) and the target's logit; only the per-token log-sum-exp (B × (T−1) fp32) is saved beside the logits.
+    Backward: per chunk, ``softmax − onehot`` = exp(x − lse) with 1 taken off at the target, times the incoming
+    gradient, formed in the logits' gradient itself (fp32 logits) or in the one fp32 buffer and copied there.
+    The same math as ``F.cross_entropy(reduction="sum")``, with two passes over the logits instead of
+    log-softmax's saved fp32 copy (or, as before, a recomputed checkpoint: 2.4× slower at SmolLM2's vocabulary,
+    measured).
     """
 
     @staticmethod
@@ -79,16 +81,22 @@ class _ChunkedNLL(torch.autograd.Function):
         b, n = labels.shape
         lse = torch.empty(b, n, dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        work = _chunk_buffer(logits, min(step, n))
         for s in range(0, n, step):
             e = min(s + step, n)
-            x = logits[:, s:e].float()
+            x = logits[:, s:e]
             tgt = labels[:, s:e]
             valid = tgt != IGNORE_INDEX
-            lse_c = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            # log-sum-exp as torch.logsumexp forms it (an infinite max taken as 0), its exp written into the
+            # one chunk buffer instead of a fresh fp32 temporary per chunk
+            m = x.amax(dim=-1, keepdim=True).float()
+            m.masked_fill_(m.abs() == float("inf"), 0.0)
+            w = work[:, :e - s]
+            torch.sub(x, m, out=w).exp_()
+            lse_c = w.sum(dim=-1).log_().add_(m.squeeze(-1))
+            picked = x.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
             total += torch.where(valid, lse_c - picked, 0.0).sum()
             lse[:, s:e] = lse_c
-            del x
         ctx.save_for_backward(logits, labels, lse)
         ctx.step = step
         return total
@@ -100,16 +108,27 @@ class _ChunkedNLL(torch.autograd.Function):
         n = labels.shape[1]
         grad = torch.empty_like(logits)
         grad[:, n:] = 0  # the last position predicts nothing
+        # fp32 logits: the softmax is formed in the gradient itself; otherwise in one fp32 chunk buffer
+        work = None if logits.dtype == torch.float32 else _chunk_buffer(logits, min(ctx.step, n))
         for s in range(0, n, ctx.step):
             e = min(s + ctx.step, n)
-            p = logits[:, s:e].float().sub(lse[:, s:e].unsqueeze(-1)).exp_()  # softmax, fp32
+            p = grad[:, s:e] if work is None else work[:, :e - s]
+            torch.sub(logits[:, s:e], lse[:, s:e].unsqueeze(-1), out=p).exp_()  # softmax, fp32
             tgt = labels[:, s:e]
             valid = (tgt != IGNORE_INDEX).to(p.dtype)
             p.scatter_add_(-1, tgt.clamp_min(0).unsqueeze(-1), -valid.unsqueeze(-1))  # − onehot
             p.mul_((valid * grad_total).unsqueeze(-1))  # ignored positions: no gradient
-            grad[:, s:e] = p
-            del p
+            if work is not None:
+                grad[:, s:e] = p
         return grad, None, None
+
+
+def _chunk_buffer(logits: torch.Tensor, positions: int) -> torch.Tensor:
+    """One fp32 [B, positions, V] buffer that every chunk of a pass reuses. A fresh temporary per chunk costs more
+    than its arithmetic on CPU: with glibc's mmap threshold at 4 MiB (`models.device`) each 16 MiB temporary is a
+    new mapping, page-faulted again (a SmolLM2-135M step's loss took ~2× the Trainer's log-softmax)."""
+    b, _, v = logits.shape
+    return torch.empty(b, positions, v, dtype=torch.float32, device=logits.device)
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
