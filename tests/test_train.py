@@ -190,6 +190,7 @@ def test_token_nll_sum_masked_vocabulary_and_no_per_chunk_temporaries(monkeypatc
     assert float(nll) == pytest.approx(float(ref), rel=1e-6)
     assert torch.allclose(grad, ref_grad, atol=1e-6) and not grad[:, :, 30:].any()
 
+
 def test_rich_sink_shows_progress_validation_and_notices():
     import io
 

@@ -126,7 +126,8 @@ class _ChunkedNLL(torch.autograd.Function):
 def _chunk_buffer(logits: torch.Tensor, positions: int) -> torch.Tensor:
     """One fp32 [B, positions, V] buffer that every chunk of a pass reuses. A fresh temporary per chunk costs more
     than its arithmetic on CPU: with glibc's mmap threshold at 4 MiB (`models.device`) each 16 MiB temporary is a
-    new mapping, page-faulted again (a SmolLM2-135M step's loss took ~2× the Trainer's log-softmax)."""
+    new mapping, page-faulted again (forward + backward at SmolLM2's batch 2 × 128 and vocabulary 49 152: 97–107 ms
+    with a temporary per chunk, 61–69 ms with this buffer, README "Fine-tuning throughput")."""
     b, _, v = logits.shape
     return torch.empty(b, positions, v, dtype=torch.float32, device=logits.device)
 
